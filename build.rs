@@ -1,0 +1,45 @@
+//! Compiles `proto/**/*.proto` with protox (pure Rust, no system `protoc`) and
+//! generates prost messages plus tonic clients and servers for every service.
+//! The encoded FileDescriptorSet is written next to the generated code so that
+//! reflection and path-based routing can serve the exact same contract.
+
+use std::path::{Path, PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = Path::new("proto");
+    let mut files = Vec::new();
+    collect_protos(proto_root, &mut files)?;
+    files.sort();
+
+    let file_descriptors = protox::compile(&files, [proto_root])?;
+
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptor_path = out_dir.join("agora_descriptor.bin");
+    std::fs::write(
+        &descriptor_path,
+        prost::Message::encode_to_vec(&file_descriptors),
+    )?;
+
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(file_descriptors)?;
+
+    println!("cargo:rerun-if-changed=proto");
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    Ok(())
+}
+
+fn collect_protos(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_protos(&path, out)?;
+        } else if path.extension().is_some_and(|ext| ext == "proto") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! Layered, typed configuration.
+//!
+//! Sources, later ones winning: built-in defaults, an optional TOML file
+//! (`--config` / `AGORA_CONFIG`), environment variables prefixed `AGORA_` with
+//! `__` separating nested keys (`AGORA_USERS__DATABASE_URL`), and finally
+//! command-line flags, which the binary merges through [`load`]'s `overrides`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// A value that must never be printed: its `Debug` and `Display` say
+/// `[redacted]`. Read it with [`Secret::expose`].
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    /// Wraps a secret value.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    /// The secret itself; call it only where the value is used, never to log it.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl<T> fmt::Display for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// How logs are written to stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, coloured when stderr is a terminal.
+    #[default]
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Everything an Agora process needs to know, for every service it may run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where services keep local state: SQLite files, development keys, .eml files.
+    pub data_dir: PathBuf,
+    /// Log output format.
+    pub log_format: LogFormat,
+    /// NATS server for domain events.
+    pub nats_url: String,
+    /// Token signing and verification.
+    pub auth: AuthConfig,
+    /// The users service.
+    pub users: ServiceConfig,
+    /// The catalog service.
+    pub catalog: ServiceConfig,
+    /// The inventory service.
+    pub inventory: ServiceConfig,
+    /// The payments service.
+    pub payments: ServiceConfig,
+    /// The orders service.
+    pub orders: ServiceConfig,
+    /// The notifications service.
+    pub notifications: ServiceConfig,
+}
+
+/// Settings of one service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Address the gRPC server binds; port 0 picks a free port.
+    pub listen_addr: SocketAddr,
+    /// `postgres://...` or `sqlite://...`; unset means a SQLite file named after
+    /// the service under `data_dir`. May hold a password, hence secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<Secret<String>>,
+}
+
+impl ServiceConfig {
+    fn on_port(port: u16) -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            database_url: None,
+        }
+    }
+}
+
+/// JWT settings. Keys are PEM files (PKCS#8 private key, SPKI public key) or
+/// inline PEM text, which wins over the file when both are set.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `iss` claim of issued tokens, and the only issuer accepted.
+    pub issuer: String,
+    /// Lifetime of an access token, in seconds.
+    pub token_ttl_secs: u64,
+    /// Ed25519 private key file; only the users service (the issuer) needs it.
+    pub private_key_file: Option<PathBuf>,
+    /// Ed25519 private key as PEM text.
+    pub private_key_pem: Option<Secret<String>>,
+    /// Ed25519 public key file; every service verifies tokens with it.
+    pub public_key_file: Option<PathBuf>,
+    /// Ed25519 public key as PEM text.
+    pub public_key_pem: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "agora".to_owned(),
+            token_ttl_secs: 3600,
+            private_key_file: None,
+            private_key_pem: None,
+            public_key_file: None,
+            public_key_pem: None,
+        }
+    }
+}
+
+impl Default for Config {
+    /// The defaults of shared/CONTRACT.md: services on 127.0.0.1:50051..50056,
+    /// SQLite under `.data/`, NATS on its standard port.
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(".data"),
+            log_format: LogFormat::Pretty,
+            nats_url: "nats://127.0.0.1:4222".to_owned(),
+            auth: AuthConfig::default(),
+            users: ServiceConfig::on_port(50051),
+            catalog: ServiceConfig::on_port(50052),
+            inventory: ServiceConfig::on_port(50053),
+            payments: ServiceConfig::on_port(50054),
+            orders: ServiceConfig::on_port(50055),
+            notifications: ServiceConfig::on_port(50056),
+        }
+    }
+}
+
+impl Config {
+    /// The settings of the service called `name` (`users`, `catalog`, ...).
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        Some(match name {
+            "users" => &self.users,
+            "catalog" => &self.catalog,
+            "inventory" => &self.inventory,
+            "payments" => &self.payments,
+            "orders" => &self.orders,
+            "notifications" => &self.notifications,
+            _ => return None,
+        })
+    }
+
+    /// The database URL of service `name`: the configured one, or a SQLite file
+    /// `<data_dir>/<name>.db`, created on first use.
+    pub fn database_url(&self, name: &str) -> Secret<String> {
+        match self.service(name).and_then(|s| s.database_url.clone()) {
+            Some(url) => url,
+            None => Secret::new(format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join(format!("{name}.db")).display()
+            )),
+        }
+    }
+}
+
+/// Loads the configuration: defaults, then `file` if given, then `AGORA_*`
+/// environment variables, then `overrides` (typically command-line flags,
+/// as a partial document such as `{"users": {"listen_addr": "..."}}`).
+pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Config, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(ConfigError(format!(
+                "config file {} does not exist",
+                file.display()
+            )));
+        }
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    figment
+        .merge(
+            Env::prefixed("AGORA_")
+                // Variables read by the binary itself, not configuration keys.
+                .ignore(&["CONFIG"])
+                .split("__"),
+        )
+        .merge(Serialized::defaults(overrides))
+        .extract()
+        .map_err(|err| ConfigError(err.to_string()))
+}
+
+/// Configuration that could not be read or does not fit the schema; the
+/// message names the key and the source it came from.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let mut config = Config::default();
+        config.users.database_url = Some(Secret::new("postgres://u:hunter2@db/users".into()));
+        config.auth.private_key_pem = Some(Secret::new("-----BEGIN PRIVATE KEY-----".into()));
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("BEGIN PRIVATE KEY"), "{printed}");
+        assert!(printed.contains("[redacted]"));
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_overrides() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "agora.toml",
+                "nats_url = \"nats://file:4222\"\n[users]\nlisten_addr = \"127.0.0.1:1111\"\n[catalog]\nlisten_addr = \"127.0.0.1:2222\"\n",
+            )?;
+            jail.set_env("AGORA_CATALOG__LISTEN_ADDR", "127.0.0.1:3333");
+            jail.set_env("AGORA_AUTH__TOKEN_TTL_SECS", "60");
+            let overrides = serde_json::json!({"users": {"listen_addr": "127.0.0.1:4444"}});
+            let config = load(Some(Path::new("agora.toml")), overrides)
+                .map_err(|e| figment::Error::from(e.to_string()))?;
+            assert_eq!(config.nats_url, "nats://file:4222"); // file over default
+            assert_eq!(config.catalog.listen_addr.port(), 3333); // env over file
+            assert_eq!(config.users.listen_addr.port(), 4444); // flag over file
+            assert_eq!(config.auth.token_ttl_secs, 60);
+            assert_eq!(config.orders.listen_addr.port(), 50055); // default
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("agora.toml", "[users]\nlisten_adr = \"127.0.0.1:1\"\n")?;
+            let err = load(Some(Path::new("agora.toml")), serde_json::json!({}))
+                .expect_err("typo must be rejected");
+            assert!(err.to_string().contains("listen_adr"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn default_database_is_a_sqlite_file_per_service() {
+        let config = Config::default();
+        assert_eq!(
+            config.database_url("users").expose(),
+            "sqlite://.data/users.db?mode=rwc"
+        );
+    }
+}

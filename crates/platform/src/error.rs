@@ -1,0 +1,299 @@
+//! Domain errors and the one table that maps them to gRPC status codes.
+//!
+//! Services return [`Error`]; the gRPC adapter converts it with `Status::from`.
+//! Invalid input carries `google.rpc.BadRequest` field violations so that a
+//! client can point at the offending field. Internal errors are logged with
+//! their cause and reach the client only as a generic message.
+
+use std::fmt;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+/// What went wrong, as a client should understand it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request itself is malformed; see the field violations.
+    InvalidArgument,
+    /// The thing asked for does not exist, or the caller may not know it does.
+    NotFound,
+    /// Creating something that already exists (a taken email or SKU).
+    AlreadyExists,
+    /// A concurrent write won: the caller's view is stale; re-read and retry.
+    Conflict,
+    /// The request is valid but the system is not in a state to perform it.
+    FailedPrecondition,
+    /// No valid credentials.
+    Unauthenticated,
+    /// Valid credentials that do not allow this.
+    PermissionDenied,
+    /// A dependency (database, broker, another service) is unreachable; retry later.
+    Unavailable,
+    /// A quota or rate limit was hit.
+    ResourceExhausted,
+    /// A bug or an unexpected failure; details are in the server log only.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The one mapping from domain error kinds to gRPC codes.
+    pub fn code(self) -> Code {
+        match self {
+            Self::InvalidArgument => Code::InvalidArgument,
+            Self::NotFound => Code::NotFound,
+            Self::AlreadyExists => Code::AlreadyExists,
+            Self::Conflict => Code::Aborted,
+            Self::FailedPrecondition => Code::FailedPrecondition,
+            Self::Unauthenticated => Code::Unauthenticated,
+            Self::PermissionDenied => Code::PermissionDenied,
+            Self::Unavailable => Code::Unavailable,
+            Self::ResourceExhausted => Code::ResourceExhausted,
+            Self::Internal => Code::Internal,
+        }
+    }
+}
+
+/// A domain error: a kind, a message safe to show the caller, optional field
+/// violations and an optional cause that is only logged.
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    violations: Vec<(String, String)>,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An error of `kind` with a message for the caller.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            violations: Vec::new(),
+            source: None,
+        }
+    }
+
+    /// INVALID_ARGUMENT naming one bad field.
+    pub fn invalid_field(field: impl Into<String>, description: impl Into<String>) -> Self {
+        let mut violations = Violations::default();
+        violations.add(field, description);
+        violations.into_error()
+    }
+
+    /// NOT_FOUND for `what` (for example `user 0190...`).
+    pub fn not_found(what: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::NotFound, format!("{what} not found"))
+    }
+
+    /// INTERNAL with a cause for the log; the caller sees only `context`.
+    pub fn internal(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self::new(ErrorKind::Internal, context).with_source(source)
+    }
+
+    /// Attaches the underlying cause (logged, never sent).
+    pub fn with_source(
+        mut self,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The kind of error.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message the caller will see.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The field violations, `(field, description)`.
+    pub fn violations(&self) -> &[(String, String)] {
+        &self.violations
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("violations", &self.violations)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        let code = err.kind.code();
+        match err.kind {
+            ErrorKind::Internal => {
+                // The cause may name tables, hosts or keys: log it, don't send it.
+                tracing::error!(error = %err, "internal error");
+                Status::internal("internal error")
+            }
+            ErrorKind::Unavailable => {
+                tracing::warn!(error = %err, "dependency unavailable");
+                Status::unavailable(err.message)
+            }
+            ErrorKind::InvalidArgument if !err.violations.is_empty() => {
+                let violations = err
+                    .violations
+                    .into_iter()
+                    .map(|(field, description)| FieldViolation::new(field, description))
+                    .collect::<Vec<_>>();
+                Status::with_error_details(
+                    code,
+                    err.message,
+                    ErrorDetails::with_bad_request(violations),
+                )
+            }
+            _ => Status::new(code, err.message),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        match &err {
+            // Transient: the pool could not get a connection or the socket died.
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                Error::new(ErrorKind::Unavailable, "database unavailable").with_source(err)
+            }
+            sqlx::Error::RowNotFound => Error::new(ErrorKind::NotFound, "not found"),
+            _ => Error::internal("database error", err),
+        }
+    }
+}
+
+/// Collects every invalid field of a request before failing, so that a client
+/// learns about all of them at once.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<(String, String)>);
+
+impl Violations {
+    /// Records that `field` is invalid, with a description of what is expected.
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push((field.into(), description.into()));
+    }
+
+    /// Runs a parser and records its error under `field`; returns the parsed value.
+    pub fn check<T, E: fmt::Display>(
+        &mut self,
+        field: &str,
+        parsed: std::result::Result<T, E>,
+    ) -> Option<T> {
+        match parsed {
+            Ok(value) => Some(value),
+            Err(err) => {
+                self.add(field, err.to_string());
+                None
+            }
+        }
+    }
+
+    /// Whether no violation was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `Ok(())` when nothing was recorded, else INVALID_ARGUMENT with them all.
+    pub fn finish(self) -> Result<()> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self.into_error())
+        }
+    }
+
+    fn into_error(self) -> Error {
+        let fields = self
+            .0
+            .iter()
+            .map(|(field, _)| field.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Error {
+            kind: ErrorKind::InvalidArgument,
+            message: format!("invalid {fields}"),
+            violations: self.0,
+            source: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_maps_to_its_code() {
+        let table = [
+            (ErrorKind::InvalidArgument, Code::InvalidArgument),
+            (ErrorKind::NotFound, Code::NotFound),
+            (ErrorKind::AlreadyExists, Code::AlreadyExists),
+            (ErrorKind::Conflict, Code::Aborted),
+            (ErrorKind::FailedPrecondition, Code::FailedPrecondition),
+            (ErrorKind::Unauthenticated, Code::Unauthenticated),
+            (ErrorKind::PermissionDenied, Code::PermissionDenied),
+            (ErrorKind::Unavailable, Code::Unavailable),
+            (ErrorKind::ResourceExhausted, Code::ResourceExhausted),
+            (ErrorKind::Internal, Code::Internal),
+        ];
+        for (kind, code) in table {
+            assert_eq!(Status::from(Error::new(kind, "x")).code(), code, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn violations_become_bad_request_details() {
+        let mut v = Violations::default();
+        v.add("email", "must contain @");
+        v.add("name", "must not be empty");
+        let status = Status::from(v.finish().expect_err("two violations"));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "invalid email, name");
+        let bad_request = status.get_details_bad_request().expect("BadRequest details");
+        let fields: Vec<_> = bad_request
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["email", "name"]);
+    }
+
+    #[test]
+    fn internal_errors_hide_their_cause() {
+        let err = Error::internal("saving user", std::io::Error::other("disk /var/secret full"));
+        let status = Status::from(err);
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("secret"));
+    }
+}

@@ -1,0 +1,32 @@
+//! The shared runtime every Agora service stands on.
+//!
+//! # Layout
+//! - [`config`]: typed, layered configuration (defaults < TOML file < `AGORA_*`
+//!   environment < command-line flags); [`config::Secret`] keeps secrets out of
+//!   `Debug` output and logs.
+//! - [`telemetry`]: the tracing subscriber (pretty or JSON), OTLP trace export
+//!   when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and W3C `traceparent`
+//!   propagation through gRPC metadata.
+//! - [`server`]: the gRPC server builder every service uses: health driven by
+//!   real dependency checks, reflection v1 and v1alpha, one tracing span per RPC,
+//!   graceful shutdown that drains in-flight calls.
+//! - [`error`]: the one table from domain error kinds to `tonic::Code`, with
+//!   `google.rpc.BadRequest` field violations for invalid input.
+//! - [`db`]: a sqlx pool over PostgreSQL or SQLite, chosen by the URL scheme,
+//!   with per-backend migrations.
+//! - [`auth`]: EdDSA JWT issuing and verification, and the [`auth::Caller`] a
+//!   request was made by.
+//! - [`shutdown`]: the process-wide stop signal (SIGTERM / SIGINT).
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,445 @@
+//! The gRPC server every Agora service runs in.
+//!
+//! ```ignore
+//! let app = Server::new()
+//!     .host(HostedService::new(SERVICE_NAME, UserServiceServer::new(api)).with_check(db))
+//!     .bind(config.users.listen_addr)
+//!     .await?;
+//! app.run_until_stopped(shutdown).await?;
+//! ```
+//!
+//! One server can host several services (monolith mode) on one port. Every
+//! server also answers `grpc.health.v1.Health` (per service, from real
+//! dependency checks), and reflection v1 and v1alpha listing exactly the
+//! services it hosts. [`Application::run_until_stopped`] turns health to
+//! NOT_SERVING on shutdown, stops accepting, and lets in-flight calls finish
+//! for up to [`Server::drain_timeout`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::db::Db;
+use crate::error::Error;
+
+/// The name of the standard health service, as listed by reflection.
+pub const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
+
+/// A dependency whose failure makes a service NOT_SERVING.
+pub trait HealthCheck: Send + Sync + 'static {
+    /// A short name for logs, for example `database`.
+    fn name(&self) -> &str;
+    /// `Ok` when the dependency works now.
+    fn check(&self) -> BoxFuture<'_, Result<(), Error>>;
+}
+
+impl HealthCheck for Db {
+    fn name(&self) -> &str {
+        "database"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(self.ping(Duration::from_secs(2)))
+    }
+}
+
+/// One gRPC service and the dependencies its health depends on.
+pub struct HostedService {
+    name: &'static str,
+    register: Box<dyn FnOnce(&mut RoutesBuilder) + Send>,
+    checks: Vec<Arc<dyn HealthCheck>>,
+}
+
+impl HostedService {
+    /// A tonic-generated server (`FooServiceServer::new(api)`) under its full
+    /// gRPC name (`agora.foo.v1.FooService`).
+    pub fn new<S>(name: &'static str, service: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        Self {
+            name,
+            register: Box::new(move |routes| {
+                routes.add_service(service);
+            }),
+            checks: Vec::new(),
+        }
+    }
+
+    /// Adds a dependency: while it fails, the service reports NOT_SERVING.
+    pub fn with_check(mut self, check: impl HealthCheck) -> Self {
+        self.checks.push(Arc::new(check));
+        self
+    }
+
+    /// The service's full gRPC name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// Builds an [`Application`]: which services, how often health is checked,
+/// how long shutdown waits for in-flight calls.
+pub struct Server {
+    services: Vec<HostedService>,
+    health_interval: Duration,
+    drain_timeout: Duration,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Server {
+    /// A server with no services yet; health checked every second, 30 s drain.
+    pub fn new() -> Self {
+        Self {
+            services: Vec::new(),
+            health_interval: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Hosts a service.
+    pub fn host(mut self, service: HostedService) -> Self {
+        self.services.push(service);
+        self
+    }
+
+    /// How often dependency checks run.
+    pub fn health_interval(mut self, interval: Duration) -> Self {
+        self.health_interval = interval;
+        self
+    }
+
+    /// How long shutdown waits for in-flight calls (long streams included)
+    /// before closing connections anyway.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Binds the listener (port 0 picks a free one) and assembles the routes.
+    pub async fn bind(self, addr: SocketAddr) -> anyhow::Result<Application> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))?;
+        let local_addr = listener.local_addr()?;
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let mut names: Vec<&'static str> = Vec::new();
+        let mut monitored = Vec::new();
+        let mut routes = RoutesBuilder::default();
+        for service in self.services {
+            names.push(service.name);
+            (service.register)(&mut routes);
+            // Unknown until the first check has run.
+            health_reporter
+                .set_service_status(service.name, ServingStatus::NotServing)
+                .await;
+            monitored.push((service.name, service.checks));
+        }
+        health_reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+
+        // Reflection lists exactly what this server hosts, but can describe any
+        // type of the contract (and of health and reflection themselves).
+        let reflection = || {
+            let mut builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(agora_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                );
+            for name in names.iter().copied().chain([
+                HEALTH_SERVICE_NAME,
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]) {
+                builder = builder.with_service_name(name);
+            }
+            builder
+        };
+        routes.add_service(health_service);
+        routes.add_service(reflection().build_v1()?);
+        routes.add_service(reflection().build_v1alpha()?);
+
+        Ok(Application {
+            listener,
+            local_addr,
+            routes: routes.routes(),
+            health: HealthMonitor {
+                reporter: health_reporter,
+                services: monitored,
+                interval: self.health_interval,
+            },
+            drain_timeout: self.drain_timeout,
+        })
+    }
+}
+
+/// A bound server, ready to run.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    routes: Routes,
+    health: HealthMonitor,
+    drain_timeout: Duration,
+}
+
+impl Application {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains: health turns
+    /// NOT_SERVING, no new connections are accepted, in-flight calls get up to
+    /// the drain timeout to finish.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            local_addr,
+            routes,
+            health,
+            drain_timeout,
+        } = self;
+        let health_task = tokio::spawn(health.run(shutdown.clone()));
+
+        // TCP_NODELAY: small gRPC frames must not wait for Nagle's algorithm.
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let serve = tonic::transport::Server::builder()
+            // Outermost: one span per RPC, so everything below is inside it.
+            .layer(RpcTraceLayer)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        tracing::info!(addr = %local_addr, "serving gRPC");
+
+        let result = tokio::select! {
+            result = serve => result.map_err(anyhow::Error::from),
+            () = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(drain_timeout).await;
+            } => {
+                tracing::warn!(?drain_timeout, "drain timeout reached, closing remaining calls");
+                Ok(())
+            }
+        };
+        health_task.abort();
+        tracing::info!(addr = %local_addr, "server stopped");
+        result
+    }
+}
+
+/// Runs every service's checks on an interval and publishes the result to
+/// `grpc.health.v1.Health`. The empty service name reports the whole server:
+/// SERVING only when every hosted service is.
+struct HealthMonitor {
+    reporter: HealthReporter,
+    services: Vec<(&'static str, Vec<Arc<dyn HealthCheck>>)>,
+    interval: Duration,
+}
+
+impl HealthMonitor {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Vec<Option<bool>> = vec![None; self.services.len()];
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = shutdown.cancelled() => break,
+            }
+            let mut all_serving = true;
+            for (index, (name, checks)) in self.services.iter().enumerate() {
+                let mut failure = None;
+                for check in checks {
+                    if let Err(err) = check.check().await {
+                        failure = Some((check.name().to_owned(), err));
+                        break;
+                    }
+                }
+                let serving = failure.is_none();
+                all_serving &= serving;
+                if last[index] != Some(serving) {
+                    match &failure {
+                        None => tracing::info!(service = name, "health: SERVING"),
+                        Some((dependency, err)) => tracing::warn!(
+                            service = name, dependency, error = %err, "health: NOT_SERVING"
+                        ),
+                    }
+                    last[index] = Some(serving);
+                }
+                self.reporter
+                    .set_service_status(*name, status(serving))
+                    .await;
+            }
+            self.reporter
+                .set_service_status("", status(all_serving))
+                .await;
+        }
+        // Tell load balancers and watchers to go elsewhere while we drain.
+        for (name, _) in &self.services {
+            self.reporter
+                .set_service_status(*name, ServingStatus::NotServing)
+                .await;
+        }
+        self.reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+    }
+}
+
+fn status(serving: bool) -> ServingStatus {
+    if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
+
+/// Wraps every request in a span named after the RPC, with the OpenTelemetry
+/// `rpc.*` attributes, parented to the caller's `traceparent`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RpcTraceLayer;
+
+impl<S> tower::Layer<S> for RpcTraceLayer {
+    type Service = RpcTrace<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcTrace { inner }
+    }
+}
+
+/// The service made by [`RpcTraceLayer`].
+#[derive(Clone, Debug)]
+pub struct RpcTrace<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for RpcTrace<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (service, method) = split_rpc_path(request.uri().path());
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %format_args!("{service}/{method}"),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let _ = span.set_parent(crate::telemetry::extract_parent(request.headers()));
+
+        // The ready clone is the one we must call; keep a fresh clone in self.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let started = Instant::now();
+        Box::pin(
+            async move {
+                let result = inner.call(request).await;
+                if let Ok(response) = &result {
+                    // Errors are sent as trailers-only responses, so their
+                    // grpc-status is in the headers; successful calls put it in
+                    // trailers, which we do not wait for here.
+                    let code = response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .unwrap_or(0);
+                    let span = tracing::Span::current();
+                    span.record("rpc.grpc.status_code", code);
+                    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+                    match tonic::Code::from_i32(code) {
+                        tonic::Code::Ok => {
+                            tracing::debug!(elapsed_ms, "rpc finished");
+                        }
+                        code if is_server_fault(code) => {
+                            span.record("otel.status_code", "ERROR");
+                            tracing::warn!(?code, elapsed_ms, "rpc failed");
+                        }
+                        code => tracing::info!(?code, elapsed_ms, "rpc rejected"),
+                    }
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Codes that mean the server, not the caller, is at fault (OTel semantic
+/// conventions for gRPC server spans).
+fn is_server_fault(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unimplemented
+            | tonic::Code::Internal
+            | tonic::Code::Unavailable
+            | tonic::Code::DataLoss
+    )
+}
+
+/// `/agora.users.v1.UserService/GetUser` -> (`agora.users.v1.UserService`, `GetUser`).
+fn split_rpc_path(path: &str) -> (&str, &str) {
+    let trimmed = path.trim_start_matches('/');
+    trimmed.split_once('/').unwrap_or((trimmed, ""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_paths_split_into_service_and_method() {
+        assert_eq!(
+            split_rpc_path("/agora.users.v1.UserService/GetUser"),
+            ("agora.users.v1.UserService", "GetUser")
+        );
+        assert_eq!(split_rpc_path("/weird"), ("weird", ""));
+    }
+}

@@ -1,0 +1,70 @@
+//! Test harness for Agora (a dev-dependency only).
+//!
+//! Tests exercise the real thing over loopback: a real gRPC server on
+//! 127.0.0.1 port 0, a real database, a real `nats-server`.
+//!
+//! # Layout
+//! - [`TestEnv`]: a configuration for one test: a fresh database on the chosen
+//!   [`Backend`] (a new PostgreSQL database on the local server, or a SQLite
+//!   file in a temp folder), a fresh Ed25519 key pair, a temp data folder, and
+//!   helpers that mint user, admin and service tokens.
+//! - [`TestServer`]: hosts services on port 0 and hands back a channel.
+//! - [`NatsServer`]: a private `nats-server` with JetStream (`sync_interval:
+//!   always`) on a free port, from the pinned binary the justfile installs.
+//! - [`PrivatePostgres`]: a PostgreSQL cluster of the test's own (initdb +
+//!   pg_ctl), for fault tests that stop the database.
+//!
+//! The local PostgreSQL server is `postgres://postgres@127.0.0.1:5432/postgres`
+//! unless `AGORA_TEST_POSTGRES_URL` names another.
+
+#![forbid(unsafe_code)]
+
+mod database;
+mod nats;
+mod postgres;
+mod server;
+
+pub use database::{Backend, TestDatabase};
+pub use nats::NatsServer;
+pub use postgres::PrivatePostgres;
+pub use server::{TestEnv, TestServer};
+
+/// Runs an async test body once per backend: `backend_tests!(name, body_fn)`
+/// expands to `name_postgres` and `name_sqlite` tokio tests calling
+/// `body_fn(Backend::...)`, so one suite proves both backends.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),+ $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> ::anyhow::Result<()> {
+                    super::$name($crate::Backend::Postgres).await
+                }
+            )+
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> ::anyhow::Result<()> {
+                    super::$name($crate::Backend::Sqlite).await
+                }
+            )+
+        }
+    };
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The workspace root, where `.venv/` and `.data/` live.
+pub fn workspace_root() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .nth(2)
+        .unwrap_or(manifest)
+        .to_path_buf()
+}

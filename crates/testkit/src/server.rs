@@ -1,0 +1,139 @@
+//! Services on port 0 with a configuration of their own.
+
+use std::net::SocketAddr;
+
+use agora_platform::auth::{TokenIssuer, generate_keypair_pem};
+use agora_platform::config::{Config, Secret};
+use agora_platform::server::{HostedService, Server};
+use agora_platform::shutdown::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::database::{Backend, TestDatabase};
+
+/// Everything one test needs to start services: a [`Config`] pointing at a
+/// fresh database and data folder, and the key pair its tokens are signed with.
+pub struct TestEnv {
+    /// The configuration to start services with; adjust it before starting.
+    pub config: Config,
+    issuer: TokenIssuer,
+    database: TestDatabase,
+    _data_dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    /// A fresh environment whose services all use one new database on `backend`.
+    pub async fn new(backend: Backend) -> anyhow::Result<Self> {
+        let database = TestDatabase::create(backend).await?;
+        Self::with_database(database)
+    }
+
+    /// A fresh environment on an existing (empty) database.
+    pub fn with_database(database: TestDatabase) -> anyhow::Result<Self> {
+        let data_dir = tempfile::tempdir()?;
+        let (private_pem, public_pem) = generate_keypair_pem()?;
+        let mut config = Config {
+            data_dir: data_dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        config.auth.private_key_pem = Some(private_pem.clone());
+        config.auth.public_key_pem = Some(public_pem);
+        let url = Some(Secret::new(database.url().to_owned()));
+        for service in [
+            &mut config.users,
+            &mut config.catalog,
+            &mut config.inventory,
+            &mut config.payments,
+            &mut config.orders,
+            &mut config.notifications,
+        ] {
+            service.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+            service.database_url = url.clone();
+        }
+        let issuer = TokenIssuer::from_pem(
+            private_pem.expose().as_bytes(),
+            &config.auth.issuer,
+            config.auth.token_ttl_secs,
+        )?;
+        Ok(Self {
+            config,
+            issuer,
+            database,
+            _data_dir: data_dir,
+        })
+    }
+
+    /// The test database's URL.
+    pub fn database_url(&self) -> &str {
+        self.database.url()
+    }
+
+    /// `Bearer` value of a token for user `id` with `roles`.
+    pub fn user_token(&self, id: &str, email: &str, roles: &[&str]) -> anyhow::Result<String> {
+        let roles: Vec<String> = roles.iter().map(|r| (*r).to_owned()).collect();
+        Ok(self.issuer.issue_user_token(id, email, &roles)?.token)
+    }
+
+    /// A token for an admin user with a random id.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        let id = uuid::Uuid::now_v7().to_string();
+        self.user_token(&id, "admin@agora.test", &["admin"])
+    }
+
+    /// A service token for internal-only RPCs.
+    pub fn service_token(&self, service: &str) -> anyhow::Result<String> {
+        Ok(self.issuer.issue_service_token(service)?.token)
+    }
+}
+
+/// Services running on 127.0.0.1 on a free port, stopped when dropped.
+pub struct TestServer {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts `services` in one server on a free port.
+    pub async fn start(services: Vec<HostedService>) -> anyhow::Result<Self> {
+        let mut server = Server::new().health_interval(std::time::Duration::from_millis(200));
+        for service in services {
+            server = server.host(service);
+        }
+        let app = server.bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let addr = app.local_addr();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        Ok(Self {
+            addr,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    /// Where the server listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A channel to the server (connects on first use).
+    pub fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Endpoint::from_shared(format!("http://{}", self.addr))?
+            .tcp_nodelay(true)
+            .connect_lazy())
+    }
+
+    /// Stops the server gracefully and waits until it has stopped.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,306 @@
+//! `agora.users.v1.UserService` over a [`UserStore`]: validates requests,
+//! decides who may do what, hashes passwords off the async runtime, and maps
+//! states and events to protobuf.
+
+use std::sync::{Arc, OnceLock};
+
+use agora_platform::auth::{Caller, TokenIssuer, TokenVerifier};
+use agora_platform::error::{Error, ErrorKind, Result, Violations};
+use agora_platform::time::micros_to_timestamp;
+use agora_proto::users::v1 as pb;
+use agora_proto::users::v1::user_service_server::UserService;
+use tonic::{Request, Response, Status};
+
+use crate::domain::{Email, Password, UserName, verify_password};
+use crate::events::{StoredEvent, UserEventData, UserState, UserStatus};
+use crate::store::UserStore;
+
+/// How often a write without `expected_version` is retried after losing a
+/// race to a concurrent writer before ABORTED reaches the client.
+const CONFLICT_RETRIES: usize = 3;
+
+/// The gRPC service.
+pub struct UserApi<S> {
+    store: Arc<S>,
+    issuer: TokenIssuer,
+    verifier: TokenVerifier,
+}
+
+impl<S: UserStore> UserApi<S> {
+    /// The service over `store`, issuing tokens with `issuer` and checking
+    /// callers with `verifier`.
+    pub fn new(store: S, issuer: TokenIssuer, verifier: TokenVerifier) -> Self {
+        Self {
+            store: Arc::new(store),
+            issuer,
+            verifier,
+        }
+    }
+
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
+        self.verifier.caller(request.metadata())
+    }
+
+    /// Appends an event, retrying lost races when the client did not pin a version.
+    async fn append<F>(&self, user_id: &str, expected: Option<i64>, decide: F) -> Result<UserState>
+    where
+        F: Fn(&UserState) -> Result<Option<UserEventData>> + Send + Sync,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.store.append(user_id, expected, &decide).await {
+                Err(err)
+                    if err.kind() == ErrorKind::Conflict
+                        && expected.is_none()
+                        && attempt < CONFLICT_RETRIES => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// The user `id` as seen by `caller`: NOT_FOUND both when it does not exist
+    /// and when the caller may not see it, so ids cannot be probed.
+    async fn visible_user(&self, caller: &Caller, id: &str, service_ok: bool) -> Result<UserState> {
+        caller.require_authenticated()?;
+        let allowed = caller.is_user(id) || caller.is_admin() || (service_ok && caller.is_service());
+        let user = if allowed { self.store.get(id).await? } else { None };
+        user.ok_or_else(|| Error::not_found(format_args!("user {id}")))
+    }
+}
+
+#[tonic::async_trait]
+impl<S: UserStore> UserService for UserApi<S> {
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        let req = request.into_inner();
+        let mut violations = Violations::default();
+        let email = violations.check("email", Email::parse(&req.email));
+        let name = violations.check("name", UserName::parse(&req.name));
+        let password = violations.check("password", Password::parse(&req.password));
+        violations.finish()?;
+        let (Some(email), Some(name), Some(password)) = (email, name, password) else {
+            return Err(Error::new(ErrorKind::Internal, "validation passed without values").into());
+        };
+        if self.store.find_by_email(email.as_str()).await?.is_some() {
+            return Err(Error::new(ErrorKind::AlreadyExists, "email is already registered").into());
+        }
+        let password_hash = hash_blocking(password).await?;
+        let user_id = uuid::Uuid::now_v7().to_string();
+        let created = UserEventData::UserCreated {
+            email: email.as_str().to_owned(),
+            name: name.as_str().to_owned(),
+            password_hash,
+            roles: Vec::new(),
+        };
+        let user = self.store.create(&user_id, created).await?;
+        tracing::info!(user_id = %user.id, "user created");
+        Ok(Response::new(pb::CreateUserResponse {
+            user: Some(to_proto(&user)),
+        }))
+    }
+
+    async fn authenticate(
+        &self,
+        request: Request<pb::AuthenticateRequest>,
+    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        let req = request.into_inner();
+        let mut violations = Violations::default();
+        let email = violations.check("email", Email::parse(&req.email));
+        if req.password.is_empty() {
+            violations.add("password", "must not be empty");
+        }
+        violations.finish()?;
+        let Some(email) = email else {
+            return Err(Error::new(ErrorKind::Internal, "validation passed without values").into());
+        };
+        let user = self.store.find_by_email(email.as_str()).await?;
+        // Verify against a dummy hash when the email is unknown, so that the
+        // answer takes as long as for a wrong password and reveals nothing.
+        let hash = match &user {
+            Some(user) => user.password_hash.clone(),
+            None => dummy_hash().to_owned(),
+        };
+        let password = req.password;
+        let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+            .await
+            .map_err(|err| Error::internal("verifying a password", err))?;
+        let user = match user {
+            Some(user) if matches => user,
+            _ => {
+                return Err(
+                    Error::new(ErrorKind::Unauthenticated, "invalid email or password").into(),
+                );
+            }
+        };
+        let token = self
+            .issuer
+            .issue_user_token(&user.id, &user.email, &user.roles)?;
+        Ok(Response::new(pb::AuthenticateResponse {
+            access_token: token.token,
+            expires_at: Some(prost_types::Timestamp {
+                seconds: token.expires_at,
+                nanos: 0,
+            }),
+            user: Some(to_proto(&user)),
+        }))
+    }
+
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let id = parse_id(&request.get_ref().id)?;
+        let user = self.visible_user(&caller, &id, true).await?;
+        Ok(Response::new(pb::GetUserResponse {
+            user: Some(to_proto(&user)),
+        }))
+    }
+
+    async fn update_email(
+        &self,
+        request: Request<pb::UpdateEmailRequest>,
+    ) -> Result<Response<pb::UpdateEmailResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let req = request.into_inner();
+        let mut violations = Violations::default();
+        let id = violations.check("id", parse_uuid(&req.id));
+        let email = violations.check("email", Email::parse(&req.email));
+        violations.finish()?;
+        let (Some(id), Some(email)) = (id, email) else {
+            return Err(Error::new(ErrorKind::Internal, "validation passed without values").into());
+        };
+        caller.require_authenticated()?;
+        if !caller.is_user(&id) {
+            // Only the user themself may change their email.
+            return Err(Error::not_found(format_args!("user {id}")).into());
+        }
+        let user = self
+            .append(&id, req.expected_version, |state| {
+                Ok(state.decide_update_email(&email))
+            })
+            .await?;
+        Ok(Response::new(pb::UpdateEmailResponse {
+            user: Some(to_proto(&user)),
+        }))
+    }
+
+    async fn activate_user(
+        &self,
+        request: Request<pb::ActivateUserRequest>,
+    ) -> Result<Response<pb::ActivateUserResponse>, Status> {
+        let caller = self.caller(&request)?;
+        caller.require_admin()?;
+        let req = request.into_inner();
+        let id = parse_id(&req.id)?;
+        let admin_id = caller.user_id().unwrap_or_default().to_owned();
+        let user = self
+            .append(&id, req.expected_version, |state| {
+                Ok(state.decide_activate(&admin_id))
+            })
+            .await?;
+        Ok(Response::new(pb::ActivateUserResponse {
+            user: Some(to_proto(&user)),
+        }))
+    }
+
+    async fn list_user_events(
+        &self,
+        request: Request<pb::ListUserEventsRequest>,
+    ) -> Result<Response<pb::ListUserEventsResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let id = parse_id(&request.get_ref().id)?;
+        self.visible_user(&caller, &id, false).await?;
+        let events = self.store.events(&id).await?;
+        Ok(Response::new(pb::ListUserEventsResponse {
+            events: events.iter().map(event_to_proto).collect(),
+        }))
+    }
+}
+
+fn parse_uuid(raw: &str) -> Result<String, &'static str> {
+    uuid::Uuid::parse_str(raw.trim())
+        .map(|id| id.to_string())
+        .map_err(|_| "must be a user id (UUID)")
+}
+
+fn parse_id(raw: &str) -> Result<String> {
+    parse_uuid(raw).map_err(|reason| Error::invalid_field("id", reason))
+}
+
+async fn hash_blocking(password: Password) -> Result<String> {
+    tokio::task::spawn_blocking(move || password.hash())
+        .await
+        .map_err(|err| Error::internal("hashing a password", err))?
+        .map_err(|err| Error::internal("hashing a password", err.to_string()))
+}
+
+/// A valid argon2id hash of a random password, computed once.
+fn dummy_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| {
+        Password::parse(&uuid::Uuid::new_v4().to_string())
+            .ok()
+            .and_then(|p| p.hash().ok())
+            .unwrap_or_default()
+    })
+}
+
+fn status_to_proto(status: UserStatus) -> pb::UserStatus {
+    match status {
+        UserStatus::Pending => pb::UserStatus::Pending,
+        UserStatus::Active => pb::UserStatus::Active,
+    }
+}
+
+/// The protobuf view of a user's state.
+pub fn to_proto(user: &UserState) -> pb::User {
+    pb::User {
+        id: user.id.clone(),
+        email: user.email.clone(),
+        name: user.name.clone(),
+        status: status_to_proto(user.status) as i32,
+        roles: user.roles.clone(),
+        created_at: Some(micros_to_timestamp(user.created_at)),
+        updated_at: Some(micros_to_timestamp(user.updated_at)),
+        version: user.version,
+    }
+}
+
+/// The protobuf view of a stored event; credentials stay behind.
+pub fn event_to_proto(event: &StoredEvent) -> pb::UserEvent {
+    use pb::user_event::Event;
+    let user_id = event.user_id.clone();
+    let payload = match &event.data {
+        UserEventData::UserCreated {
+            email, name, roles, ..
+        } => Event::UserCreated(pb::UserCreated {
+            user_id,
+            email: email.clone(),
+            name: name.clone(),
+            roles: roles.clone(),
+        }),
+        UserEventData::UserEmailUpdated {
+            old_email,
+            new_email,
+        } => Event::UserEmailUpdated(pb::UserEmailUpdated {
+            user_id,
+            old_email: old_email.clone(),
+            new_email: new_email.clone(),
+        }),
+        UserEventData::UserActivated { activated_by } => Event::UserActivated(pb::UserActivated {
+            user_id,
+            activated_by: activated_by.clone(),
+        }),
+    };
+    pb::UserEvent {
+        event_id: event.event_id.clone(),
+        user_id: event.user_id.clone(),
+        version: event.version,
+        occurred_at: Some(micros_to_timestamp(event.occurred_at)),
+        event: Some(payload),
+    }
+}
