@@ -12,7 +12,8 @@
 #![allow(missing_docs, clippy::all)]
 
 /// The encoded `google.protobuf.FileDescriptorSet` of every file under `proto/`.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/agora_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/agora_descriptor.bin"));
 
 /// Types shared by every service.
 pub mod common {

@@ -116,7 +116,10 @@ impl Caller {
         if self.is_admin() {
             Ok(())
         } else {
-            Err(Error::new(ErrorKind::PermissionDenied, "admin role required"))
+            Err(Error::new(
+                ErrorKind::PermissionDenied,
+                "admin role required",
+            ))
         }
     }
 
@@ -189,7 +192,12 @@ impl TokenIssuer {
         email: &str,
         roles: &[String],
     ) -> Result<IssuedToken, Error> {
-        self.sign(user_id, TokenKind::User, Some(email.to_owned()), roles.to_vec())
+        self.sign(
+            user_id,
+            TokenKind::User,
+            Some(email.to_owned()),
+            roles.to_vec(),
+        )
     }
 
     /// Signs a service token for internal-only RPCs.
@@ -278,7 +286,10 @@ impl TokenVerifier {
         jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map(|data| data.claims)
             .map_err(|err| {
-                Error::new(ErrorKind::Unauthenticated, format!("invalid access token: {err}"))
+                Error::new(
+                    ErrorKind::Unauthenticated,
+                    format!("invalid access token: {err}"),
+                )
             })
     }
 
@@ -289,7 +300,10 @@ impl TokenVerifier {
             return Ok(Caller::Anonymous);
         };
         let value = value.to_str().map_err(|_| {
-            Error::new(ErrorKind::Unauthenticated, "authorization header is not text")
+            Error::new(
+                ErrorKind::Unauthenticated,
+                "authorization header is not text",
+            )
         })?;
         let token = value
             .strip_prefix("Bearer ")
@@ -403,7 +417,10 @@ mod tests {
     #[test]
     fn missing_header_is_anonymous_and_garbage_is_unauthenticated() {
         let (_, verifier) = pair();
-        assert_eq!(verifier.caller(&MetadataMap::new()).ok(), Some(Caller::Anonymous));
+        assert_eq!(
+            verifier.caller(&MetadataMap::new()).ok(),
+            Some(Caller::Anonymous)
+        );
         let err = verifier.caller(&bearer("not-a-jwt")).expect_err("garbage");
         assert_eq!(err.kind(), ErrorKind::Unauthenticated);
         let mut md = MetadataMap::new();
@@ -427,8 +444,8 @@ mod tests {
             email: None,
             roles: vec![],
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key)
-            .expect("encode");
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).expect("encode");
         assert!(verifier.verify(&token).is_err());
     }
 

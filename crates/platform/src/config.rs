@@ -152,7 +152,27 @@ impl Default for Config {
     }
 }
 
+/// File name of the development private key under `<data_dir>/keys/`.
+pub const PRIVATE_KEY_FILE: &str = "jwt_ed25519.pem";
+/// File name of the development public key under `<data_dir>/keys/`.
+pub const PUBLIC_KEY_FILE: &str = "jwt_ed25519.pub.pem";
+
 impl Config {
+    /// Where no token key is configured, uses the pair `agora keygen` writes to
+    /// `<data_dir>/keys/`, if it is there.
+    pub fn use_default_key_files(&mut self) {
+        let keys = self.data_dir.join("keys");
+        let auth = &mut self.auth;
+        if auth.private_key_pem.is_none() && auth.private_key_file.is_none() {
+            let path = keys.join(PRIVATE_KEY_FILE);
+            auth.private_key_file = path.exists().then_some(path);
+        }
+        if auth.public_key_pem.is_none() && auth.public_key_file.is_none() {
+            let path = keys.join(PUBLIC_KEY_FILE);
+            auth.public_key_file = path.exists().then_some(path);
+        }
+    }
+
     /// The settings of the service called `name` (`users`, `catalog`, ...).
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         Some(match name {
@@ -196,13 +216,37 @@ pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Config, Co
     figment
         .merge(
             Env::prefixed("AGORA_")
-                // Variables read by the binary itself, not configuration keys.
-                .ignore(&["CONFIG"])
+                // Only variables that name a configuration key: other AGORA_*
+                // variables (AGORA_CONFIG, the test kit's) are not config.
+                // Typos below a known key are still rejected by name.
+                .filter(|key| TOP_LEVEL_KEYS.contains(&top_level(key.as_str()).as_str()))
                 .split("__"),
         )
         .merge(Serialized::defaults(overrides))
         .extract()
         .map_err(|err| ConfigError(err.to_string()))
+}
+
+/// The keys of [`Config`]: `AGORA_<KEY>` or `AGORA_<KEY>__<NESTED>`.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "data_dir",
+    "log_format",
+    "nats_url",
+    "auth",
+    "users",
+    "catalog",
+    "inventory",
+    "payments",
+    "orders",
+    "notifications",
+];
+
+fn top_level(env_key: &str) -> String {
+    env_key
+        .split("__")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
 }
 
 /// Configuration that could not be read or does not fit the schema; the
@@ -212,6 +256,8 @@ pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Config, Co
 pub struct ConfigError(String);
 
 #[cfg(test)]
+// figment's Jail closures must return its (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -235,6 +281,8 @@ mod tests {
             )?;
             jail.set_env("AGORA_CATALOG__LISTEN_ADDR", "127.0.0.1:3333");
             jail.set_env("AGORA_AUTH__TOKEN_TTL_SECS", "60");
+            jail.set_env("AGORA_CONFIG", "ignored: not a key");
+            jail.set_env("AGORA_SOMETHING_ELSE", "ignored: not a key");
             let overrides = serde_json::json!({"users": {"listen_addr": "127.0.0.1:4444"}});
             let config = load(Some(Path::new("agora.toml")), overrides)
                 .map_err(|e| figment::Error::from(e.to_string()))?;
@@ -253,6 +301,16 @@ mod tests {
             jail.create_file("agora.toml", "[users]\nlisten_adr = \"127.0.0.1:1\"\n")?;
             let err = load(Some(Path::new("agora.toml")), serde_json::json!({}))
                 .expect_err("typo must be rejected");
+            assert!(err.to_string().contains("listen_adr"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn typos_below_a_known_key_in_the_environment_are_rejected() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AGORA_USERS__LISTEN_ADR", "127.0.0.1:1");
+            let err = load(None, serde_json::json!({})).expect_err("typo must be rejected");
             assert!(err.to_string().contains("listen_adr"), "{err}");
             Ok(())
         });

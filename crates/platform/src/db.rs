@@ -12,7 +12,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
-use sqlx::migrate::Migrator;
+use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::{Any, AnyPool, Transaction};
 
 use crate::config::Secret;
@@ -78,16 +78,17 @@ impl Db {
                 options = options.max_connections(10);
             }
             Backend::Sqlite => {
-                if let Some(dir) = sqlite_path(url).and_then(Path::parent) {
-                    if !dir.as_os_str().is_empty() {
-                        std::fs::create_dir_all(dir).map_err(|err| {
-                            Error::new(
-                                ErrorKind::Unavailable,
-                                format!("cannot create database folder {}", dir.display()),
-                            )
-                            .with_source(err)
-                        })?;
-                    }
+                let folder = sqlite_path(url)
+                    .and_then(Path::parent)
+                    .filter(|dir| !dir.as_os_str().is_empty());
+                if let Some(dir) = folder {
+                    std::fs::create_dir_all(dir).map_err(|err| {
+                        Error::new(
+                            ErrorKind::Unavailable,
+                            format!("cannot create database folder {}", dir.display()),
+                        )
+                        .with_source(err)
+                    })?;
                 }
                 // SQLite allows one writer at a time; a handful of connections
                 // serve concurrent readers, writes queue on the busy timeout.
@@ -104,7 +105,22 @@ impl Db {
                 });
             }
         }
-        let pool = options.connect(url).await.map_err(|err| {
+        let pool = match options.clone().connect(url).await {
+            // A service owns its database: on a fresh PostgreSQL server it
+            // creates it (given the privilege) rather than failing.
+            Err(err) if backend == Backend::Postgres && is_missing_database(&err) => {
+                tracing::info!("database does not exist yet, creating it");
+                <Any as MigrateDatabase>::create_database(url)
+                    .await
+                    .map_err(|create| {
+                        Error::new(ErrorKind::Unavailable, "cannot create the database")
+                            .with_source(create)
+                    })?;
+                options.connect(url).await
+            }
+            other => other,
+        }
+        .map_err(|err| {
             Error::new(ErrorKind::Unavailable, "cannot connect to the database").with_source(err)
         })?;
         Ok(Self { pool, backend })
@@ -175,6 +191,11 @@ impl Db {
     }
 }
 
+/// Whether connecting failed because the database does not exist (3D000).
+fn is_missing_database(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"))
+}
+
 /// Whether a query failed on a unique constraint (a duplicate key).
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
@@ -194,23 +215,41 @@ mod tests {
 
     #[test]
     fn backend_follows_the_scheme() {
-        assert_eq!(Backend::from_url("postgres://x/y").ok(), Some(Backend::Postgres));
-        assert_eq!(Backend::from_url("postgresql://x/y").ok(), Some(Backend::Postgres));
-        assert_eq!(Backend::from_url("sqlite://a.db").ok(), Some(Backend::Sqlite));
+        assert_eq!(
+            Backend::from_url("postgres://x/y").ok(),
+            Some(Backend::Postgres)
+        );
+        assert_eq!(
+            Backend::from_url("postgresql://x/y").ok(),
+            Some(Backend::Postgres)
+        );
+        assert_eq!(
+            Backend::from_url("sqlite://a.db").ok(),
+            Some(Backend::Sqlite)
+        );
         assert!(Backend::from_url("mysql://x").is_err());
     }
 
     #[test]
     fn sqlite_paths_are_extracted_from_urls() {
-        assert_eq!(sqlite_path("sqlite://.data/u.db?mode=rwc"), Some(Path::new(".data/u.db")));
-        assert_eq!(sqlite_path("sqlite:/tmp/x.db"), Some(Path::new("/tmp/x.db")));
+        assert_eq!(
+            sqlite_path("sqlite://.data/u.db?mode=rwc"),
+            Some(Path::new(".data/u.db"))
+        );
+        assert_eq!(
+            sqlite_path("sqlite:/tmp/x.db"),
+            Some(Path::new("/tmp/x.db"))
+        );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
     }
 
     #[tokio::test]
     async fn sqlite_file_and_folder_are_created_and_answer() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}/nested/db.sqlite?mode=rwc", dir.path().display());
+        let url = format!(
+            "sqlite://{}/nested/db.sqlite?mode=rwc",
+            dir.path().display()
+        );
         let db = Db::connect(&Secret::new(url)).await.expect("connect");
         db.ping(Duration::from_secs(2)).await.expect("ping");
         assert!(dir.path().join("nested/db.sqlite").exists());

@@ -187,6 +187,15 @@ impl From<sqlx::Error> for Error {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 Error::new(ErrorKind::Unavailable, "database unavailable").with_source(err)
             }
+            // PostgreSQL: connection exceptions (08xxx) and the server shutting
+            // down or restarting (57P0x); SQLite: the file is busy or locked.
+            sqlx::Error::Database(db)
+                if db.code().is_some_and(|code| {
+                    code.starts_with("08") || code.starts_with("57P") || code == "5" || code == "6"
+                }) =>
+            {
+                Error::new(ErrorKind::Unavailable, "database unavailable").with_source(err)
+            }
             sqlx::Error::RowNotFound => Error::new(ErrorKind::NotFound, "not found"),
             _ => Error::internal("database error", err),
         }
@@ -280,7 +289,9 @@ mod tests {
         let status = Status::from(v.finish().expect_err("two violations"));
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(status.message(), "invalid email, name");
-        let bad_request = status.get_details_bad_request().expect("BadRequest details");
+        let bad_request = status
+            .get_details_bad_request()
+            .expect("BadRequest details");
         let fields: Vec<_> = bad_request
             .field_violations
             .iter()
@@ -291,7 +302,10 @@ mod tests {
 
     #[test]
     fn internal_errors_hide_their_cause() {
-        let err = Error::internal("saving user", std::io::Error::other("disk /var/secret full"));
+        let err = Error::internal(
+            "saving user",
+            std::io::Error::other("disk /var/secret full"),
+        );
         let status = Status::from(err);
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("secret"));

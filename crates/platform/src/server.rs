@@ -169,11 +169,13 @@ impl Server {
             .await;
 
         // Reflection lists exactly what this server hosts, but can describe any
-        // type of the contract (and of health and reflection themselves).
+        // type of the contract, of health and reflection themselves, and the
+        // google.rpc error details (so grpcurl can print BadRequest violations).
         let reflection = || {
             let mut builder = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(agora_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(
                     tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,

@@ -12,6 +12,8 @@
 //! outgoing metadata (and [`TracePropagation`] does it for every call of a
 //! tonic client).
 
+use std::io::IsTerminal as _;
+
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -65,6 +67,7 @@ pub fn init(service: &str, format: LogFormat) -> anyhow::Result<TelemetryGuard> 
     let fmt_layer = match format {
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_target(false)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -105,7 +108,10 @@ pub fn inject_current(metadata: &mut tonic::metadata::MetadataMap) {
 pub struct TracePropagation;
 
 impl tonic::service::Interceptor for TracePropagation {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         inject_current(request.metadata_mut());
         Ok(request)
     }

@@ -22,12 +22,21 @@ impl PrivatePostgres {
         let port = crate::free_port()?;
         let pg = Self { bin, dir, port };
         if running_as_root() {
-            run(Command::new("chown").arg("-R").arg("postgres:postgres").arg(pg.dir.path()))?;
+            run(Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(pg.dir.path()))?;
         }
         pg.pg_command("initdb", |cmd| {
-            cmd.arg("-D")
-                .arg(pg.data_dir())
-                .args(["-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"]);
+            cmd.arg("-D").arg(pg.data_dir()).args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ]);
         })?;
         pg.start_again()?;
         Ok(pg)
@@ -45,7 +54,9 @@ impl PrivatePostgres {
     /// Stops the server at once (`pg_ctl stop -m immediate`, like a crash).
     pub fn stop(&self) -> anyhow::Result<()> {
         self.pg_command("pg_ctl", |cmd| {
-            cmd.arg("-D").arg(self.data_dir()).args(["-m", "immediate", "-w", "stop"]);
+            cmd.arg("-D")
+                .arg(self.data_dir())
+                .args(["-m", "immediate", "-w", "stop"]);
         })
     }
 
@@ -105,7 +116,9 @@ fn find_bin_dir() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(dir));
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .context("PostgreSQL server binaries not found under /usr/lib/postgresql (set AGORA_PG_BIN)")?
+        .context(
+            "PostgreSQL server binaries not found under /usr/lib/postgresql (set AGORA_PG_BIN)",
+        )?
         .filter_map(|entry| {
             let entry = entry.ok()?;
             let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
@@ -131,4 +144,3 @@ fn running_as_root() -> bool {
         })
         .unwrap_or(false)
 }
-

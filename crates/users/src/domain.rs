@@ -3,8 +3,8 @@
 
 use std::fmt;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
 /// A syntactically valid email address, trimmed and lower-cased so that
 /// uniqueness does not depend on letter case.
@@ -136,7 +136,17 @@ mod tests {
             Email::parse("  Ada@Example.COM ").map(|e| e.0),
             Ok("ada@example.com".to_owned())
         );
-        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a da@x.io", "a@b@c.io", "a@x..io", "a@-x.io"] {
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a da@x.io",
+            "a@b@c.io",
+            "a@x..io",
+            "a@-x.io",
+        ] {
             assert!(Email::parse(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(Email::parse(&format!("{}@x.io", "a".repeat(65))).is_err());
@@ -147,7 +157,10 @@ mod tests {
         assert!(UserName::parse("   ").is_err());
         assert!(UserName::parse("Ada\u{7}").is_err());
         assert!(UserName::parse(&"x".repeat(101)).is_err());
-        assert_eq!(UserName::parse(" Ada Lovelace ").map(|n| n.0), Ok("Ada Lovelace".into()));
+        assert_eq!(
+            UserName::parse(" Ada Lovelace ").map(|n| n.0),
+            Ok("Ada Lovelace".into())
+        );
     }
 
     #[test]

@@ -230,8 +230,19 @@ mod tests {
     fn replay_folds_every_event_in_order() {
         let history = [
             event(1, created()),
-            event(2, UserEventData::UserEmailUpdated { old_email: "a@x.io".into(), new_email: "b@x.io".into() }),
-            event(3, UserEventData::UserActivated { activated_by: "admin".into() }),
+            event(
+                2,
+                UserEventData::UserEmailUpdated {
+                    old_email: "a@x.io".into(),
+                    new_email: "b@x.io".into(),
+                },
+            ),
+            event(
+                3,
+                UserEventData::UserActivated {
+                    activated_by: "admin".into(),
+                },
+            ),
         ];
         let state = UserState::replay(&history).expect("valid").expect("exists");
         assert_eq!(state.email, "b@x.io");
@@ -243,14 +254,24 @@ mod tests {
     #[test]
     fn replay_rejects_broken_histories() {
         assert!(UserState::replay(&[event(2, created())]).is_err());
-        assert!(UserState::replay(&[event(1, UserEventData::UserActivated { activated_by: "x".into() })]).is_err());
+        assert!(
+            UserState::replay(&[event(
+                1,
+                UserEventData::UserActivated {
+                    activated_by: "x".into()
+                }
+            )])
+            .is_err()
+        );
         assert!(UserState::replay(&[event(1, created()), event(2, created())]).is_err());
         assert_eq!(UserState::replay(&[]).expect("empty is fine"), None);
     }
 
     #[test]
     fn unchanged_values_decide_no_event() {
-        let state = UserState::replay(&[event(1, created())]).expect("valid").expect("exists");
+        let state = UserState::replay(&[event(1, created())])
+            .expect("valid")
+            .expect("exists");
         let same = Email::parse("A@x.io").expect("valid");
         assert_eq!(state.decide_update_email(&same), None);
         assert!(state.decide_activate("admin").is_some());

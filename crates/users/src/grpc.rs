@@ -63,8 +63,13 @@ impl<S: UserStore> UserApi<S> {
     /// and when the caller may not see it, so ids cannot be probed.
     async fn visible_user(&self, caller: &Caller, id: &str, service_ok: bool) -> Result<UserState> {
         caller.require_authenticated()?;
-        let allowed = caller.is_user(id) || caller.is_admin() || (service_ok && caller.is_service());
-        let user = if allowed { self.store.get(id).await? } else { None };
+        let allowed =
+            caller.is_user(id) || caller.is_admin() || (service_ok && caller.is_service());
+        let user = if allowed {
+            self.store.get(id).await?
+        } else {
+            None
+        };
         user.ok_or_else(|| Error::not_found(format_args!("user {id}")))
     }
 }

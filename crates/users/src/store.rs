@@ -44,8 +44,7 @@ pub trait UserStore: Send + Sync + 'static {
     fn get(&self, user_id: &str) -> impl Future<Output = Result<Option<UserState>>> + Send;
 
     /// The current state of the user with this (normalized) email.
-    fn find_by_email(&self, email: &str)
-    -> impl Future<Output = Result<Option<UserState>>> + Send;
+    fn find_by_email(&self, email: &str) -> impl Future<Output = Result<Option<UserState>>> + Send;
 
     /// A user's history, oldest first.
     fn events(&self, user_id: &str) -> impl Future<Output = Result<Vec<StoredEvent>>> + Send;
@@ -124,16 +123,14 @@ impl UserStore for SqlUserStore {
             .map(|row| user_from_row(&row))
             .transpose()?
             .ok_or_else(|| Error::not_found(format_args!("user {user_id}")))?;
-        if let Some(expected) = expected_version {
-            if expected != current.version {
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!(
-                        "user {user_id} is at version {}, not {expected}: re-read and retry",
-                        current.version
-                    ),
-                ));
-            }
+        if let Some(expected) = expected_version.filter(|v| *v != current.version) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "user {user_id} is at version {}, not {expected}: re-read and retry",
+                    current.version
+                ),
+            ));
         }
         let Some(data) = decide(&current)? else {
             return Ok(current);
@@ -267,7 +264,10 @@ fn user_from_row(row: &AnyRow) -> Result<UserState> {
         email: row.try_get("email")?,
         name: row.try_get("name")?,
         status: UserStatus::parse(&status).ok_or_else(|| {
-            Error::new(ErrorKind::Internal, format!("unknown stored user status {status:?}"))
+            Error::new(
+                ErrorKind::Internal,
+                format!("unknown stored user status {status:?}"),
+            )
         })?,
         roles: serde_json::from_str(&roles)
             .map_err(|err| Error::internal("decoding stored roles", err))?,

