@@ -1,9 +1,10 @@
 //! The real `agora` binary as a user runs it.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-const AGORA: &str = env!("CARGO_BIN_EXE_agora");
+use std::process::Command;
+
+use common::{AGORA, UsersProcess};
 
 #[test]
 fn help_explains_the_flags_and_their_environment_variables() -> anyhow::Result<()> {
@@ -60,52 +61,14 @@ fn keygen_writes_a_private_key_only_its_owner_can_read() -> anyhow::Result<()> {
 
 #[test]
 fn serve_users_answers_health_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    let status = Command::new(AGORA)
-        .arg("keygen")
-        .arg("--dir")
-        .arg(data.join("keys"))
-        .status()?;
-    assert!(status.success());
-    let port = agora_testkit::free_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(AGORA)
-        .args(["serve", "users", "--listen", &listen, "--data-dir"])
-        .arg(&data)
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-
-    let health = Command::new(AGORA)
-        .args(["health", "--wait", "20"])
-        .arg(format!("users={listen}"))
-        .output()?;
-    let table = String::from_utf8(health.stdout)?;
-    assert!(health.status.success(), "not healthy:\n{table}");
-    assert!(table.contains("SERVING"), "{table}");
+    let users = UsersProcess::start(&[])?;
+    let (serving, table) = users.health(0)?;
+    assert!(serving && table.contains("SERVING"), "{table}");
     assert!(
-        data.join("users.db").exists(),
+        users.data.join("users.db").exists(),
         "SQLite default under --data-dir"
     );
-
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()?;
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(exit) = child.try_wait()? {
-            break exit;
-        }
-        if Instant::now() > deadline {
-            child.kill()?;
-            anyhow::bail!("agora did not stop within 20 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exit = users.terminate()?;
     assert!(exit.success(), "exit status after SIGTERM: {exit}");
     Ok(())
 }

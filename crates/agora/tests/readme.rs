@@ -1,10 +1,12 @@
 //! The README's grpcurl walkthrough, run as written against a fresh server, so
 //! the documentation cannot drift from the code.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
 
-const AGORA: &str = env!("CARGO_BIN_EXE_agora");
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::UsersProcess;
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -30,15 +32,6 @@ fn walkthrough() -> anyhow::Result<String> {
     Ok(body)
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn readme_walkthrough_runs_as_written() -> anyhow::Result<()> {
     let grpcurl = workspace_root().join(".venv/bin/grpcurl");
@@ -47,30 +40,9 @@ fn readme_walkthrough_runs_as_written() -> anyhow::Result<()> {
         "{} is missing: run `just test`, which installs it",
         grpcurl.display()
     );
+    let users = UsersProcess::start(&[])?;
+    let listen = users.listen.clone();
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    let keygen = Command::new(AGORA)
-        .arg("keygen")
-        .arg("--dir")
-        .arg(data.join("keys"))
-        .output()?;
-    anyhow::ensure!(keygen.status.success(), "keygen failed");
-    let port = agora_testkit::free_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    let _server = Killed(
-        Command::new(AGORA)
-            .args(["serve", "users", "--listen", &listen, "--data-dir"])
-            .arg(&data)
-            .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let health = Command::new(AGORA)
-        .args(["health", "--wait", "20"])
-        .arg(format!("users={listen}"))
-        .output()?;
-    anyhow::ensure!(health.status.success(), "server not healthy");
 
     // The README talks to the default port with grpcurl from .venv/: point
     // both at this test's server and the repository's grpcurl.

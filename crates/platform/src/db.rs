@@ -7,7 +7,7 @@
 //! [`Migrations`] pair. Timestamps are stored as microseconds since the epoch
 //! (see [`crate::time`]) so both backends keep them exactly.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 use std::time::Duration;
 
@@ -57,6 +57,10 @@ pub struct Migrations {
 pub struct Db {
     pool: AnyPool,
     backend: Backend,
+    /// The SQLite file, checked by [`Db::ping`]: a file deleted under a
+    /// running service still answers queries (the inode stays open) but
+    /// everything written from then on is lost at the next restart.
+    sqlite_file: Option<PathBuf>,
 }
 
 /// How long a request waits for a free connection before failing with
@@ -123,7 +127,12 @@ impl Db {
         .map_err(|err| {
             Error::new(ErrorKind::Unavailable, "cannot connect to the database").with_source(err)
         })?;
-        Ok(Self { pool, backend })
+        let sqlite_file = sqlite_path(url).map(Path::to_path_buf);
+        Ok(Self {
+            pool,
+            backend,
+            sqlite_file,
+        })
     }
 
     /// Connects and applies the pending migrations of this backend.
@@ -172,6 +181,12 @@ impl Db {
     /// Checks that the database answers a query within `timeout`; health
     /// checks call it.
     pub async fn ping(&self, timeout: Duration) -> Result<(), Error> {
+        if let Some(file) = self.sqlite_file.as_deref().filter(|f| !f.exists()) {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("database file {} is gone", file.display()),
+            ));
+        }
         let query = sqlx::query("SELECT 1").execute(&self.pool);
         match tokio::time::timeout(timeout, query).await {
             Ok(Ok(_)) => Ok(()),

@@ -2,7 +2,8 @@
 //!
 //! [`init`] installs a tracing subscriber that writes pretty or JSON logs to
 //! stderr (level from `RUST_LOG`, default `info`) and feeds every span to
-//! OpenTelemetry. Spans are exported over OTLP/gRPC only when
+//! OpenTelemetry (filtered separately by `AGORA_TRACE_FILTER`, default
+//! `info`). Spans are exported over OTLP/gRPC only when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set; without it trace context still flows
 //! through the process, so a `traceparent` arriving at a service leaves it on
 //! every call and event the service makes.
@@ -59,9 +60,15 @@ pub fn init(service: &str, format: LogFormat) -> anyhow::Result<TelemetryGuard> 
     }
     let provider = provider.build();
     opentelemetry::global::set_tracer_provider(provider.clone());
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("agora"));
+    // Traces and logs are filtered separately: RUST_LOG=warn must quiet the
+    // console without dropping the INFO-level RPC spans a trace backend wants.
+    let otel_filter = EnvFilter::try_from_env("AGORA_TRACE_FILTER")
+        .unwrap_or_else(|_| EnvFilter::new("info,h2=off,hyper=off,tower=off,sqlx=off"));
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("agora"))
+        .with_filter(otel_filter);
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,sqlx=warn,opentelemetry_sdk=warn")
     });
     let fmt_layer = match format {
@@ -77,8 +84,7 @@ pub fn init(service: &str, format: LogFormat) -> anyhow::Result<TelemetryGuard> 
             .boxed(),
     };
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt_layer)
+        .with(fmt_layer.with_filter(log_filter))
         .with(otel_layer)
         .try_init()?;
     if exporting {

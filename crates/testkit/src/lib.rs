@@ -11,6 +11,8 @@
 //! - [`TestServer`]: hosts services on port 0 and hands back a channel.
 //! - [`NatsServer`]: a private `nats-server` with JetStream (`sync_interval:
 //!   always`) on a free port, from the pinned binary the justfile installs.
+//! - [`OtlpCollector`]: an OTLP/gRPC trace receiver that keeps the spans a
+//!   process exports, for tracing tests.
 //! - [`PrivatePostgres`]: a PostgreSQL cluster of the test's own (initdb +
 //!   pg_ctl), for fault tests that stop the database.
 //!
@@ -21,11 +23,13 @@
 
 mod database;
 mod nats;
+mod otlp;
 mod postgres;
 mod server;
 
 pub use database::{Backend, TestDatabase};
 pub use nats::NatsServer;
+pub use otlp::{OtlpCollector, ReceivedSpan};
 pub use postgres::PrivatePostgres;
 pub use server::{TestEnv, TestServer};
 

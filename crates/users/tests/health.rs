@@ -80,3 +80,19 @@ async fn health_turns_not_serving_while_the_database_is_down() -> anyhow::Result
     drop(postgres);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_not_serving_when_the_sqlite_file_is_deleted() -> anyhow::Result<()> {
+    let env = TestEnv::new(agora_testkit::Backend::Sqlite).await?;
+    let server = TestServer::start(vec![agora_users::hosted(&env.config).await?]).await?;
+    wait_for(server.addr(), ServingStatus::Serving).await?;
+    let path = env
+        .database_url()
+        .strip_prefix("sqlite://")
+        .and_then(|rest| rest.split('?').next())
+        .ok_or_else(|| anyhow::anyhow!("not a sqlite url"))?
+        .to_owned();
+    std::fs::remove_file(&path)?;
+    wait_for(server.addr(), ServingStatus::NotServing).await?;
+    server.stop().await
+}

@@ -36,6 +36,20 @@ fn with_token<T>(message: T, token: &str) -> Request<T> {
     request
 }
 
+fn update_email(
+    id: &str,
+    email: &str,
+    expected_version: Option<i64>,
+    token: &str,
+) -> Request<pb::UpdateEmailRequest> {
+    let message = pb::UpdateEmailRequest {
+        id: id.to_owned(),
+        email: email.to_owned(),
+        expected_version,
+    };
+    with_token(message, token)
+}
+
 fn new_user(email: &str) -> pb::CreateUserRequest {
     pb::CreateUserRequest {
         email: email.to_owned(),
@@ -188,14 +202,7 @@ async fn duplicate_email_is_already_exists(backend: Backend) -> anyhow::Result<(
     let (grace, token) = sign_up(&mut h, "grace@example.com").await?;
     let status = h
         .client
-        .update_email(with_token(
-            pb::UpdateEmailRequest {
-                id: grace.id,
-                email: "ada@example.com".into(),
-                expected_version: None,
-            },
-            &token,
-        ))
+        .update_email(update_email(&grace.id, "ada@example.com", None, &token))
         .await
         .expect_err("taken");
     assert_eq!(status.code(), Code::AlreadyExists);
@@ -232,14 +239,7 @@ async fn stale_version_is_aborted(backend: Backend) -> anyhow::Result<()> {
     let (user, token) = sign_up(&mut h, "ada@example.com").await?;
     let updated = h
         .client
-        .update_email(with_token(
-            pb::UpdateEmailRequest {
-                id: user.id.clone(),
-                email: "ada2@example.com".into(),
-                expected_version: Some(1),
-            },
-            &token,
-        ))
+        .update_email(update_email(&user.id, "ada2@example.com", Some(1), &token))
         .await?
         .into_inner()
         .user
@@ -251,14 +251,7 @@ async fn stale_version_is_aborted(backend: Backend) -> anyhow::Result<()> {
 
     let status = h
         .client
-        .update_email(with_token(
-            pb::UpdateEmailRequest {
-                id: user.id.clone(),
-                email: "ada3@example.com".into(),
-                expected_version: Some(1),
-            },
-            &token,
-        ))
+        .update_email(update_email(&user.id, "ada3@example.com", Some(1), &token))
         .await
         .expect_err("stale");
     assert_eq!(status.code(), Code::Aborted);
@@ -283,14 +276,7 @@ async fn concurrent_writers_of_one_version_conflict(backend: Backend) -> anyhow:
     let (user, token) = sign_up(&mut h, "ada@example.com").await?;
     let racers = (0..8).map(|i| {
         let mut client = h.client.clone();
-        let request = with_token(
-            pb::UpdateEmailRequest {
-                id: user.id.clone(),
-                email: format!("ada{i}@example.com"),
-                expected_version: Some(1),
-            },
-            &token,
-        );
+        let request = update_email(&user.id, &format!("ada{i}@example.com"), Some(1), &token);
         tokio::spawn(async move { client.update_email(request).await })
     });
     let mut wins = 0;
@@ -320,14 +306,7 @@ async fn state_is_the_replay_of_the_events(backend: Backend) -> anyhow::Result<(
     let (user, token) = sign_up(&mut h, "ada@example.com").await?;
     let admin = h.env.admin_token()?;
     h.client
-        .update_email(with_token(
-            pb::UpdateEmailRequest {
-                id: user.id.clone(),
-                email: "ada@lovelace.org".into(),
-                expected_version: None,
-            },
-            &token,
-        ))
+        .update_email(update_email(&user.id, "ada@lovelace.org", None, &token))
         .await?;
     h.client
         .activate_user(with_token(
@@ -410,14 +389,7 @@ async fn access_rules_per_caller(backend: Backend) -> anyhow::Result<()> {
     assert_eq!(status.code(), Code::NotFound);
     let status = h
         .client
-        .update_email(with_token(
-            pb::UpdateEmailRequest {
-                id: ada.id.clone(),
-                email: "x@example.com".into(),
-                expected_version: None,
-            },
-            &grace_token,
-        ))
+        .update_email(update_email(&ada.id, "x@example.com", None, &grace_token))
         .await
         .expect_err("other user's email");
     assert_eq!(status.code(), Code::NotFound);
