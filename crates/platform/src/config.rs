@@ -64,6 +64,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// NATS server for domain events.
     pub nats_url: String,
+    /// SMTP server for the notifications service (`smtp://host:port`,
+    /// `smtps://user:pass@host`); unset writes `.eml` files under
+    /// `<data_dir>/outbox/` instead. May hold a password, hence secret.
+    pub smtp_url: Option<Secret<String>>,
+    /// The `From` address of emails.
+    pub mail_from: String,
     /// Token signing and verification.
     pub auth: AuthConfig,
     /// The users service.
@@ -118,6 +124,9 @@ pub struct AuthConfig {
     pub public_key_file: Option<PathBuf>,
     /// Ed25519 public key as PEM text.
     pub public_key_pem: Option<String>,
+    /// Emails that receive the admin role when they sign up (the way to
+    /// bootstrap the first admin; `just up` seeds one).
+    pub admin_emails: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -129,6 +138,7 @@ impl Default for AuthConfig {
             private_key_pem: None,
             public_key_file: None,
             public_key_pem: None,
+            admin_emails: Vec::new(),
         }
     }
 }
@@ -141,6 +151,8 @@ impl Default for Config {
             data_dir: PathBuf::from(".data"),
             log_format: LogFormat::Pretty,
             nats_url: "nats://127.0.0.1:4222".to_owned(),
+            smtp_url: None,
+            mail_from: "Agora <no-reply@agora.localhost>".to_owned(),
             auth: AuthConfig::default(),
             users: ServiceConfig::on_port(50051),
             catalog: ServiceConfig::on_port(50052),
@@ -232,6 +244,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "data_dir",
     "log_format",
     "nats_url",
+    "smtp_url",
+    "mail_from",
     "auth",
     "users",
     "catalog",

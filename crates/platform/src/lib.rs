@@ -16,6 +16,8 @@
 //!   with per-backend migrations.
 //! - [`auth`]: EdDSA JWT issuing and verification, and the [`auth::Caller`] a
 //!   request was made by.
+//! - [`pagination`]: page sizes and opaque cursor page tokens for `List*` RPCs.
+//! - [`money`]: validated `agora.common.v1.Money` amounts.
 //! - [`shutdown`]: the process-wide stop signal (SIGTERM / SIGINT).
 
 #![forbid(unsafe_code)]
@@ -24,6 +26,8 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod money;
+pub mod pagination;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

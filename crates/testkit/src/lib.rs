@@ -13,6 +13,7 @@
 //!   always`) on a free port, from the pinned binary the justfile installs.
 //! - [`OtlpCollector`]: an OTLP/gRPC trace receiver that keeps the spans a
 //!   process exports, for tracing tests.
+//! - [`SmtpServer`]: a real SMTP server (aiosmtpd) delivering into a Maildir.
 //! - [`PrivatePostgres`]: a PostgreSQL cluster of the test's own (initdb +
 //!   pg_ctl), for fault tests that stop the database.
 //!
@@ -26,12 +27,14 @@ mod nats;
 mod otlp;
 mod postgres;
 mod server;
+mod smtp;
 
 pub use database::{Backend, TestDatabase};
 pub use nats::NatsServer;
 pub use otlp::{OtlpCollector, ReceivedSpan};
 pub use postgres::PrivatePostgres;
-pub use server::{TestEnv, TestServer};
+pub use server::{SERVICES, TestEnv, TestServer};
+pub use smtp::SmtpServer;
 
 /// Runs an async test body once per backend: `backend_tests!(name, body_fn)`
 /// expands to `name_postgres` and `name_sqlite` tokio tests calling

@@ -16,15 +16,51 @@ pub struct TestEnv {
     /// The configuration to start services with; adjust it before starting.
     pub config: Config,
     issuer: TokenIssuer,
-    database: TestDatabase,
+    databases: Vec<TestDatabase>,
     _data_dir: tempfile::TempDir,
 }
 
+/// The services of the mesh, as named in configuration.
+pub const SERVICES: [&str; 6] = [
+    "users",
+    "catalog",
+    "inventory",
+    "payments",
+    "orders",
+    "notifications",
+];
+
 impl TestEnv {
-    /// A fresh environment whose services all use one new database on `backend`.
+    /// A fresh environment whose services all use one new database on
+    /// `backend`: enough for a test of one service.
     pub async fn new(backend: Backend) -> anyhow::Result<Self> {
         let database = TestDatabase::create(backend).await?;
         Self::with_database(database)
+    }
+
+    /// A fresh environment where each service has a new database of its own,
+    /// as in production (needed when a test runs several services, since each
+    /// keeps its own migration history).
+    pub async fn per_service(backend: Backend) -> anyhow::Result<Self> {
+        let mut env = Self::with_database(TestDatabase::create(backend).await?)?;
+        for name in SERVICES.iter().skip(1) {
+            let database = TestDatabase::create(backend).await?;
+            env.set_database(name, database.url());
+            env.databases.push(database);
+        }
+        Ok(env)
+    }
+
+    fn set_database(&mut self, service: &str, url: &str) {
+        let settings = match service {
+            "users" => &mut self.config.users,
+            "catalog" => &mut self.config.catalog,
+            "inventory" => &mut self.config.inventory,
+            "payments" => &mut self.config.payments,
+            "orders" => &mut self.config.orders,
+            _ => &mut self.config.notifications,
+        };
+        settings.database_url = Some(Secret::new(url.to_owned()));
     }
 
     /// A fresh environment on an existing (empty) database.
@@ -57,14 +93,22 @@ impl TestEnv {
         Ok(Self {
             config,
             issuer,
-            database,
+            databases: vec![database],
             _data_dir: data_dir,
         })
     }
 
-    /// The test database's URL.
+    /// The URL of the database of `service`.
+    pub fn service_database_url(&self, service: &str) -> Option<String> {
+        self.config
+            .service(service)
+            .and_then(|s| s.database_url.as_ref())
+            .map(|url| url.expose().clone())
+    }
+
+    /// The URL of the first test database (the only one made by [`TestEnv::new`]).
     pub fn database_url(&self) -> &str {
-        self.database.url()
+        self.databases.first().map_or("", TestDatabase::url)
     }
 
     /// `Bearer` value of a token for user `id` with `roles`.

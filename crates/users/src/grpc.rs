@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use agora_platform::auth::{Caller, TokenIssuer, TokenVerifier};
+use agora_platform::auth::{ADMIN_ROLE, Caller, TokenIssuer, TokenVerifier};
 use agora_platform::error::{Error, ErrorKind, Result, Violations};
 use agora_platform::time::micros_to_timestamp;
 use agora_proto::users::v1 as pb;
@@ -24,6 +24,8 @@ pub struct UserApi<S> {
     store: Arc<S>,
     issuer: TokenIssuer,
     verifier: TokenVerifier,
+    /// Normalized emails that get the admin role at sign-up.
+    admin_emails: Vec<String>,
 }
 
 impl<S: UserStore> UserApi<S> {
@@ -34,7 +36,19 @@ impl<S: UserStore> UserApi<S> {
             store: Arc::new(store),
             issuer,
             verifier,
+            admin_emails: Vec::new(),
         }
+    }
+
+    /// Users signing up with one of these emails get the admin role (the
+    /// bootstrap for the first admin). Invalid addresses are ignored.
+    pub fn with_admin_emails(mut self, emails: &[String]) -> Self {
+        self.admin_emails = emails
+            .iter()
+            .filter_map(|email| Email::parse(email).ok())
+            .map(|email| email.as_str().to_owned())
+            .collect();
+        self
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
@@ -98,7 +112,11 @@ impl<S: UserStore> UserService for UserApi<S> {
             email: email.as_str().to_owned(),
             name: name.as_str().to_owned(),
             password_hash,
-            roles: Vec::new(),
+            roles: if self.admin_emails.iter().any(|e| e == email.as_str()) {
+                vec![ADMIN_ROLE.to_owned()]
+            } else {
+                Vec::new()
+            },
         };
         let user = self.store.create(&user_id, created).await?;
         tracing::info!(user_id = %user.id, "user created");

@@ -42,6 +42,7 @@ pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
     let db = Db::connect_and_migrate(&config.database_url("users"), MIGRATIONS).await?;
     let issuer = TokenIssuer::from_config(&config.auth)?;
     let verifier = TokenVerifier::from_config(&config.auth)?;
-    let api = grpc::UserApi::new(store::SqlUserStore::new(db.clone()), issuer, verifier);
+    let api = grpc::UserApi::new(store::SqlUserStore::new(db.clone()), issuer, verifier)
+        .with_admin_emails(&config.auth.admin_emails);
     Ok(HostedService::new(SERVICE_NAME, UserServiceServer::new(api)).with_check(db))
 }

@@ -479,3 +479,33 @@ backend_tests!(
     state_is_the_replay_of_the_events,
     access_rules_per_caller,
 );
+
+mod bootstrap {
+    use super::*;
+
+    /// An email listed in `auth.admin_emails` signs up with the admin role,
+    /// and its token can then do admin-only things.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn configured_admin_emails_sign_up_as_admins() -> anyhow::Result<()> {
+        let mut env = TestEnv::new(Backend::Sqlite).await?;
+        env.config.auth.admin_emails = vec!["Boss@Example.com".into()];
+        let server = TestServer::start(vec![agora_users::hosted(&env.config).await?]).await?;
+        let mut h = Harness {
+            client: UserServiceClient::new(server.channel()?),
+            env,
+            server,
+        };
+        let (boss, boss_token) = sign_up(&mut h, "boss@example.com").await?;
+        assert_eq!(boss.roles, ["admin"]);
+        let (ada, _) = sign_up(&mut h, "ada@example.com").await?;
+        assert!(ada.roles.is_empty());
+        let request = pb::ActivateUserRequest {
+            id: ada.id,
+            expected_version: None,
+        };
+        h.client
+            .activate_user(with_token(request, &boss_token))
+            .await?;
+        h.server.stop().await
+    }
+}

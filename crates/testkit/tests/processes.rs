@@ -1,4 +1,4 @@
-//! The private nats-server starts with JetStream and goes away when killed.
+//! The private servers the test kit starts: nats-server and an SMTP server.
 
 use agora_testkit::NatsServer;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -32,5 +32,17 @@ async fn private_nats_server_runs_jetstream_on_its_own_port() -> anyhow::Result<
             .await
             .is_err()
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn private_smtp_server_accepts_connections() -> anyhow::Result<()> {
+    let smtp = agora_testkit::SmtpServer::start().await?;
+    let port: u16 = smtp.url().rsplit(':').next().unwrap_or_default().parse()?;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).await?;
+    assert!(line.starts_with("220"), "{line}");
+    assert!(smtp.messages()?.is_empty());
     Ok(())
 }

@@ -1,0 +1,3 @@
+//! The catalog service (being built).
+
+#![forbid(unsafe_code)]

@@ -1,0 +1,3 @@
+//! The inventory service (being built).
+
+#![forbid(unsafe_code)]

@@ -1,0 +1,3 @@
+//! The notifications service (being built).
+
+#![forbid(unsafe_code)]

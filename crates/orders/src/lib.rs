@@ -1,0 +1,3 @@
+//! The orders service (being built).
+
+#![forbid(unsafe_code)]

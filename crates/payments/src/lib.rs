@@ -1,0 +1,3 @@
+//! The payments service (being built).
+
+#![forbid(unsafe_code)]
