@@ -17,9 +17,9 @@ agora := env("CARGO_TARGET_DIR", justfile_directory() / "target") / "debug/agora
 default:
     @just --list --unsorted
 
-# Build and run the mesh in the foreground (SQLite under .data/; DATABASE_URL for PostgreSQL). Ctrl-C stops it.
-up: tools build
-    scripts/up.sh "{{agora}}"
+# Run all six services in the foreground, seeded with demo data (SQLite under .data/; DATABASE_URL for PostgreSQL); `just up mono` runs them in one process. Ctrl-C stops.
+up mode="mesh": tools build
+    scripts/up.sh "{{agora}}" "{{mode}}"
 
 # Stop a mesh started by `just up` in another terminal.
 down:

@@ -1,26 +1,46 @@
 #!/usr/bin/env bash
-# Stops a mesh started by `just up`: SIGTERM to every service, then waits for
-# them to drain (up to 30 s each).
+# Stops a mesh started by `just up`. Signals the `just up` supervisor, which
+# stops its services and waits for them to drain; if the supervisor is gone,
+# signals the services directly. Anything still running after 30 s is killed.
 set -euo pipefail
 
 run="${AGORA_DATA_DIR:-.data}/run"
-found=0
-for pidfile in "$run"/*.pid; do
-    [ -e "$pidfile" ] || continue
-    pid="$(cat "$pidfile")"
-    name="$(basename "$pidfile" .pid)"
-    if kill -TERM "$pid" 2>/dev/null; then
-        found=1
-        for _ in $(seq 300); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "$name (pid $pid) did not stop in 30 s; killing it" >&2
-            kill -KILL "$pid" 2>/dev/null || true
+targets=()
+supervisor="$(cat "$run/supervisor.pid" 2>/dev/null || true)"
+if [ -n "$supervisor" ] && kill -TERM "$supervisor" 2>/dev/null; then
+    # The supervisor stops its own services and waits for them.
+    targets+=("$supervisor")
+else
+    for pidfile in "$run"/*.pid; do
+        pid="$(cat "$pidfile" 2>/dev/null)" || continue
+        if kill -TERM "$pid" 2>/dev/null; then
+            targets+=("$pid")
         fi
-        echo "stopped $name"
-    fi
-    rm -f "$pidfile"
+    done
+fi
+if [ ${#targets[@]} -eq 0 ]; then
+    echo "Agora is not running"
+    rm -f "$run"/*.pid
+    exit 0
+fi
+for _ in $(seq 300); do
+    alive=0
+    for pid in "${targets[@]}"; do
+        kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    [ "$alive" = 1 ] || break
+    sleep 0.1
 done
-[ "$found" = 1 ] || echo "Agora is not running"
+for pid in "${targets[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "pid $pid did not stop in 30 s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+done
+# A supervisor killed mid-way may leave services behind: stop those too.
+for pidfile in "$run"/*.pid; do
+    pid="$(cat "$pidfile" 2>/dev/null)" || continue
+    kill -TERM "$pid" 2>/dev/null || true
+done
+rm -f "$run"/*.pid
+echo "Agora stopped"

@@ -12,19 +12,12 @@ use tonic_health::pb::health_client::HealthClient;
 #[derive(Debug, clap::Args)]
 pub struct HealthArgs {
     /// Services to check, as NAME=HOST:PORT (for example
-    /// users=127.0.0.1:50051); default: every service on its default port.
+    /// users=127.0.0.1:50051); default: all six on their default ports.
     pub endpoints: Vec<String>,
     /// Keep checking until every service is SERVING or this many seconds pass.
     #[arg(long, default_value_t = 0)]
     pub wait: u64,
 }
-
-/// Default endpoints, as in shared/CONTRACT.md.
-const DEFAULTS: &[(&str, &str, &str)] = &[(
-    "users",
-    "127.0.0.1:50051",
-    agora_proto::users::v1::SERVICE_NAME,
-)];
 
 /// One row of the table.
 #[derive(Debug)]
@@ -61,7 +54,7 @@ pub async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
     );
     for row in &rows {
         println!(
-            "{:<14} {:<22} {:<40} {}",
+            "{:<14} {:<22} {:<44} {}",
             row.name, row.addr, row.grpc_service, row.status
         );
     }
@@ -74,9 +67,12 @@ pub async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
 
 fn parse_targets(endpoints: &[String]) -> anyhow::Result<Vec<(String, String, String)>> {
     if endpoints.is_empty() {
-        return Ok(DEFAULTS
+        return Ok(crate::SERVICES
             .iter()
-            .map(|(n, a, s)| ((*n).to_owned(), (*a).to_owned(), (*s).to_owned()))
+            .map(|t| {
+                let addr = format!("127.0.0.1:{}", t.default_port());
+                (t.name().to_owned(), addr, t.grpc_service().to_owned())
+            })
             .collect());
     }
     endpoints
@@ -85,11 +81,11 @@ fn parse_targets(endpoints: &[String]) -> anyhow::Result<Vec<(String, String, St
             let (name, addr) = spec
                 .split_once('=')
                 .ok_or_else(|| anyhow::anyhow!("expected NAME=HOST:PORT, got {spec:?}"))?;
-            let grpc_service = DEFAULTS
+            let grpc_service = crate::SERVICES
                 .iter()
-                .find(|(n, _, _)| *n == name)
-                .map(|(_, _, s)| (*s).to_owned())
-                .unwrap_or_default();
+                .find(|t| t.name() == name)
+                .map(|t| t.grpc_service().to_owned())
+                .ok_or_else(|| anyhow::anyhow!("unknown service {name:?}"))?;
             Ok((name.to_owned(), addr.to_owned(), grpc_service))
         })
         .collect()

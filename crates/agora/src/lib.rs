@@ -4,16 +4,18 @@
 //! target per pod), several, or `all` of them in one process (monolith mode
 //! for a laptop), each on its own port. `agora keygen` makes a development
 //! token-signing key pair; `agora health` prints the health of running
-//! services.
+//! services; `agora seed` adds a demo catalog and an admin account.
 //!
 //! # Layout
 //! - [`Cli`]: the command line.
 //! - [`serve`]: building and running the servers of the chosen targets.
 //! - [`health`]: the health table printed by `agora health` and `just status`.
+//! - [`seed`]: the demo data `just up` loads.
 
 #![forbid(unsafe_code)]
 
 pub mod health;
+pub mod seed;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -40,23 +42,50 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Print the gRPC health of running services; exits non-zero unless all serve.
     Health(health::HealthArgs),
+    /// Add a demo catalog with stock and an admin account to running services.
+    Seed(seed::SeedArgs),
 }
 
 /// A service `agora serve` can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Target {
-    /// Every service below, in one process.
+    /// Every service below, in one process (monolith mode).
     All,
     /// Accounts, login, JWTs (default port 50051).
     Users,
+    /// Products and prices (default port 50052).
+    Catalog,
+    /// Stock levels and reservations (default port 50053).
+    Inventory,
+    /// Card charges and refunds (default port 50054).
+    Payments,
+    /// Orders and their live updates (default port 50055).
+    Orders,
+    /// Emails sent in reaction to events (default port 50056).
+    Notifications,
 }
+
+/// Every service, in start order.
+pub const SERVICES: [Target; 6] = [
+    Target::Users,
+    Target::Catalog,
+    Target::Inventory,
+    Target::Payments,
+    Target::Orders,
+    Target::Notifications,
+];
 
 impl Target {
     /// The services a target stands for.
     pub fn expand(self) -> &'static [Target] {
         match self {
-            Self::All => &[Self::Users],
+            Self::All => &SERVICES,
             Self::Users => &[Self::Users],
+            Self::Catalog => &[Self::Catalog],
+            Self::Inventory => &[Self::Inventory],
+            Self::Payments => &[Self::Payments],
+            Self::Orders => &[Self::Orders],
+            Self::Notifications => &[Self::Notifications],
         }
     }
 
@@ -65,6 +94,37 @@ impl Target {
         match self {
             Self::All => "all",
             Self::Users => "users",
+            Self::Catalog => "catalog",
+            Self::Inventory => "inventory",
+            Self::Payments => "payments",
+            Self::Orders => "orders",
+            Self::Notifications => "notifications",
+        }
+    }
+
+    /// The fully qualified gRPC service name (empty for `all`).
+    pub fn grpc_service(self) -> &'static str {
+        match self {
+            Self::All => "",
+            Self::Users => agora_proto::users::v1::SERVICE_NAME,
+            Self::Catalog => agora_proto::catalog::v1::SERVICE_NAME,
+            Self::Inventory => agora_proto::inventory::v1::SERVICE_NAME,
+            Self::Payments => agora_proto::payments::v1::SERVICE_NAME,
+            Self::Orders => agora_proto::orders::v1::SERVICE_NAME,
+            Self::Notifications => agora_proto::notifications::v1::SERVICE_NAME,
+        }
+    }
+
+    /// The default port of shared/CONTRACT.md.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Self::All => 0,
+            Self::Users => 50051,
+            Self::Catalog => 50052,
+            Self::Inventory => 50053,
+            Self::Payments => 50054,
+            Self::Orders => 50055,
+            Self::Notifications => 50056,
         }
     }
 }
@@ -86,6 +146,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Keygen(args) => keygen(&args).map(|()| ExitCode::SUCCESS),
         Command::Health(args) => health::run(args).await,
+        Command::Seed(args) => seed::run(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
 

@@ -18,8 +18,10 @@ Configuration is layered: built-in defaults < the --config TOML file < AGORA_*
 environment variables (nested keys joined by `__`, e.g. AGORA_USERS__DATABASE_URL,
 AGORA_AUTH__TOKEN_TTL_SECS) < these flags.
 
-Defaults: users on 127.0.0.1:50051; SQLite at <data-dir>/<service>.db; token keys
-at <data-dir>/keys/jwt_ed25519{,.pub}.pem (make them with `agora keygen`).
+Defaults: users, catalog, inventory, payments, orders, notifications on
+127.0.0.1:50051..50056; SQLite at <data-dir>/<service>.db; token keys at
+<data-dir>/keys/jwt_ed25519{,.pub}.pem (make them with `agora keygen`).
+`all` runs every service in this one process, each on its own port.
 
 Examples:
   agora serve users
@@ -154,6 +156,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn hosted(service: Target, config: &config::Config) -> anyhow::Result<HostedService> {
     match service {
         Target::Users => agora_users::hosted(config).await,
+        Target::Catalog => agora_catalog::hosted(config).await,
+        Target::Inventory => agora_inventory::hosted(config).await,
+        Target::Payments => agora_payments::hosted(config).await,
+        Target::Orders => agora_orders::hosted(config).await,
+        Target::Notifications => agora_notifications::hosted(config).await,
         Target::All => bail!("`all` is expanded before services start"),
     }
 }
@@ -191,7 +198,16 @@ mod tests {
     #[test]
     fn all_expands_once_per_service() {
         let args = serve_args(&["agora", "serve", "all", "users"]);
-        assert_eq!(args.services(), [Target::Users]);
+        assert_eq!(args.services(), crate::SERVICES);
+        let args = serve_args(&["agora", "serve", "orders", "users", "orders"]);
+        assert_eq!(args.services(), [Target::Orders, Target::Users]);
+    }
+
+    #[test]
+    fn single_service_flags_are_refused_with_several_services() {
+        let args = serve_args(&["agora", "serve", "all", "--listen", "127.0.0.1:1"]);
+        let err = args.overrides().expect_err("ambiguous");
+        assert!(err.to_string().contains("single service"), "{err}");
     }
 
     #[test]

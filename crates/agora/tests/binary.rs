@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{AGORA, UsersProcess};
+use common::{AGORA, AgoraProcess};
 
 #[test]
 fn help_explains_the_flags_and_their_environment_variables() -> anyhow::Result<()> {
@@ -61,7 +61,7 @@ fn keygen_writes_a_private_key_only_its_owner_can_read() -> anyhow::Result<()> {
 
 #[test]
 fn serve_users_answers_health_and_stops_cleanly_on_sigterm() -> anyhow::Result<()> {
-    let users = UsersProcess::start(&[])?;
+    let users = AgoraProcess::start(&["users"], &[])?;
     let (serving, table) = users.health(0)?;
     assert!(serving && table.contains("SERVING"), "{table}");
     assert!(

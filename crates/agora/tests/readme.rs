@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::UsersProcess;
+use common::{AgoraProcess, DEFAULT_PORTS};
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -33,22 +33,32 @@ fn walkthrough() -> anyhow::Result<String> {
 }
 
 #[test]
-fn readme_walkthrough_runs_as_written() -> anyhow::Result<()> {
+fn readme_walkthrough_runs_as_written_against_the_seeded_monolith() -> anyhow::Result<()> {
     let grpcurl = workspace_root().join(".venv/bin/grpcurl");
     anyhow::ensure!(
         grpcurl.exists(),
         "{} is missing: run `just test`, which installs it",
         grpcurl.display()
     );
-    let users = UsersProcess::start(&[])?;
-    let listen = users.listen.clone();
-    let dir = tempfile::tempdir()?;
+    let admin = "admin@agora.localhost";
+    let admin_emails = format!("[\"{admin}\"]");
+    let agora = AgoraProcess::start(&["all"], &[("AGORA_AUTH__ADMIN_EMAILS", &admin_emails)])?;
+    let (seeded, output) = agora.seed(admin)?;
+    assert!(seeded, "seed failed:\n{output}");
+    assert!(output.contains("password:"), "{output}");
+    // A second seed changes nothing and prints no password.
+    let (seeded, output) = agora.seed(admin)?;
+    assert!(seeded, "second seed failed:\n{output}");
+    assert!(!output.contains("password:"), "{output}");
+    assert!(output.contains("already has products"), "{output}");
 
-    // The README talks to the default port with grpcurl from .venv/: point
-    // both at this test's server and the repository's grpcurl.
-    let script = walkthrough()?
-        .replace("localhost:50051", &listen)
-        .replace(".venv/bin/grpcurl", &grpcurl.display().to_string());
+    // The README talks to the default ports with grpcurl from .venv/: point
+    // both at this test's services and the repository's grpcurl.
+    let mut script = walkthrough()?.replace(".venv/bin/grpcurl", &grpcurl.display().to_string());
+    for (name, port) in DEFAULT_PORTS {
+        script = script.replace(&format!("localhost:{port}"), &agora.addr(name));
+    }
+    let dir = tempfile::tempdir()?;
     let output = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &script])
         .current_dir(dir.path())
@@ -66,15 +76,19 @@ fn readme_walkthrough_runs_as_written() -> anyhow::Result<()> {
         "\"userCreated\"",
         "\"userEmailUpdated\"",
         "\"version\": \"2\"",
+        "Ferris Mug",
+        "\"available\"",
+        "nextPageToken",
     ] {
         assert!(
             stdout.contains(expected),
             "output lacks {expected}:\n{stdout}"
         );
     }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())?.collect();
     assert!(
-        !dir.path().join("auth.json").exists(),
-        "walkthrough cleans up"
+        leftovers.is_empty(),
+        "walkthrough leaves files behind: {leftovers:?}"
     );
     Ok(())
 }

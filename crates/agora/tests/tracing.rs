@@ -8,7 +8,7 @@ use agora_proto::users::v1 as pb;
 use agora_proto::users::v1::user_service_client::UserServiceClient;
 use agora_testkit::OtlpCollector;
 
-use common::UsersProcess;
+use common::AgoraProcess;
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_SPAN_ID: &str = "00f067aa0ba902b7";
 
@@ -17,10 +17,10 @@ async fn rpc_spans_are_exported_as_children_of_the_callers_span() -> anyhow::Res
     let collector = OtlpCollector::start().await?;
     let endpoint = collector.endpoint();
     let users = tokio::task::spawn_blocking(move || {
-        UsersProcess::start(&[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)])
+        AgoraProcess::start(&["users"], &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)])
     })
     .await??;
-    let listen = users.listen.clone();
+    let listen = users.addr("users");
 
     let mut client = UserServiceClient::connect(format!("http://{listen}")).await?;
     let mut request = tonic::Request::new(pb::CreateUserRequest {

@@ -1,3 +1,46 @@
-//! The catalog service (being built).
+//! The catalog service: products, their prices and categories.
+//!
+//! Admins create products and change them field by field (`UpdateProduct`
+//! with a field mask); anyone may read one product or page through the
+//! catalog, newest first, filtered by text and category. Pages are addressed
+//! by an opaque cursor on `(created_at, id)`, so products added while a
+//! client pages never shift or repeat what it sees.
+//!
+//! # Layout
+//! - [`domain`]: validated newtypes (`Sku`, `ProductName`, `Description`,
+//!   `Category`, `Categories`, `SearchQuery`), the price check, and the
+//!   product records (`Product`, `NewProduct`, `ProductChanges`,
+//!   `UpdatedProduct` with its `PriceChange`).
+//! - [`store`]: the [`store::CatalogStore`] trait and its SQL implementation
+//!   (PostgreSQL and SQLite), with categories in a child table.
+//! - [`grpc`]: the `agora.catalog.v1.CatalogService` adapter: validation,
+//!   authorization, mapping to protobuf.
 
 #![forbid(unsafe_code)]
+
+pub mod domain;
+pub mod grpc;
+pub mod store;
+
+use agora_platform::auth::TokenVerifier;
+use agora_platform::config::Config;
+use agora_platform::db::{Db, Migrations};
+use agora_platform::server::HostedService;
+use agora_proto::catalog::v1::SERVICE_NAME;
+use agora_proto::catalog::v1::catalog_service_server::CatalogServiceServer;
+
+/// The catalog service's migrations, per backend.
+pub const MIGRATIONS: Migrations = Migrations {
+    postgres: &sqlx::migrate!("migrations/postgres"),
+    sqlite: &sqlx::migrate!("migrations/sqlite"),
+};
+
+/// Connects to the catalog database (migrating it), loads the token
+/// verification key and returns the service ready to host, with its database
+/// as health check.
+pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
+    let db = Db::connect_and_migrate(&config.database_url("catalog"), MIGRATIONS).await?;
+    let verifier = TokenVerifier::from_config(&config.auth)?;
+    let api = grpc::CatalogApi::new(store::SqlCatalogStore::new(db.clone()), verifier);
+    Ok(HostedService::new(SERVICE_NAME, CatalogServiceServer::new(api)).with_check(db))
+}

@@ -1,3 +1,48 @@
-//! The inventory service (being built).
+//! The inventory service: stock levels and all-or-nothing reservations.
+//!
+//! Admins set how many units of a product are available; anyone may read it.
+//! The checkout saga (the orders service, with a service token) reserves the
+//! units of an order in one step, every item or none, then either commits the
+//! reservation (the units are sold) or releases it (they return to available
+//! stock). Every reservation call is idempotent on the caller's reservation
+//! id, and stock never goes negative, however many reservations race.
+//! Product ids are trusted UUIDs: inventory never calls the catalog.
+//!
+//! # Layout
+//! - [`domain`]: validated values (`ProductId`, `ReservationId`, quantities,
+//!   merged `ReservationItems`) and the rules for repeated and out-of-order
+//!   calls on a reservation.
+//! - [`store`]: the [`store::InventoryStore`] trait and its SQL
+//!   implementation (PostgreSQL and SQLite), where every unit moved is guarded
+//!   in SQL inside one write transaction.
+//! - [`grpc`]: the `agora.inventory.v1.InventoryService` adapter: validation,
+//!   authorization, mapping to protobuf.
 
 #![forbid(unsafe_code)]
+
+pub mod domain;
+pub mod grpc;
+pub mod store;
+
+use agora_platform::auth::TokenVerifier;
+use agora_platform::config::Config;
+use agora_platform::db::{Db, Migrations};
+use agora_platform::server::HostedService;
+use agora_proto::inventory::v1::SERVICE_NAME;
+use agora_proto::inventory::v1::inventory_service_server::InventoryServiceServer;
+
+/// The inventory service's migrations, per backend.
+pub const MIGRATIONS: Migrations = Migrations {
+    postgres: &sqlx::migrate!("migrations/postgres"),
+    sqlite: &sqlx::migrate!("migrations/sqlite"),
+};
+
+/// Connects to the inventory database (migrating it), loads the token
+/// verification key and returns the service ready to host, with its database
+/// as health check.
+pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
+    let db = Db::connect_and_migrate(&config.database_url("inventory"), MIGRATIONS).await?;
+    let verifier = TokenVerifier::from_config(&config.auth)?;
+    let api = grpc::InventoryApi::new(store::SqlInventoryStore::new(db.clone()), verifier);
+    Ok(HostedService::new(SERVICE_NAME, InventoryServiceServer::new(api)).with_check(db))
+}

@@ -321,6 +321,28 @@ mod tests {
     }
 
     #[test]
+    fn lists_and_secrets_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "AGORA_AUTH__ADMIN_EMAILS",
+                r#"["admin@agora.localhost", "b@x.io"]"#,
+            );
+            jail.set_env("AGORA_SMTP_URL", "smtp://127.0.0.1:2525");
+            let config = load(None, serde_json::json!({}))
+                .map_err(|e| figment::Error::from(e.to_string()))?;
+            assert_eq!(
+                config.auth.admin_emails,
+                ["admin@agora.localhost", "b@x.io"]
+            );
+            assert_eq!(
+                config.smtp_url.as_ref().map(|s| s.expose().as_str()),
+                Some("smtp://127.0.0.1:2525")
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn typos_below_a_known_key_in_the_environment_are_rejected() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("AGORA_USERS__LISTEN_ADR", "127.0.0.1:1");

@@ -3,6 +3,7 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,20 +11,33 @@ use std::time::{Duration, Instant};
 /// The binary under test.
 pub const AGORA: &str = env!("CARGO_BIN_EXE_agora");
 
-/// `agora serve users` on a free port with its own data folder (SQLite and a
-/// fresh key pair), healthy when returned; killed when dropped.
-pub struct UsersProcess {
-    /// `127.0.0.1:<port>`.
-    pub listen: String,
-    /// The `--data-dir`.
+/// The six services and their default ports (shared/CONTRACT.md).
+pub const DEFAULT_PORTS: [(&str, u16); 6] = [
+    ("users", 50051),
+    ("catalog", 50052),
+    ("inventory", 50053),
+    ("payments", 50054),
+    ("orders", 50055),
+    ("notifications", 50056),
+];
+
+/// `agora serve <targets>` with every service on a free port and its own
+/// data folder (SQLite files and a fresh key pair), healthy when returned;
+/// killed when dropped.
+pub struct AgoraProcess {
+    /// Service name -> `127.0.0.1:<port>`, for every service (started or not).
+    pub addrs: BTreeMap<&'static str, String>,
+    /// The data folder.
     pub data: PathBuf,
+    started: Vec<&'static str>,
     child: Child,
     _dir: tempfile::TempDir,
 }
 
-impl UsersProcess {
-    /// Starts the service with extra environment variables.
-    pub fn start(env: &[(&str, &str)]) -> anyhow::Result<Self> {
+impl AgoraProcess {
+    /// Starts `agora serve <targets>` with extra environment variables and
+    /// waits until the started services are healthy.
+    pub fn start(targets: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("data");
         let keygen = Command::new(AGORA)
@@ -32,35 +46,75 @@ impl UsersProcess {
             .arg(data.join("keys"))
             .output()?;
         anyhow::ensure!(keygen.status.success(), "keygen failed");
-        let listen = format!("127.0.0.1:{}", agora_testkit::free_port()?);
         let mut command = Command::new(AGORA);
         command
-            .args(["serve", "users", "--listen", &listen, "--data-dir"])
-            .arg(&data)
+            .arg("serve")
+            .args(targets)
             .env_remove("DATABASE_URL")
+            .env("AGORA_DATA_DIR", &data)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null());
+        let mut addrs = BTreeMap::new();
+        for (name, _) in DEFAULT_PORTS {
+            let addr = format!("127.0.0.1:{}", agora_testkit::free_port()?);
+            command.env(format!("AGORA_{}__LISTEN_ADDR", name.to_uppercase()), &addr);
+            addrs.insert(name, addr);
+        }
         for (key, value) in env {
             command.env(key, value);
         }
+        let started = DEFAULT_PORTS
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| targets.contains(&"all") || targets.contains(name))
+            .collect();
         let process = Self {
-            listen,
+            addrs,
             data,
+            started,
             child: command.spawn()?,
             _dir: dir,
         };
-        let health = process.health(20)?;
-        anyhow::ensure!(health.0, "server not healthy:\n{}", health.1);
+        let (serving, table) = process.health(60)?;
+        anyhow::ensure!(serving, "not healthy:\n{table}");
         Ok(process)
     }
 
-    /// `agora health --wait <secs>` against this server: (all serving, table).
+    /// The address of a service.
+    pub fn addr(&self, service: &str) -> String {
+        self.addrs.get(service).cloned().unwrap_or_default()
+    }
+
+    /// `agora health --wait <secs>` for the started services: (all serving, table).
     pub fn health(&self, wait_secs: u64) -> anyhow::Result<(bool, String)> {
         let output = Command::new(AGORA)
             .args(["health", "--wait", &wait_secs.to_string()])
-            .arg(format!("users={}", self.listen))
+            .args(
+                self.started
+                    .iter()
+                    .map(|name| format!("{name}={}", self.addr(name))),
+            )
             .output()?;
         Ok((output.status.success(), String::from_utf8(output.stdout)?))
+    }
+
+    /// Runs `agora seed` against this process: (success, stdout).
+    pub fn seed(&self, admin_email: &str) -> anyhow::Result<(bool, String)> {
+        let output = Command::new(AGORA)
+            .arg("seed")
+            .args(["--admin-email", admin_email])
+            .arg("--users")
+            .arg(format!("http://{}", self.addr("users")))
+            .arg("--catalog")
+            .arg(format!("http://{}", self.addr("catalog")))
+            .arg("--inventory")
+            .arg(format!("http://{}", self.addr("inventory")))
+            .arg("--data-dir")
+            .arg(&self.data)
+            .output()?;
+        let stdout = String::from_utf8(output.stdout)?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        Ok((output.status.success(), format!("{stdout}{stderr}")))
     }
 
     /// Sends SIGTERM and waits (up to 20 s) for the exit status.
@@ -83,7 +137,7 @@ impl UsersProcess {
     }
 }
 
-impl Drop for UsersProcess {
+impl Drop for AgoraProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

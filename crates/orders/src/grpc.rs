@@ -1,0 +1,209 @@
+//! `agora.orders.v1.OrderService` over an [`OrderStore`]: decides who may see
+//! which order, validates requests, streams order changes and maps orders to
+//! protobuf. Placing and cancelling orders (the checkout saga) are not built
+//! yet and answer UNIMPLEMENTED.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agora_platform::auth::{Caller, TokenVerifier};
+use agora_platform::error::{Error, ErrorKind, Result, Violations};
+use agora_platform::pagination::{Cursor, page_size};
+use agora_platform::time::micros_to_timestamp;
+use agora_proto::orders::v1 as pb;
+use agora_proto::orders::v1::order_service_server::OrderService;
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status};
+
+use crate::domain::{Order, OrderItem, OrderStatus, parse_order_id};
+use crate::store::OrderStore;
+use crate::watch::{RECHECK_INTERVAL, watch_order};
+
+/// The gRPC service.
+pub struct OrderApi<S> {
+    store: Arc<S>,
+    verifier: TokenVerifier,
+    /// How often each watch re-reads its order without a notice.
+    recheck: Duration,
+}
+
+impl<S: OrderStore> OrderApi<S> {
+    /// The service over `store`, checking callers with `verifier`. Watches
+    /// follow the store's notifier, so writes through any clone of `store`
+    /// reach them at once.
+    pub fn new(store: S, verifier: TokenVerifier) -> Self {
+        Self {
+            store: Arc::new(store),
+            verifier,
+            recheck: RECHECK_INTERVAL,
+        }
+    }
+
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
+        self.verifier.caller(request.metadata())
+    }
+}
+
+/// The user id of a user caller. Orders belong to users: anonymous callers
+/// are UNAUTHENTICATED, service tokens PERMISSION_DENIED (decided before any
+/// lookup, so it says nothing about any order).
+fn require_user(caller: &Caller) -> Result<&str> {
+    caller.require_authenticated()?;
+    caller.user_id().ok_or_else(|| {
+        Error::new(
+            ErrorKind::PermissionDenied,
+            "orders are read by the users who placed them, not by services",
+        )
+    })
+}
+
+fn parse_id(raw: &str) -> Result<String> {
+    parse_order_id(raw).map_err(|reason| Error::invalid_field("id", reason))
+}
+
+fn not_found(id: &str) -> Error {
+    Error::not_found(format_args!("order {id}"))
+}
+
+/// Moves the field violations of a failed parse into `violations`, so that
+/// one answer names every bad field.
+fn collect_violations<T>(violations: &mut Violations, parsed: Result<T>) -> Option<T> {
+    match parsed {
+        Ok(value) => Some(value),
+        Err(err) => {
+            for (field, description) in err.violations() {
+                violations.add(field.clone(), description.clone());
+            }
+            if err.violations().is_empty() {
+                violations.add("request", err.message().to_owned());
+            }
+            None
+        }
+    }
+}
+
+/// The response stream of `WatchOrder`.
+pub type WatchOrderStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchOrderResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl<S: OrderStore> OrderService for OrderApi<S> {
+    async fn place_order(
+        &self,
+        _request: Request<pb::PlaceOrderRequest>,
+    ) -> Result<Response<pb::PlaceOrderResponse>, Status> {
+        Err(Status::unimplemented("checkout is not available yet"))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<pb::GetOrderRequest>,
+    ) -> Result<Response<pb::GetOrderResponse>, Status> {
+        let caller = self.caller(&request)?;
+        require_user(&caller)?;
+        let id = parse_id(&request.get_ref().id)?;
+        let order = self
+            .store
+            .get(&id)
+            .await?
+            .filter(|order| caller.is_user(&order.user_id) || caller.is_admin())
+            .ok_or_else(|| not_found(&id))?;
+        Ok(Response::new(pb::GetOrderResponse {
+            order: Some(to_proto(&order)),
+        }))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<pb::ListOrdersRequest>,
+    ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let user_id = require_user(&caller)?;
+        let req = request.get_ref();
+        let mut violations = Violations::default();
+        let size = collect_violations(&mut violations, page_size(req.page_size));
+        let cursor = collect_violations(&mut violations, Cursor::decode(&req.page_token));
+        violations.finish()?;
+        let (Some(size), Some(cursor)) = (size, cursor) else {
+            return Err(Error::new(ErrorKind::Internal, "validation passed without values").into());
+        };
+        let page = self
+            .store
+            .list_for_user(user_id, cursor.as_ref(), size)
+            .await?;
+        Ok(Response::new(pb::ListOrdersResponse {
+            orders: page.orders.iter().map(to_proto).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn cancel_order(
+        &self,
+        _request: Request<pb::CancelOrderRequest>,
+    ) -> Result<Response<pb::CancelOrderResponse>, Status> {
+        Err(Status::unimplemented(
+            "cancelling orders is not available yet",
+        ))
+    }
+
+    type WatchOrderStream = WatchOrderStream;
+
+    async fn watch_order(
+        &self,
+        request: Request<pb::WatchOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, Status> {
+        let caller = self.caller(&request)?;
+        require_user(&caller)?;
+        let id = parse_id(&request.get_ref().id)?;
+        // Subscribe before reading, so a change right after the read is seen.
+        let notices = self.store.changes().subscribe();
+        // Owner only: an admin watching someone else's order gets NOT_FOUND too.
+        let order = self
+            .store
+            .get(&id)
+            .await?
+            .filter(|order| caller.is_user(&order.user_id))
+            .ok_or_else(|| not_found(&id))?;
+        let states = watch_order(Arc::clone(&self.store), order, notices, self.recheck);
+        let responses = states.map(|state| {
+            state
+                .map(|order| pb::WatchOrderResponse {
+                    order: Some(to_proto(&order)),
+                })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(responses)))
+    }
+}
+
+fn status_to_proto(status: OrderStatus) -> pb::OrderStatus {
+    match status {
+        OrderStatus::Pending => pb::OrderStatus::Pending,
+        OrderStatus::Completed => pb::OrderStatus::Completed,
+        OrderStatus::Cancelled => pb::OrderStatus::Cancelled,
+        OrderStatus::Failed => pb::OrderStatus::Failed,
+    }
+}
+
+fn item_to_proto(item: &OrderItem) -> pb::OrderItem {
+    pb::OrderItem {
+        product_id: item.product_id.clone(),
+        quantity: item.quantity,
+        unit_price: Some(item.unit_price.to_proto()),
+    }
+}
+
+/// The protobuf view of an order; the client's request id stays internal.
+pub fn to_proto(order: &Order) -> pb::Order {
+    pb::Order {
+        id: order.id.clone(),
+        user_id: order.user_id.clone(),
+        items: order.items.iter().map(item_to_proto).collect(),
+        total: Some(order.total.to_proto()),
+        status: status_to_proto(order.status) as i32,
+        failure_reason: order.failure_reason.clone(),
+        created_at: Some(micros_to_timestamp(order.created_at)),
+        updated_at: Some(micros_to_timestamp(order.updated_at)),
+    }
+}

@@ -1,0 +1,359 @@
+//! Persistence of orders.
+//!
+//! [`OrderStore`] is what the service (and, later, the checkout saga) needs;
+//! [`SqlOrderStore`] implements it on PostgreSQL and SQLite with the same SQL.
+//! An order is one `orders` row plus its `order_items`, written in one
+//! transaction. Status changes are conditional updates (`WHERE status = <the
+//! status just read>`), so of two racing writers exactly one moves the order
+//! and the other re-reads and decides again; after each committed change the
+//! store tells [`OrderChanges`] so that watchers re-read at once.
+
+use std::future::Future;
+
+use agora_platform::db::{Db, is_unique_violation};
+use agora_platform::error::{Error, ErrorKind, Result};
+use agora_platform::money::Money;
+use agora_platform::pagination::{Cursor, next_page};
+use agora_platform::time::now_micros;
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+use crate::changes::OrderChanges;
+use crate::domain::{NewOrder, Order, OrderItem, OrderStatus, failure_reason};
+
+/// How often a status change re-reads and retries after a concurrent writer
+/// moved the order first (each retry decides again on the fresh status).
+const TRANSITION_ATTEMPTS: usize = 5;
+
+/// One page of a user's orders.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderPage {
+    /// Newest first.
+    pub orders: Vec<Order>,
+    /// Token for the next page; empty when this is the last one.
+    pub next_page_token: String,
+}
+
+/// Storage of orders and their lifecycle.
+pub trait OrderStore: Send + Sync + 'static {
+    /// Creates a PENDING order with a new UUIDv7 id and the total of its
+    /// items. Idempotent: when the user already has an order with this
+    /// `request_id`, that order is returned unchanged (whatever the items).
+    /// INVALID_ARGUMENT naming every bad field of `new`.
+    fn create(&self, new: NewOrder) -> impl Future<Output = Result<Order>> + Send;
+
+    /// The order `id`, whoever owns it.
+    fn get(&self, id: &str) -> impl Future<Output = Result<Option<Order>>> + Send;
+
+    /// The user's orders, newest first by `(created_at, id)`, starting after
+    /// `cursor` (or at the newest), at most `size` of them.
+    fn list_for_user(
+        &self,
+        user_id: &str,
+        cursor: Option<&Cursor>,
+        size: i64,
+    ) -> impl Future<Output = Result<OrderPage>> + Send;
+
+    /// Moves the order to `to`: PENDING -> COMPLETED | FAILED, COMPLETED ->
+    /// CANCELLED. `reason` is kept for FAILED and CANCELLED and ignored
+    /// otherwise. Moving to the status the order already has changes nothing
+    /// and returns it (so retried saga steps are harmless); any other move is
+    /// FAILED_PRECONDITION; an unknown order is NOT_FOUND.
+    fn transition(
+        &self,
+        id: &str,
+        to: OrderStatus,
+        reason: &str,
+    ) -> impl Future<Output = Result<Order>> + Send;
+
+    /// The notifier this store signals after each committed status change.
+    fn changes(&self) -> &OrderChanges;
+}
+
+/// [`OrderStore`] on a SQL database (PostgreSQL or SQLite). Clones share the
+/// pool and the notifier.
+#[derive(Clone, Debug)]
+pub struct SqlOrderStore {
+    db: Db,
+    changes: OrderChanges,
+}
+
+impl SqlOrderStore {
+    /// A store on a migrated database, with a notifier of its own.
+    pub fn new(db: Db) -> Self {
+        Self::with_changes(db, OrderChanges::new())
+    }
+
+    /// A store on a migrated database that signals `changes`.
+    pub fn with_changes(db: Db, changes: OrderChanges) -> Self {
+        Self { db, changes }
+    }
+}
+
+/// Orders joined with their items: one row per item, the order's columns
+/// repeated. `$source` is the table or a subquery aliased `o`.
+macro_rules! select_orders {
+    ($source:literal, $tail:literal) => {
+        concat!(
+            "SELECT o.id, o.user_id, o.request_id, o.status, o.failure_reason, o.currency, \
+             o.total_minor, o.created_at, o.updated_at, \
+             i.product_id, i.quantity, i.unit_price_minor FROM ",
+            $source,
+            " o LEFT JOIN order_items i ON i.order_id = o.id ",
+            $tail
+        )
+    };
+}
+
+/// One page in one statement (one snapshot on both backends), so an order's
+/// items can never be missing because of a concurrent insert. Without a cursor
+/// the caller binds `(i64::MAX, "")`, which every row comes before.
+const LIST_FOR_USER: &str = select_orders!(
+    "(SELECT id, user_id, request_id, status, failure_reason, currency, total_minor, \
+     created_at, updated_at FROM orders WHERE user_id = $1 \
+     AND (created_at < $2 OR (created_at = $2 AND id < $3)) \
+     ORDER BY created_at DESC, id DESC LIMIT $4)",
+    "ORDER BY o.created_at DESC, o.id DESC, i.line"
+);
+
+const GET_BY_ID: &str = select_orders!("orders", "WHERE o.id = $1 ORDER BY i.line");
+
+const GET_BY_REQUEST: &str = select_orders!(
+    "orders",
+    "WHERE o.user_id = $1 AND o.request_id = $2 ORDER BY i.line"
+);
+
+impl OrderStore for SqlOrderStore {
+    async fn create(&self, new: NewOrder) -> Result<Order> {
+        let total = new.validate()?;
+        let mut tx = self.db.begin_write().await?;
+        if let Some(existing) = find_by_request(&mut *tx, &new.user_id, &new.request_id).await? {
+            return Ok(existing);
+        }
+        let now = now_micros();
+        let order = Order {
+            id: uuid::Uuid::now_v7().to_string(),
+            user_id: new.user_id,
+            request_id: new.request_id,
+            items: new.items,
+            total,
+            status: OrderStatus::Pending,
+            failure_reason: String::new(),
+            created_at: now,
+            updated_at: now,
+        };
+        match insert_order(&mut tx, &order).await {
+            Ok(()) => {
+                tx.commit().await?;
+                Ok(order)
+            }
+            // PostgreSQL: a concurrent create with the same request id
+            // committed between our check and our insert. It made the order.
+            Err(err) if is_unique_violation(&err) => {
+                tx.rollback().await?;
+                find_by_request(self.db.pool(), &order.user_id, &order.request_id)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::new(ErrorKind::Conflict, "order was created concurrently: retry")
+                    })
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Order>> {
+        let rows = sqlx::query(GET_BY_ID)
+            .bind(id)
+            .fetch_all(self.db.pool())
+            .await?;
+        Ok(orders_from_rows(&rows)?.into_iter().next())
+    }
+
+    async fn list_for_user(
+        &self,
+        user_id: &str,
+        cursor: Option<&Cursor>,
+        size: i64,
+    ) -> Result<OrderPage> {
+        let size = size.max(1);
+        let (after_key, after_id) = cursor.map_or((i64::MAX, ""), |c| (c.key, c.id.as_str()));
+        let rows = sqlx::query(LIST_FOR_USER)
+            .bind(user_id)
+            .bind(after_key)
+            .bind(after_id)
+            // One more than asked: whether it exists says if there is a next page.
+            .bind(size.saturating_add(1))
+            .fetch_all(self.db.pool())
+            .await?;
+        let (orders, next_page_token) = next_page(orders_from_rows(&rows)?, size, |order| Cursor {
+            key: order.created_at,
+            id: order.id.clone(),
+        });
+        Ok(OrderPage {
+            orders,
+            next_page_token,
+        })
+    }
+
+    async fn transition(&self, id: &str, to: OrderStatus, reason: &str) -> Result<Order> {
+        for _ in 0..TRANSITION_ATTEMPTS {
+            let mut tx = self.db.begin_write().await?;
+            let rows = sqlx::query(GET_BY_ID).bind(id).fetch_all(&mut *tx).await?;
+            let current = orders_from_rows(&rows)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::not_found(format_args!("order {id}")))?;
+            if current.status == to {
+                return Ok(current);
+            }
+            if !current.status.can_become(to) {
+                return Err(Error::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("order {id} is {} and cannot become {to}", current.status),
+                ));
+            }
+            let next = Order {
+                status: to,
+                failure_reason: if to.has_reason() {
+                    failure_reason(reason)
+                } else {
+                    String::new()
+                },
+                // Strictly later than the last change even if the clock is
+                // coarse or stepped back: watchers compare it.
+                updated_at: now_micros().max(current.updated_at.saturating_add(1)),
+                ..current.clone()
+            };
+            let updated = sqlx::query(
+                "UPDATE orders SET status = $1, failure_reason = $2, updated_at = $3 \
+                 WHERE id = $4 AND status = $5",
+            )
+            .bind(next.status.as_str())
+            .bind(&next.failure_reason)
+            .bind(next.updated_at)
+            .bind(&next.id)
+            .bind(current.status.as_str())
+            .execute(&mut *tx)
+            .await?;
+            if updated.rows_affected() == 1 {
+                tx.commit().await?;
+                self.changes.notify(&next.id);
+                return Ok(next);
+            }
+            // Another writer moved the order after we read it: read again.
+        }
+        Err(Error::new(
+            ErrorKind::Conflict,
+            format!("order {id} keeps changing concurrently: re-read and retry"),
+        ))
+    }
+
+    fn changes(&self) -> &OrderChanges {
+        &self.changes
+    }
+}
+
+async fn find_by_request<'c>(
+    executor: impl sqlx::Executor<'c, Database = Any>,
+    user_id: &str,
+    request_id: &str,
+) -> Result<Option<Order>> {
+    let rows = sqlx::query(GET_BY_REQUEST)
+        .bind(user_id)
+        .bind(request_id)
+        .fetch_all(executor)
+        .await?;
+    Ok(orders_from_rows(&rows)?.into_iter().next())
+}
+
+async fn insert_order(
+    tx: &mut Transaction<'static, Any>,
+    order: &Order,
+) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, request_id, status, failure_reason, currency, \
+         total_minor, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(&order.id)
+    .bind(&order.user_id)
+    .bind(&order.request_id)
+    .bind(order.status.as_str())
+    .bind(&order.failure_reason)
+    .bind(&order.total.currency_code)
+    .bind(order.total.amount_minor)
+    .bind(order.created_at)
+    .bind(order.updated_at)
+    .execute(&mut **tx)
+    .await?;
+    for (line, item) in (0_i64..).zip(&order.items) {
+        sqlx::query(
+            "INSERT INTO order_items (order_id, line, product_id, quantity, unit_price_minor) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&order.id)
+        .bind(line)
+        .bind(&item.product_id)
+        .bind(item.quantity)
+        .bind(item.unit_price.amount_minor)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Folds joined rows (one per item, grouped by order, in order) into orders.
+fn orders_from_rows(rows: &[AnyRow]) -> Result<Vec<Order>> {
+    let mut orders: Vec<Order> = Vec::new();
+    for row in rows {
+        let id: String = row.try_get("id")?;
+        let order = match orders.last_mut() {
+            Some(order) if order.id == id => order,
+            _ => {
+                orders.push(order_from_row(row, id)?);
+                orders
+                    .last_mut()
+                    .ok_or_else(|| Error::new(ErrorKind::Internal, "order vanished"))?
+            }
+        };
+        let product_id: Option<String> = row.try_get("product_id")?;
+        let quantity: Option<i64> = row.try_get("quantity")?;
+        let unit_price_minor: Option<i64> = row.try_get("unit_price_minor")?;
+        // A LEFT JOIN row without an item: an order whose items are missing.
+        if let (Some(product_id), Some(quantity), Some(amount_minor)) =
+            (product_id, quantity, unit_price_minor)
+        {
+            order.items.push(OrderItem {
+                product_id,
+                quantity,
+                unit_price: Money {
+                    currency_code: order.total.currency_code.clone(),
+                    amount_minor,
+                },
+            });
+        }
+    }
+    Ok(orders)
+}
+
+fn order_from_row(row: &AnyRow, id: String) -> Result<Order> {
+    let status: String = row.try_get("status")?;
+    Ok(Order {
+        id,
+        user_id: row.try_get("user_id")?,
+        request_id: row.try_get("request_id")?,
+        items: Vec::new(),
+        total: Money {
+            currency_code: row.try_get("currency")?,
+            amount_minor: row.try_get("total_minor")?,
+        },
+        status: OrderStatus::parse(&status).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("unknown stored order status {status:?}"),
+            )
+        })?,
+        failure_reason: row.try_get("failure_reason")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}

@@ -1,0 +1,505 @@
+//! Validated values and records of the payments domain. Each `parse` returns
+//! the reason a value is rejected, phrased for the `BadRequest` field
+//! violation; no reason ever repeats a card number.
+
+use std::fmt;
+
+use agora_platform::money::Money;
+use agora_proto::common::v1 as common_pb;
+
+use sha2::{Digest as _, Sha256};
+
+/// The longest payment id accepted, in characters.
+pub const MAX_PAYMENT_ID_CHARS: usize = 128;
+
+/// A caller-chosen payment id (the orders service derives it from its saga
+/// id): 1 to 128 characters of `[A-Za-z0-9._:-]`, kept exactly as sent.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PaymentId(String);
+
+impl PaymentId {
+    /// Validates an id. Nothing is trimmed: ids are compared byte for byte,
+    /// so a stray space is an error rather than silently another id.
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        if raw.is_empty() {
+            return Err("must not be empty");
+        }
+        if raw.chars().count() > MAX_PAYMENT_ID_CHARS {
+            return Err("must be at most 128 characters");
+        }
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
+        if !raw.chars().all(allowed) {
+            return Err("may contain only letters, digits and . _ : -");
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PaymentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The id of the paying user: a UUID in its canonical lower-case hyphenated
+/// form, so that it compares equal to the `sub` of the user's tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UserId(String);
+
+impl UserId {
+    /// Validates a user id (any UUID spelling except the nil UUID).
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        match uuid::Uuid::parse_str(raw.trim()) {
+            Ok(id) if !id.is_nil() => Ok(Self(id.to_string())),
+            _ => Err("must be a user id (UUID)"),
+        }
+    }
+
+    /// The canonical id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The fewest digits a card number may have.
+pub const MIN_CARD_DIGITS: usize = 12;
+/// The most digits a card number may have.
+pub const MAX_CARD_DIGITS: usize = 19;
+
+/// A card number: 12 to 19 digits passing the Luhn check, with the spaces
+/// and dashes people type removed.
+///
+/// It lives only for the duration of one `Charge`: it is handed to the
+/// [`crate::processor::CardProcessor`] and never stored, logged or shown.
+/// `Debug` prints the last four digits only, and there is no `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CardNumber {
+    digits: String,
+}
+
+impl CardNumber {
+    /// Validates a card number. The reasons never include the number.
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        let mut digits = String::with_capacity(MAX_CARD_DIGITS);
+        for c in raw.chars().filter(|c| !matches!(c, ' ' | '-')) {
+            if !c.is_ascii_digit() {
+                return Err("must contain only digits, spaces and dashes");
+            }
+            if digits.len() == MAX_CARD_DIGITS {
+                // Stop early: an oversized input is not worth copying.
+                return Err("must be 12 to 19 digits");
+            }
+            digits.push(c);
+        }
+        if digits.is_empty() {
+            return Err("must not be empty");
+        }
+        if digits.len() < MIN_CARD_DIGITS {
+            return Err("must be 12 to 19 digits");
+        }
+        if !passes_luhn(&digits) {
+            return Err("is not a valid card number (the Luhn check fails)");
+        }
+        Ok(Self { digits })
+    }
+
+    /// The last four digits, the only part of the number that is kept.
+    pub fn last4(&self) -> &str {
+        self.digits
+            .get(self.digits.len().saturating_sub(4)..)
+            .unwrap_or_default()
+    }
+
+    /// A SHA-256 fingerprint of the number for payment `payment_id`, in hex:
+    /// lets a retry be recognised as the same card without keeping the
+    /// number. The payment id salts it, so equal cards on different payments
+    /// have unrelated fingerprints and no precomputed table of card hashes
+    /// applies.
+    pub fn fingerprint(&self, payment_id: &PaymentId) -> String {
+        let digest = Sha256::new()
+            .chain_update(b"agora.payments.card-fingerprint.v1\0")
+            .chain_update(payment_id.as_str().as_bytes())
+            .chain_update([0])
+            .chain_update(self.digits.as_bytes())
+            .finalize();
+        digest.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    /// Whether this is the given number (digits only), for the simulated
+    /// provider's test cards.
+    pub(crate) fn is(&self, digits: &str) -> bool {
+        self.digits == digits
+    }
+}
+
+impl fmt::Debug for CardNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CardNumber(**** {})", self.last4())
+    }
+}
+
+/// The Luhn (mod 10) check of a string of ASCII digits: from the right, every
+/// second digit is doubled (minus 9 when above 9) and the sum must end in 0.
+pub fn passes_luhn(digits: &str) -> bool {
+    let mut sum = 0u32;
+    for (position, byte) in digits.bytes().rev().enumerate() {
+        if !byte.is_ascii_digit() {
+            return false;
+        }
+        let mut digit = u32::from(byte - b'0');
+        if position % 2 == 1 {
+            digit *= 2;
+            if digit > 9 {
+                digit -= 9;
+            }
+        }
+        sum += digit;
+    }
+    !digits.is_empty() && sum.is_multiple_of(10)
+}
+
+/// One reason an amount is invalid: the sub-field it is about (`None` for
+/// the amount as a whole, when it is missing) and why.
+pub type AmountViolation = (Option<&'static str>, &'static str);
+
+/// Validates a charge amount with [`Money::parse_positive`] (the shared
+/// rule), and on failure says which of its fields are wrong so that a client
+/// can point at them (`amount.currency_code`, `amount.amount_minor`).
+pub fn parse_amount(money: Option<&common_pb::Money>) -> Result<Money, Vec<AmountViolation>> {
+    let Some(money) = money else {
+        return Err(vec![(None, "is required")]);
+    };
+    match Money::parse_positive(Some(money)) {
+        Ok(amount) => Ok(amount),
+        Err(whole) => {
+            // Check each part alone, paired with a known-good other part, so
+            // the rule itself stays in one place (the platform).
+            let mut violations = Vec::new();
+            let currency_alone = common_pb::Money {
+                currency_code: money.currency_code.clone(),
+                amount_minor: 1,
+            };
+            if let Err(reason) = Money::parse_positive(Some(&currency_alone)) {
+                violations.push((Some("currency_code"), reason));
+            }
+            let amount_alone = common_pb::Money {
+                currency_code: "EUR".to_owned(),
+                amount_minor: money.amount_minor,
+            };
+            if let Err(reason) = Money::parse_positive(Some(&amount_alone)) {
+                violations.push((Some("amount_minor"), reason));
+            }
+            if violations.is_empty() {
+                violations.push((None, whole));
+            }
+            Err(violations)
+        }
+    }
+}
+
+/// Where a payment is in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PaymentStatus {
+    /// The card was charged.
+    Succeeded,
+    /// The card was declined; nothing was charged.
+    Declined,
+    /// A successful charge was refunded in full.
+    Refunded,
+}
+
+impl PaymentStatus {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Declined => "declined",
+            Self::Refunded => "refunded",
+        }
+    }
+
+    /// Reads the stored form.
+    pub fn parse(stored: &str) -> Option<Self> {
+        match stored {
+            "succeeded" => Some(Self::Succeeded),
+            "declined" => Some(Self::Declined),
+            "refunded" => Some(Self::Refunded),
+            _ => None,
+        }
+    }
+}
+
+/// A charge as asked for, with the card reduced to what may be kept: the
+/// last four digits and a fingerprint. Two requests with the same payment id
+/// are the same charge exactly when their attempts are equal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChargeAttempt {
+    /// The caller's payment id: the idempotency key.
+    pub payment_id: PaymentId,
+    /// Who pays.
+    pub user_id: UserId,
+    /// How much.
+    pub amount: Money,
+    /// The card's last four digits.
+    pub card_last4: String,
+    /// [`CardNumber::fingerprint`] of the card for this payment.
+    pub card_fingerprint: String,
+}
+
+impl ChargeAttempt {
+    /// The attempt to charge `card`; the number itself stays with the caller.
+    pub fn new(payment_id: PaymentId, user_id: UserId, amount: Money, card: &CardNumber) -> Self {
+        Self {
+            card_last4: card.last4().to_owned(),
+            card_fingerprint: card.fingerprint(&payment_id),
+            payment_id,
+            user_id,
+            amount,
+        }
+    }
+}
+
+/// A payment as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payment {
+    /// The caller's payment id.
+    pub id: String,
+    /// The paying user.
+    pub user_id: String,
+    /// The amount charged (or attempted, when declined).
+    pub amount: Money,
+    /// Where the payment is.
+    pub status: PaymentStatus,
+    /// The card's last four digits.
+    pub card_last4: String,
+    /// The card fingerprint, to recognise retries; never sent to clients.
+    pub card_fingerprint: String,
+    /// Why the card was declined; empty otherwise.
+    pub decline_reason: String,
+    /// When the payment was first recorded, microseconds since the epoch.
+    pub created_at: i64,
+    /// When its status last changed, microseconds since the epoch.
+    pub updated_at: i64,
+}
+
+impl Payment {
+    /// The fields of `attempt` that differ from this payment (proto field
+    /// names), empty when `attempt` is a retry of the charge that made it.
+    pub fn differences(&self, attempt: &ChargeAttempt) -> Vec<&'static str> {
+        let mut differ = Vec::new();
+        if self.user_id != attempt.user_id.as_str() {
+            differ.push("user_id");
+        }
+        if self.amount != attempt.amount {
+            differ.push("amount");
+        }
+        if self.card_last4 != attempt.card_last4
+            || self.card_fingerprint != attempt.card_fingerprint
+        {
+            differ.push("card_number");
+        }
+        differ
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payment_ids_are_short_and_plain() {
+        for good in ["p1", "saga:0190-abc.charge_1", &"x".repeat(128)] {
+            assert!(
+                PaymentId::parse(good).is_ok(),
+                "{good:?} should be accepted"
+            );
+        }
+        for bad in ["", " p1", "p 1", "p/1", "p\u{0}", "pé", &"x".repeat(129)] {
+            assert!(PaymentId::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn user_ids_are_canonical_uuids() {
+        let id = uuid::Uuid::now_v7();
+        let upper = id.to_string().to_uppercase();
+        assert_eq!(
+            UserId::parse(&upper).map(|u| u.0),
+            Ok(id.to_string()),
+            "any spelling maps to the token form"
+        );
+        assert!(UserId::parse("").is_err());
+        assert!(UserId::parse("not-a-uuid").is_err());
+        assert!(UserId::parse(&uuid::Uuid::nil().to_string()).is_err());
+    }
+
+    #[test]
+    fn luhn_accepts_real_test_cards_and_rejects_typos() {
+        for good in [
+            "4242424242424242",
+            "4000000000000002",
+            "5555555555554444",
+            "378282246310005",
+            "6011111111111117",
+            "4222222222222",
+        ] {
+            assert!(passes_luhn(good), "{good} passes");
+        }
+        for bad in [
+            "4242424242424241",
+            "4242424242424224",
+            "1234567890123",
+            "",
+            "42a2",
+        ] {
+            assert!(!passes_luhn(bad), "{bad:?} fails");
+        }
+    }
+
+    #[test]
+    fn card_numbers_ignore_spaces_and_dashes_only() {
+        let card = CardNumber::parse("4242 4242-4242 4242").expect("valid");
+        assert_eq!(card.digits, "4242424242424242");
+        assert_eq!(card.last4(), "4242");
+        assert!(CardNumber::parse("4242\t4242424242424242").is_err());
+        assert!(CardNumber::parse("4242.4242.4242.4242").is_err());
+    }
+
+    #[test]
+    fn card_numbers_have_12_to_19_digits() {
+        assert_eq!(CardNumber::parse(""), Err("must not be empty"));
+        assert_eq!(CardNumber::parse(" - "), Err("must not be empty"));
+        // 11 and 20 digits, both Luhn-valid, are still the wrong length.
+        assert!(passes_luhn("42424242420"));
+        assert_eq!(
+            CardNumber::parse("42424242420"),
+            Err("must be 12 to 19 digits")
+        );
+        assert!(passes_luhn("42424242424242424242"));
+        assert_eq!(
+            CardNumber::parse("42424242424242424242"),
+            Err("must be 12 to 19 digits")
+        );
+        assert_eq!(
+            CardNumber::parse(&"4".repeat(100_000)),
+            Err("must be 12 to 19 digits")
+        );
+        assert!(CardNumber::parse("4222222222222").is_ok(), "13 digits");
+        assert!(CardNumber::parse("4242424242424242").is_ok());
+    }
+
+    #[test]
+    fn card_numbers_never_show_in_reasons_or_debug() {
+        let number = "4242424242424241";
+        let reason = CardNumber::parse(number).expect_err("luhn");
+        assert!(!reason.contains("4242"));
+        let card = CardNumber::parse("4000 0000 0000 0002").expect("valid");
+        let debug = format!("{card:?}");
+        assert_eq!(debug, "CardNumber(**** 0002)");
+        let attempt = ChargeAttempt::new(
+            PaymentId::parse("p1").expect("id"),
+            UserId::parse(&uuid::Uuid::now_v7().to_string()).expect("user"),
+            Money {
+                currency_code: "EUR".into(),
+                amount_minor: 100,
+            },
+            &card,
+        );
+        assert!(!format!("{attempt:?}").contains("4000000000000002"));
+    }
+
+    #[test]
+    fn fingerprints_tell_cards_apart_per_payment() {
+        let p1 = PaymentId::parse("p1").expect("id");
+        let p2 = PaymentId::parse("p2").expect("id");
+        let visa = CardNumber::parse("4242424242424242").expect("valid");
+        let same_visa = CardNumber::parse("4242-4242-4242-4242").expect("valid");
+        // Same last four digits, other number.
+        let other = CardNumber::parse("4000000000104242").expect("valid");
+        assert_eq!(other.last4(), visa.last4());
+        assert_eq!(visa.fingerprint(&p1), same_visa.fingerprint(&p1));
+        assert_ne!(visa.fingerprint(&p1), other.fingerprint(&p1));
+        assert_ne!(visa.fingerprint(&p1), visa.fingerprint(&p2));
+        assert_eq!(visa.fingerprint(&p1).len(), 64);
+    }
+
+    #[test]
+    fn amounts_name_their_bad_fields() {
+        let money = |code: &str, amount: i64| common_pb::Money {
+            currency_code: code.into(),
+            amount_minor: amount,
+        };
+        assert_eq!(parse_amount(None).map_err(|v| v[0].0), Err(None));
+        let fields = |m: common_pb::Money| {
+            parse_amount(Some(&m))
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(field, _)| field)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            fields(money("eur", 0)),
+            [Some("currency_code"), Some("amount_minor")]
+        );
+        assert_eq!(fields(money("EUR", -1)), [Some("amount_minor")]);
+        assert_eq!(fields(money("EURO", 5)), [Some("currency_code")]);
+        assert!(parse_amount(Some(&money("EUR", 1))).is_ok());
+    }
+
+    #[test]
+    fn retries_differ_only_in_what_changed() {
+        let card = CardNumber::parse("4242424242424242").expect("valid");
+        let user = UserId::parse(&uuid::Uuid::now_v7().to_string()).expect("user");
+        let eur = |amount_minor| Money {
+            currency_code: "EUR".into(),
+            amount_minor,
+        };
+        let attempt = ChargeAttempt::new(
+            PaymentId::parse("p1").expect("id"),
+            user.clone(),
+            eur(100),
+            &card,
+        );
+        let payment = Payment {
+            id: "p1".into(),
+            user_id: user.as_str().into(),
+            amount: eur(100),
+            status: PaymentStatus::Succeeded,
+            card_last4: attempt.card_last4.clone(),
+            card_fingerprint: attempt.card_fingerprint.clone(),
+            decline_reason: String::new(),
+            created_at: 1,
+            updated_at: 1,
+        };
+        assert!(payment.differences(&attempt).is_empty());
+        let other_card = CardNumber::parse("4000000000104242").expect("valid");
+        let changed = ChargeAttempt::new(
+            PaymentId::parse("p1").expect("id"),
+            UserId::parse(&uuid::Uuid::now_v7().to_string()).expect("user"),
+            eur(101),
+            &other_card,
+        );
+        assert_eq!(
+            payment.differences(&changed),
+            ["user_id", "amount", "card_number"]
+        );
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for status in [
+            PaymentStatus::Succeeded,
+            PaymentStatus::Declined,
+            PaymentStatus::Refunded,
+        ] {
+            assert_eq!(PaymentStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(PaymentStatus::parse("processing"), None);
+    }
+}
