@@ -5,7 +5,6 @@
 use std::collections::HashSet;
 
 use agora_platform::money::Money;
-use agora_proto::common::v1 as common_pb;
 
 /// The most characters a SKU may have.
 pub const MAX_SKU_CHARS: usize = 64;
@@ -188,44 +187,6 @@ impl Categories {
     }
 }
 
-/// Which parts of a price are wrong, as `(field below the price, reason)`:
-/// `None` names the price itself (it is missing).
-pub type PriceViolations = Vec<(Option<&'static str>, &'static str)>;
-
-/// Validates a price with [`Money::parse_positive`] (the shared rule), and on
-/// failure says which of its fields are wrong so a client can point at them.
-pub fn parse_price(money: Option<&common_pb::Money>) -> Result<Money, PriceViolations> {
-    let Some(money) = money else {
-        return Err(vec![(None, "is required")]);
-    };
-    match Money::parse_positive(Some(money)) {
-        Ok(price) => Ok(price),
-        Err(whole) => {
-            // Check each part alone, paired with a known-good other part, so
-            // the rule itself stays in one place (the platform).
-            let mut violations = Vec::new();
-            let currency_alone = common_pb::Money {
-                currency_code: money.currency_code.clone(),
-                amount_minor: 1,
-            };
-            if let Err(reason) = Money::parse_positive(Some(&currency_alone)) {
-                violations.push((Some("currency_code"), reason));
-            }
-            let amount_alone = common_pb::Money {
-                currency_code: "EUR".to_owned(),
-                amount_minor: money.amount_minor,
-            };
-            if let Err(reason) = Money::parse_positive(Some(&amount_alone)) {
-                violations.push((Some("amount_minor"), reason));
-            }
-            if violations.is_empty() {
-                violations.push((None, whole));
-            }
-            Err(violations)
-        }
-    }
-}
-
 /// A search text for `ListProducts`: trimmed and lower-cased, at most 200
 /// characters, no control characters. Empty means "no text filter".
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -369,13 +330,6 @@ pub struct UpdatedProduct {
 mod tests {
     use super::*;
 
-    fn money(code: &str, amount: i64) -> common_pb::Money {
-        common_pb::Money {
-            currency_code: code.into(),
-            amount_minor: amount,
-        }
-    }
-
     #[test]
     fn skus_are_trimmed_and_limited_to_their_alphabet() {
         assert_eq!(
@@ -450,29 +404,6 @@ mod tests {
             }
             other => panic!("expected invalid entries, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn prices_name_the_part_that_is_wrong() {
-        assert_eq!(
-            parse_price(Some(&money("EUR", 1999))).map(|m| m.amount_minor),
-            Ok(1999)
-        );
-        let fields = |m: Option<common_pb::Money>| -> Vec<Option<&'static str>> {
-            parse_price(m.as_ref())
-                .err()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(field, _)| field)
-                .collect()
-        };
-        assert_eq!(fields(None), [None]);
-        assert_eq!(fields(Some(money("eur", 5))), [Some("currency_code")]);
-        assert_eq!(fields(Some(money("EUR", 0))), [Some("amount_minor")]);
-        assert_eq!(
-            fields(Some(money("", -1))),
-            [Some("currency_code"), Some("amount_minor")]
-        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::{
     Categories, CategoriesError, Category, Description, NewProduct, Product, ProductChanges,
-    ProductName, SearchQuery, Sku, parse_price,
+    ProductName, SearchQuery, Sku,
 };
 use crate::store::{CatalogStore, ProductFilter};
 
@@ -81,12 +81,8 @@ impl<S: CatalogStore> CatalogService for CatalogApi<S> {
     ) -> Result<Response<pb::ListProductsResponse>, Status> {
         let req = request.into_inner();
         let mut violations = Violations::default();
-        let size = absorb(&mut violations, "page_size", page_size(req.page_size));
-        let after = absorb(
-            &mut violations,
-            "page_token",
-            decode_page_token(&req.page_token),
-        );
+        let size = violations.absorb("page_size", page_size(req.page_size));
+        let after = violations.absorb("page_token", decode_page_token(&req.page_token));
         let query = violations.check("query", SearchQuery::parse(&req.query));
         let category = if req.category.is_empty() {
             Some(None)
@@ -145,7 +141,7 @@ fn parse_new_product(req: &pb::CreateProductRequest) -> Result<NewProduct> {
     let sku = violations.check("sku", Sku::parse(&req.sku));
     let name = violations.check("name", ProductName::parse(&req.name));
     let description = violations.check("description", Description::parse(&req.description));
-    let price = check_price(&mut violations, "price", req.price.as_ref());
+    let price = Money::check_positive(&mut violations, "price", req.price.as_ref());
     let categories = check_categories(&mut violations, "categories", &req.categories);
     violations.finish()?;
     match (sku, name, description, price, categories) {
@@ -208,7 +204,8 @@ fn parse_update(req: &pb::UpdateProductRequest) -> Result<(String, ProductChange
         );
     }
     if masked("price") {
-        changes.price = check_price(&mut violations, "product.price", product.price.as_ref());
+        changes.price =
+            Money::check_positive(&mut violations, "product.price", product.price.as_ref());
     }
     if masked("categories") {
         changes.categories =
@@ -242,27 +239,6 @@ fn decode_page_token(token: &str) -> Result<Option<Cursor>> {
     }
 }
 
-/// Records a price's violations under `field` (or `field.currency_code`,
-/// `field.amount_minor` when one part is wrong).
-fn check_price(
-    violations: &mut Violations,
-    field: &str,
-    money: Option<&agora_proto::common::v1::Money>,
-) -> Option<Money> {
-    match parse_price(money) {
-        Ok(price) => Some(price),
-        Err(parts) => {
-            for (part, reason) in parts {
-                match part {
-                    Some(part) => violations.add(format!("{field}.{part}"), reason),
-                    None => violations.add(field, reason),
-                }
-            }
-            None
-        }
-    }
-}
-
 /// Records category violations under `field` (too many) or `field[i]` (the
 /// bad entries).
 fn check_categories(
@@ -279,24 +255,6 @@ fn check_categories(
         Err(CategoriesError::Invalid(entries)) => {
             for (index, reason) in entries {
                 violations.add(format!("{field}[{index}]"), reason);
-            }
-            None
-        }
-    }
-}
-
-/// Moves the violations of a failed platform check (`page_size`,
-/// `Cursor::decode`) into `violations`, so all bad fields are reported at once.
-fn absorb<T>(violations: &mut Violations, field: &str, result: Result<T>) -> Option<T> {
-    match result {
-        Ok(value) => Some(value),
-        Err(err) if err.violations().is_empty() => {
-            violations.add(field, err.message());
-            None
-        }
-        Err(err) => {
-            for (field, description) in err.violations() {
-                violations.add(field.as_str(), description.as_str());
             }
             None
         }

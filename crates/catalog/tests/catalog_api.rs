@@ -1,6 +1,7 @@
 //! The catalog service over real gRPC on loopback, against a fresh database.
 //! Every test runs twice: on PostgreSQL and on SQLite.
 
+use agora_testkit::with_token;
 use std::collections::HashSet;
 
 use agora_catalog::domain::{PriceChange, ProductChanges, ProductName};
@@ -16,7 +17,7 @@ use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
 use futures::StreamExt as _;
 use prost_types::FieldMask;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 struct Harness {
@@ -37,13 +38,6 @@ async fn start(backend: Backend) -> anyhow::Result<Harness> {
         client,
         admin,
     })
-}
-
-fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {token}").parse().expect("token is ascii");
-    request.metadata_mut().insert("authorization", value);
-    request
 }
 
 fn eur(amount_minor: i64) -> Option<PbMoney> {

@@ -5,6 +5,7 @@ use agora_platform::config::Secret;
 use agora_platform::db::Db;
 use agora_proto::inventory::v1 as pb;
 use agora_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use agora_testkit::with_token;
 use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -34,13 +35,6 @@ async fn start(backend: Backend) -> anyhow::Result<Harness> {
         admin,
         service,
     })
-}
-
-fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {token}").parse().expect("token is ascii");
-    request.metadata_mut().insert("authorization", value);
-    request
 }
 
 fn new_product() -> String {

@@ -5,41 +5,20 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// A recipient address: trimmed, lower-cased (as the users service stores
-/// emails, so that a user's token email finds their notifications), and
-/// accepted both by our rules and by the mail library that will address it.
+/// A recipient address: a valid [`agora_platform::email::Email`] (trimmed
+/// and lower-cased, as the users service stores emails, so that a user's
+/// token email finds their notifications) that the mail library can also
+/// address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Email(String);
+pub struct Email(agora_platform::email::Email);
 
 impl Email {
-    /// Validates an address: one `@`, a non-empty local part of at most 64
-    /// characters, a dotted domain, no spaces, at most 254 characters.
+    /// Validates an address with the shared rules, then with the mail library's.
     pub fn parse(raw: &str) -> Result<Self, &'static str> {
-        let email = raw.trim().to_lowercase();
-        if email.is_empty() {
-            return Err("must not be empty");
-        }
-        if email.len() > 254 {
-            return Err("must be at most 254 characters");
-        }
-        if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err("must not contain spaces");
-        }
-        let Some((local, domain)) = email.split_once('@') else {
-            return Err("must look like name@example.com");
-        };
-        let domain_ok = domain.contains('.')
-            && !domain.contains('@')
-            && !domain.contains("..")
-            && domain
-                .split('.')
-                .all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'));
-        if local.is_empty() || local.len() > 64 || !domain_ok {
-            return Err("must look like name@example.com");
-        }
+        let email = agora_platform::email::Email::parse(raw)?;
         // Whatever we accept must also be addressable, or the send would fail
         // later with a less helpful reason.
-        if lettre::Address::from_str(&email).is_err() {
+        if lettre::Address::from_str(email.as_str()).is_err() {
             return Err("must look like name@example.com");
         }
         Ok(Self(email))
@@ -47,13 +26,13 @@ impl Email {
 
     /// The normalized address.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 }
 
 impl fmt::Display for Email {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -209,7 +188,7 @@ mod tests {
     #[test]
     fn emails_are_normalized_and_validated() {
         assert_eq!(
-            Email::parse("  Ada@Example.COM ").map(|e| e.0),
+            Email::parse("  Ada@Example.COM ").map(|e| e.as_str().to_owned()),
             Ok("ada@example.com".to_owned())
         );
         for bad in [

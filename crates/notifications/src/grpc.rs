@@ -48,12 +48,8 @@ impl<S: NotificationStore> NotificationService for NotificationApi<S> {
         }
         let req = request.into_inner();
         let mut violations = Violations::default();
-        let size = collect(&mut violations, "page_size", page_size(req.page_size));
-        let cursor = collect(
-            &mut violations,
-            "page_token",
-            Cursor::decode(&req.page_token),
-        );
+        let size = violations.absorb("page_size", page_size(req.page_size));
+        let cursor = violations.absorb("page_token", Cursor::decode(&req.page_token));
         let named = if req.recipient.trim().is_empty() {
             if caller.is_admin() {
                 // An admin's own address is rarely what they mean: make them say.
@@ -112,25 +108,6 @@ fn visible_recipient(caller: &Caller, named: Option<Email>) -> Result<Email> {
             "users may list only their own notifications",
         )),
         _ => Ok(own),
-    }
-}
-
-/// Moves the field violations of a platform parser's error into `violations`
-/// (an error without any becomes a violation of `field`), so that one answer
-/// names every bad field.
-fn collect<T>(violations: &mut Violations, field: &str, parsed: Result<T>) -> Option<T> {
-    match parsed {
-        Ok(value) => Some(value),
-        Err(err) if err.violations().is_empty() => {
-            violations.add(field, err.message());
-            None
-        }
-        Err(err) => {
-            for (field, description) in err.violations() {
-                violations.add(field.clone(), description.clone());
-            }
-            None
-        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! as aiosmtpd): an independent RFC 5322 / MIME parser, so "parseable" means
 //! parseable by someone else's code, not by ours.
 
+use agora_testkit::with_token;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use agora_testkit::{Backend, SmtpServer, TestEnv, TestServer, backend_tests};
 use anyhow::{Context as _, bail};
 use tokio::io::AsyncWriteExt as _;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 struct Harness {
@@ -84,13 +85,6 @@ fn order_completed(event_id: &str, recipient: &str, order_id: &str) -> Notificat
             },
         },
     }
-}
-
-fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {token}").parse().expect("token is ascii");
-    request.metadata_mut().insert("authorization", value);
-    request
 }
 
 fn list_request(recipient: &str, page_size: i32, page_token: &str) -> pb::ListNotificationsRequest {

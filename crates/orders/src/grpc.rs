@@ -66,23 +66,6 @@ fn not_found(id: &str) -> Error {
     Error::not_found(format_args!("order {id}"))
 }
 
-/// Moves the field violations of a failed parse into `violations`, so that
-/// one answer names every bad field.
-fn collect_violations<T>(violations: &mut Violations, parsed: Result<T>) -> Option<T> {
-    match parsed {
-        Ok(value) => Some(value),
-        Err(err) => {
-            for (field, description) in err.violations() {
-                violations.add(field.clone(), description.clone());
-            }
-            if err.violations().is_empty() {
-                violations.add("request", err.message().to_owned());
-            }
-            None
-        }
-    }
-}
-
 /// The response stream of `WatchOrder`.
 pub type WatchOrderStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchOrderResponse, Status>> + Send + 'static>>;
@@ -122,8 +105,8 @@ impl<S: OrderStore> OrderService for OrderApi<S> {
         let user_id = require_user(&caller)?;
         let req = request.get_ref();
         let mut violations = Violations::default();
-        let size = collect_violations(&mut violations, page_size(req.page_size));
-        let cursor = collect_violations(&mut violations, Cursor::decode(&req.page_token));
+        let size = violations.absorb("page_size", page_size(req.page_size));
+        let cursor = violations.absorb("page_token", Cursor::decode(&req.page_token));
         violations.finish()?;
         let (Some(size), Some(cursor)) = (size, cursor) else {
             return Err(Error::new(ErrorKind::Internal, "validation passed without values").into());

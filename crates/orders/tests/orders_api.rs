@@ -5,6 +5,7 @@
 //! uses (`agora_orders::build`), as the checkout saga will do, so watchers
 //! see those changes through the shared notifier.
 
+use agora_testkit::with_token;
 use std::time::Duration;
 
 use agora_orders::domain::{NewOrder, Order, OrderItem, OrderStatus};
@@ -57,13 +58,6 @@ fn shopper(env: &TestEnv, email: &str) -> anyhow::Result<Shopper> {
     let id = uuid::Uuid::now_v7().to_string();
     let token = env.user_token(&id, email, &[])?;
     Ok(Shopper { id, token })
-}
-
-fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {token}").parse().expect("token is ascii");
-    request.metadata_mut().insert("authorization", value);
-    request
 }
 
 fn eur(amount_minor: i64) -> Money {

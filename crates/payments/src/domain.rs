@@ -5,7 +5,6 @@
 use std::fmt;
 
 use agora_platform::money::Money;
-use agora_proto::common::v1 as common_pb;
 
 use sha2::{Digest as _, Sha256};
 
@@ -161,45 +160,6 @@ pub fn passes_luhn(digits: &str) -> bool {
         sum += digit;
     }
     !digits.is_empty() && sum.is_multiple_of(10)
-}
-
-/// One reason an amount is invalid: the sub-field it is about (`None` for
-/// the amount as a whole, when it is missing) and why.
-pub type AmountViolation = (Option<&'static str>, &'static str);
-
-/// Validates a charge amount with [`Money::parse_positive`] (the shared
-/// rule), and on failure says which of its fields are wrong so that a client
-/// can point at them (`amount.currency_code`, `amount.amount_minor`).
-pub fn parse_amount(money: Option<&common_pb::Money>) -> Result<Money, Vec<AmountViolation>> {
-    let Some(money) = money else {
-        return Err(vec![(None, "is required")]);
-    };
-    match Money::parse_positive(Some(money)) {
-        Ok(amount) => Ok(amount),
-        Err(whole) => {
-            // Check each part alone, paired with a known-good other part, so
-            // the rule itself stays in one place (the platform).
-            let mut violations = Vec::new();
-            let currency_alone = common_pb::Money {
-                currency_code: money.currency_code.clone(),
-                amount_minor: 1,
-            };
-            if let Err(reason) = Money::parse_positive(Some(&currency_alone)) {
-                violations.push((Some("currency_code"), reason));
-            }
-            let amount_alone = common_pb::Money {
-                currency_code: "EUR".to_owned(),
-                amount_minor: money.amount_minor,
-            };
-            if let Err(reason) = Money::parse_positive(Some(&amount_alone)) {
-                violations.push((Some("amount_minor"), reason));
-            }
-            if violations.is_empty() {
-                violations.push((None, whole));
-            }
-            Err(violations)
-        }
-    }
 }
 
 /// Where a payment is in its lifecycle.
@@ -426,30 +386,6 @@ mod tests {
         assert_ne!(visa.fingerprint(&p1), other.fingerprint(&p1));
         assert_ne!(visa.fingerprint(&p1), visa.fingerprint(&p2));
         assert_eq!(visa.fingerprint(&p1).len(), 64);
-    }
-
-    #[test]
-    fn amounts_name_their_bad_fields() {
-        let money = |code: &str, amount: i64| common_pb::Money {
-            currency_code: code.into(),
-            amount_minor: amount,
-        };
-        assert_eq!(parse_amount(None).map_err(|v| v[0].0), Err(None));
-        let fields = |m: common_pb::Money| {
-            parse_amount(Some(&m))
-                .err()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(field, _)| field)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            fields(money("eur", 0)),
-            [Some("currency_code"), Some("amount_minor")]
-        );
-        assert_eq!(fields(money("EUR", -1)), [Some("amount_minor")]);
-        assert_eq!(fields(money("EURO", 5)), [Some("currency_code")]);
-        assert!(parse_amount(Some(&money("EUR", 1))).is_ok());
     }
 
     #[test]

@@ -11,14 +11,13 @@ use std::sync::Arc;
 
 use agora_platform::auth::{Caller, TokenVerifier};
 use agora_platform::error::{Error, ErrorKind, Result, Violations};
+use agora_platform::money::Money;
 use agora_platform::time::micros_to_timestamp;
 use agora_proto::payments::v1 as pb;
 use agora_proto::payments::v1::payment_service_server::PaymentService;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{
-    CardNumber, ChargeAttempt, Payment, PaymentId, PaymentStatus, UserId, parse_amount,
-};
+use crate::domain::{CardNumber, ChargeAttempt, Payment, PaymentId, PaymentStatus, UserId};
 use crate::processor::CardProcessor;
 use crate::store::PaymentStore;
 
@@ -58,16 +57,7 @@ impl<S: PaymentStore> PaymentService for PaymentApi<S> {
         let mut violations = Violations::default();
         let payment_id = violations.check("payment_id", PaymentId::parse(&req.payment_id));
         let user_id = violations.check("user_id", UserId::parse(&req.user_id));
-        let amount = match parse_amount(req.amount.as_ref()) {
-            Ok(amount) => Some(amount),
-            Err(reasons) => {
-                for (part, reason) in reasons {
-                    let field = part.map_or_else(|| "amount".to_owned(), |p| format!("amount.{p}"));
-                    violations.add(field, reason);
-                }
-                None
-            }
-        };
+        let amount = Money::check_positive(&mut violations, "amount", req.amount.as_ref());
         let card = violations.check("card_number", CardNumber::parse(&req.card_number));
         violations.finish()?;
         let (Some(payment_id), Some(user_id), Some(amount), Some(card)) =

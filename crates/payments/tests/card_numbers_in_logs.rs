@@ -4,6 +4,7 @@
 //!
 //! A binary of its own, because it installs the process-wide subscriber.
 
+use agora_testkit::with_token;
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -12,7 +13,6 @@ use agora_proto::common::v1::Money;
 use agora_proto::payments::v1 as pb;
 use agora_proto::payments::v1::payment_service_client::PaymentServiceClient;
 use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
-use tonic::Request;
 use tracing_subscriber::fmt::MakeWriter;
 
 /// Everything logged by the process so far.
@@ -62,13 +62,6 @@ fn captured() -> &'static CapturedLogs {
         tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
         logs
     })
-}
-
-fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {token}").parse().expect("token is ascii");
-    request.metadata_mut().insert("authorization", value);
-    request
 }
 
 async fn no_card_number_is_logged(backend: Backend) -> anyhow::Result<()> {

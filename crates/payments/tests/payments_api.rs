@@ -8,10 +8,11 @@ use agora_platform::db::{Backend as DbBackend, Db};
 use agora_proto::common::v1::Money;
 use agora_proto::payments::v1 as pb;
 use agora_proto::payments::v1::payment_service_client::PaymentServiceClient;
+use agora_testkit::with_token;
 use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
 use sqlx::Row;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 struct Harness {
@@ -39,13 +40,6 @@ async fn start(backend: Backend) -> anyhow::Result<Harness> {
         server,
         client,
     })
-}
-
-fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {token}").parse().expect("token is ascii");
-    request.metadata_mut().insert("authorization", value);
-    request
 }
 
 fn eur(amount_minor: i64) -> Option<Money> {

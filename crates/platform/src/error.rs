@@ -228,6 +228,24 @@ impl Violations {
         }
     }
 
+    /// Takes a value from a check that reports platform [`Error`]s (such as
+    /// `pagination::page_size` or `Cursor::decode`): its field violations are
+    /// recorded here, or, when it has none, its message under `field`, so
+    /// that one answer names every bad field.
+    pub fn absorb<T>(&mut self, field: &str, checked: Result<T>) -> Option<T> {
+        match checked {
+            Ok(value) => Some(value),
+            Err(err) if err.violations.is_empty() => {
+                self.add(field, err.message);
+                None
+            }
+            Err(err) => {
+                self.0.extend(err.violations);
+                None
+            }
+        }
+    }
+
     /// Whether no violation was recorded.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -298,6 +316,31 @@ mod tests {
             .map(|v| v.field.as_str())
             .collect();
         assert_eq!(fields, ["email", "name"]);
+    }
+
+    #[test]
+    fn absorb_keeps_field_violations_and_names_bare_errors() {
+        let mut v = Violations::default();
+        assert_eq!(v.absorb("a", Ok::<_, Error>(1)), Some(1));
+        let nested = Error::invalid_field("page_token", "is not a token");
+        assert_eq!(v.absorb::<()>("ignored", Err(nested)), None);
+        let bare = Error::new(ErrorKind::InvalidArgument, "too big");
+        assert_eq!(v.absorb::<()>("size", Err(bare)), None);
+        let status = Status::from(v.finish().expect_err("two violations"));
+        let fields: Vec<_> = status
+            .get_details_bad_request()
+            .expect("details")
+            .field_violations
+            .into_iter()
+            .map(|v| (v.field, v.description))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("page_token".to_owned(), "is not a token".to_owned()),
+                ("size".to_owned(), "too big".to_owned())
+            ]
+        );
     }
 
     #[test]

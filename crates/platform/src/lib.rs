@@ -16,6 +16,7 @@
 //!   with per-backend migrations.
 //! - [`auth`]: EdDSA JWT issuing and verification, and the [`auth::Caller`] a
 //!   request was made by.
+//! - [`email`]: the one definition of a valid, normalized email address.
 //! - [`pagination`]: page sizes and opaque cursor page tokens for `List*` RPCs.
 //! - [`money`]: validated `agora.common.v1.Money` amounts.
 //! - [`shutdown`]: the process-wide stop signal (SIGTERM / SIGINT).
@@ -25,6 +26,7 @@
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod email;
 pub mod error;
 pub mod money;
 pub mod pagination;

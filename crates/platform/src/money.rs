@@ -2,6 +2,8 @@
 
 use agora_proto::common::v1 as pb;
 
+use crate::error::Violations;
+
 /// An amount in a currency's minor unit, with a validated ISO 4217 code.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Money {
@@ -16,15 +18,41 @@ impl Money {
     /// the reason, for a `BadRequest` field violation.
     pub fn parse_positive(money: Option<&pb::Money>) -> Result<Self, &'static str> {
         let money = money.ok_or("is required")?;
-        let code = money.currency_code.as_str();
-        if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err("currency_code must be three upper-case letters (ISO 4217), e.g. EUR");
-        }
+        currency_code(&money.currency_code)
+            .map_err(|_| "currency_code must be three upper-case letters (ISO 4217), e.g. EUR")?;
         if money.amount_minor <= 0 {
             return Err("amount_minor must be greater than 0");
         }
         Ok(Self {
-            currency_code: code.to_owned(),
+            currency_code: money.currency_code.clone(),
+            amount_minor: money.amount_minor,
+        })
+    }
+
+    /// Validates a strictly positive amount like [`Money::parse_positive`],
+    /// recording what is wrong in `violations` under `field` when the amount
+    /// is missing, or under `field.currency_code` / `field.amount_minor` so
+    /// that a client can point at the exact part.
+    pub fn check_positive(
+        violations: &mut Violations,
+        field: &str,
+        money: Option<&pb::Money>,
+    ) -> Option<Self> {
+        let Some(money) = money else {
+            violations.add(field, "is required");
+            return None;
+        };
+        let mut valid = true;
+        if let Err(reason) = currency_code(&money.currency_code) {
+            violations.add(format!("{field}.currency_code"), reason);
+            valid = false;
+        }
+        if money.amount_minor <= 0 {
+            violations.add(format!("{field}.amount_minor"), "must be greater than 0");
+            valid = false;
+        }
+        valid.then(|| Self {
+            currency_code: money.currency_code.clone(),
             amount_minor: money.amount_minor,
         })
     }
@@ -35,6 +63,15 @@ impl Money {
             currency_code: self.currency_code.clone(),
             amount_minor: self.amount_minor,
         }
+    }
+}
+
+/// Validates an ISO 4217 alphabetic code.
+fn currency_code(code: &str) -> Result<(), &'static str> {
+    if code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase()) {
+        Ok(())
+    } else {
+        Err("must be three upper-case letters (ISO 4217), e.g. EUR")
     }
 }
 
@@ -57,6 +94,41 @@ mod tests {
                 currency_code: "EUR".into(),
                 amount_minor: 1999
             })
+        );
+    }
+
+    #[test]
+    fn check_positive_names_the_wrong_part() {
+        let fields = |money: Option<&pb::Money>| {
+            let mut violations = Violations::default();
+            let parsed = Money::check_positive(&mut violations, "price", money);
+            let fields = violations
+                .finish()
+                .err()
+                .map(|err| {
+                    err.violations()
+                        .iter()
+                        .map(|(f, _)| f.clone())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            (parsed.is_some(), fields)
+        };
+        assert_eq!(fields(Some(&money("EUR", 5))), (true, vec![]));
+        assert_eq!(fields(None), (false, vec!["price".to_owned()]));
+        assert_eq!(
+            fields(Some(&money("eur", 0))),
+            (
+                false,
+                vec![
+                    "price.currency_code".to_owned(),
+                    "price.amount_minor".to_owned()
+                ]
+            )
+        );
+        assert_eq!(
+            fields(Some(&money("EUR", -1))),
+            (false, vec!["price.amount_minor".to_owned()])
         );
     }
 

@@ -5,6 +5,7 @@ use agora_platform::config::Secret;
 use agora_platform::db::Db;
 use agora_proto::users::v1 as pb;
 use agora_proto::users::v1::user_service_client::UserServiceClient;
+use agora_testkit::with_token;
 use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
 use agora_users::events::UserState;
 use agora_users::store::{SqlUserStore, UserStore};
@@ -27,13 +28,6 @@ async fn start(backend: Backend) -> anyhow::Result<Harness> {
         server,
         client,
     })
-}
-
-fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {token}").parse().expect("token is ascii");
-    request.metadata_mut().insert("authorization", value);
-    request
 }
 
 fn update_email(
