@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::domain::{Order, OrderItem, OrderStatus, parse_order_id};
 use crate::store::OrderStore;
 use crate::watch::{RECHECK_INTERVAL, watch_order};
+use tokio_util::sync::CancellationToken;
 
 /// The gRPC service.
 pub struct OrderApi<S> {
@@ -26,6 +27,8 @@ pub struct OrderApi<S> {
     verifier: TokenVerifier,
     /// How often each watch re-reads its order without a notice.
     recheck: Duration,
+    /// Cancelled when the server starts shutting down: open watches end.
+    drain: CancellationToken,
 }
 
 impl<S: OrderStore> OrderApi<S> {
@@ -37,7 +40,15 @@ impl<S: OrderStore> OrderApi<S> {
             store: Arc::new(store),
             verifier,
             recheck: RECHECK_INTERVAL,
+            drain: CancellationToken::new(),
         }
+    }
+
+    /// Ends every open watch with UNAVAILABLE once `drain` is cancelled (pass
+    /// the token also to `HostedService::with_drain_signal`).
+    pub fn with_drain_signal(mut self, drain: CancellationToken) -> Self {
+        self.drain = drain;
+        self
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
@@ -148,7 +159,13 @@ impl<S: OrderStore> OrderService for OrderApi<S> {
             .await?
             .filter(|order| caller.is_user(&order.user_id))
             .ok_or_else(|| not_found(&id))?;
-        let states = watch_order(Arc::clone(&self.store), order, notices, self.recheck);
+        let states = watch_order(
+            Arc::clone(&self.store),
+            order,
+            notices,
+            self.recheck,
+            self.drain.clone(),
+        );
         let responses = states.map(|state| {
             state
                 .map(|order| pb::WatchOrderResponse {

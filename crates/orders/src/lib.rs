@@ -48,8 +48,13 @@ pub async fn build(config: &Config) -> anyhow::Result<(HostedService, store::Sql
     let db = Db::connect_and_migrate(&config.database_url("orders"), MIGRATIONS).await?;
     let verifier = TokenVerifier::from_config(&config.auth)?;
     let store = store::SqlOrderStore::new(db.clone());
-    let api = grpc::OrderApi::new(store.clone(), verifier);
-    let hosted = HostedService::new(SERVICE_NAME, OrderServiceServer::new(api)).with_check(db);
+    // Open WatchOrder streams end when the server begins to shut down,
+    // rather than holding its drain until the timeout.
+    let drain = tokio_util::sync::CancellationToken::new();
+    let api = grpc::OrderApi::new(store.clone(), verifier).with_drain_signal(drain.clone());
+    let hosted = HostedService::new(SERVICE_NAME, OrderServiceServer::new(api))
+        .with_check(db)
+        .with_drain_signal(drain);
     Ok((hosted, store))
 }
 

@@ -20,6 +20,7 @@ use agora_platform::error::{Error, ErrorKind, Result};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::Order;
 use crate::store::OrderStore;
@@ -36,14 +37,29 @@ const WATCH_BUFFER: usize = 4;
 /// subscribed, so no change in between is missed) and returns the stream of
 /// its states: `initial` first, then each change, ending after a terminal
 /// status.
+/// When `drain` is cancelled (the server is shutting down) the stream ends
+/// with UNAVAILABLE, so the client knows to watch again elsewhere.
 pub fn watch_order<S: OrderStore>(
     store: Arc<S>,
     initial: Order,
     notices: broadcast::Receiver<Arc<str>>,
     recheck: Duration,
+    drain: CancellationToken,
 ) -> ReceiverStream<Result<Order>> {
     let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
-    tokio::spawn(forward_changes(store, initial, notices, recheck, sender));
+    tokio::spawn(async move {
+        tokio::select! {
+            () = forward_changes(store, initial, notices, recheck, sender.clone()) => {}
+            () = drain.cancelled() => {
+                let shutting_down = Error::new(
+                    ErrorKind::Unavailable,
+                    "the server is shutting down: watch the order again",
+                );
+                // A client that stopped reading gets nothing: don't wait for it.
+                let _ = sender.try_send(Err(shutting_down));
+            }
+        }
+    });
     ReceiverStream::new(receiver)
 }
 
@@ -163,7 +179,13 @@ mod tests {
         let store = Arc::new(store(&dir, OrderChanges::new()).await);
         let order = pending(&store).await;
         let notices = store.changes().subscribe();
-        let mut states = watch_order(Arc::clone(&store), order.clone(), notices, NO_RECHECK);
+        let mut states = watch_order(
+            Arc::clone(&store),
+            order.clone(),
+            notices,
+            NO_RECHECK,
+            CancellationToken::new(),
+        );
         assert_eq!(next(&mut states).await, Some(order.clone()));
         let done = store
             .transition(&order.id, OrderStatus::Completed, "")
@@ -187,7 +209,13 @@ mod tests {
         for _ in 0..5 {
             store.changes().notify("another order");
         }
-        let mut states = watch_order(Arc::clone(&store), order.clone(), notices, NO_RECHECK);
+        let mut states = watch_order(
+            Arc::clone(&store),
+            order.clone(),
+            notices,
+            NO_RECHECK,
+            CancellationToken::new(),
+        );
         assert_eq!(next(&mut states).await, Some(order));
         assert_eq!(next(&mut states).await, Some(done));
         assert_eq!(next(&mut states).await, None);
@@ -200,7 +228,13 @@ mod tests {
         let watched = pending(&store).await;
         let other = pending(&store).await;
         let notices = store.changes().subscribe();
-        let mut states = watch_order(Arc::clone(&store), watched.clone(), notices, NO_RECHECK);
+        let mut states = watch_order(
+            Arc::clone(&store),
+            watched.clone(),
+            notices,
+            NO_RECHECK,
+            CancellationToken::new(),
+        );
         assert_eq!(next(&mut states).await, Some(watched.clone()));
         store
             .transition(&other.id, OrderStatus::Completed, "")

@@ -610,6 +610,31 @@ async fn watch_task_ends_when_the_client_goes_away(backend: Backend) -> anyhow::
     h.server.stop().await
 }
 
+/// Shutting the server down ends open watches with UNAVAILABLE (so clients
+/// watch again elsewhere) instead of holding the drain until its timeout.
+async fn open_watches_end_when_the_server_shuts_down(backend: Backend) -> anyhow::Result<()> {
+    let mut h = start(backend).await?;
+    let ada = shopper(&h.env, "ada@example.com")?;
+    let order = place(&h.store, &ada.id).await?;
+    let mut stream = h
+        .client
+        .watch_order(watch(&order.id, &ada.token))
+        .await?
+        .into_inner();
+    next_state(&mut stream).await?;
+    // Well below the server's 30 s drain timeout: only a watch that ends on
+    // the drain signal lets shutdown finish in time.
+    tokio::time::timeout(Duration::from_secs(10), h.server.stop())
+        .await
+        .context("shutdown waited for the open watch")??;
+    let status = stream
+        .message()
+        .await
+        .expect_err("the watch ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    Ok(())
+}
+
 async fn checkout_and_cancel_are_unimplemented(backend: Backend) -> anyhow::Result<()> {
     let mut h = start(backend).await?;
     let ada = shopper(&h.env, "ada@example.com")?;
@@ -801,6 +826,7 @@ backend_tests!(
     slow_readers_never_block_writers,
     watch_sees_changes_made_by_another_replica,
     watch_task_ends_when_the_client_goes_away,
+    open_watches_end_when_the_server_shuts_down,
     checkout_and_cancel_are_unimplemented,
     access_rules_per_caller,
     invalid_input_names_every_bad_field,

@@ -62,6 +62,7 @@ pub struct HostedService {
     name: &'static str,
     register: Box<dyn FnOnce(&mut RoutesBuilder) + Send>,
     checks: Vec<Arc<dyn HealthCheck>>,
+    drain: Vec<CancellationToken>,
 }
 
 impl HostedService {
@@ -86,7 +87,16 @@ impl HostedService {
                 routes.add_service(service);
             }),
             checks: Vec::new(),
+            drain: Vec::new(),
         }
+    }
+
+    /// A token the server cancels as soon as it starts shutting down, so that
+    /// long-lived calls (server streams) can end on their own instead of
+    /// holding the drain until its timeout.
+    pub fn with_drain_signal(mut self, drain: CancellationToken) -> Self {
+        self.drain.push(drain);
+        self
     }
 
     /// Adds a dependency: while it fails, the service reports NOT_SERVING.
@@ -154,9 +164,11 @@ impl Server {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let mut names: Vec<&'static str> = Vec::new();
         let mut monitored = Vec::new();
+        let mut drain = Vec::new();
         let mut routes = RoutesBuilder::default();
         for service in self.services {
             names.push(service.name);
+            drain.extend(service.drain);
             (service.register)(&mut routes);
             // Unknown until the first check has run.
             health_reporter
@@ -203,6 +215,7 @@ impl Server {
                 interval: self.health_interval,
             },
             drain_timeout: self.drain_timeout,
+            drain,
         })
     }
 }
@@ -214,6 +227,8 @@ pub struct Application {
     routes: Routes,
     health: HealthMonitor,
     drain_timeout: Duration,
+    /// The hosted services' drain signals, cancelled when shutdown begins.
+    drain: Vec<CancellationToken>,
 }
 
 impl Application {
@@ -232,8 +247,14 @@ impl Application {
             routes,
             health,
             drain_timeout,
+            drain,
         } = self;
         let health_task = tokio::spawn(health.run(shutdown.clone()));
+        let draining = shutdown.clone();
+        let drain_task = tokio::spawn(async move {
+            draining.cancelled().await;
+            drain.iter().for_each(CancellationToken::cancel);
+        });
 
         // TCP_NODELAY: small gRPC frames must not wait for Nagle's algorithm.
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -255,6 +276,7 @@ impl Application {
             }
         };
         health_task.abort();
+        drain_task.abort();
         tracing::info!(addr = %local_addr, "server stopped");
         result
     }
