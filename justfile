@@ -43,6 +43,10 @@ lint: tools
     cargo fmt --all --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# Measure RPC latency on PostgreSQL and SQLite side by side (release build); see BENCHMARKS.md.
+bench: tools
+    cargo bench -p agora --bench rpc --locked
+
 # Format the Rust code.
 fmt:
     cargo fmt --all
