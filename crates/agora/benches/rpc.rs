@@ -4,6 +4,8 @@
 //!
 //! `just bench` runs it (release build) and prints a Markdown table for
 //! BENCHMARKS.md. `AGORA_BENCH_ITERATIONS` sets the calls per operation.
+//! Under `cargo test` (no `--bench` argument) it runs as a quick smoke test
+//! with a handful of calls, so the benchmark cannot rot unnoticed.
 
 use std::time::{Duration, Instant};
 
@@ -49,7 +51,7 @@ where
 
 type Results = Vec<(&'static str, Samples)>;
 
-async fn run(backend: Backend, iterations: usize) -> anyhow::Result<Results> {
+async fn run(backend: Backend, iterations: usize, products: i64) -> anyhow::Result<Results> {
     let env = TestEnv::per_service(backend).await?;
     let server = TestServer::start(vec![
         agora_users::hosted(&env.config).await?,
@@ -77,7 +79,7 @@ async fn run(backend: Backend, iterations: usize) -> anyhow::Result<Results> {
 
     let mut catalog_client = CatalogServiceClient::new(channel.clone());
     let mut product_ids = Vec::new();
-    for n in 0..500 {
+    for n in 0..products {
         let request = catalog::CreateProductRequest {
             sku: format!("BENCH-{n:04}"),
             name: format!("Bench product {n}"),
@@ -139,7 +141,7 @@ async fn run(backend: Backend, iterations: usize) -> anyhow::Result<Results> {
         .await?,
     ));
     results.push((
-        "catalog.ListProducts (50 of 500)",
+        "catalog.ListProducts (page of 50)",
         measure(iterations, |_| {
             let mut client = catalog_client.clone();
             async move {
@@ -212,14 +214,20 @@ async fn run(backend: Backend, iterations: usize) -> anyhow::Result<Results> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let iterations: usize = std::env::var("AGORA_BENCH_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(500);
+    let benchmarking = std::env::args().any(|arg| arg == "--bench");
+    let (iterations, products) = if benchmarking {
+        let iterations = std::env::var("AGORA_BENCH_ITERATIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(500);
+        (iterations, 500)
+    } else {
+        (5, 60)
+    };
     eprintln!("measuring {iterations} calls per operation on PostgreSQL, then SQLite ...");
     let started = Instant::now();
-    let postgres = run(Backend::Postgres, iterations).await?;
-    let sqlite = run(Backend::Sqlite, iterations).await?;
+    let postgres = run(Backend::Postgres, iterations, products).await?;
+    let sqlite = run(Backend::Sqlite, iterations, products).await?;
     println!("| operation | PostgreSQL p50 | p99 | SQLite p50 | p99 | PostgreSQL/SQLite (p50) |");
     println!("|---|---:|---:|---:|---:|---:|");
     for ((name, pg), (_, lite)) in postgres.iter().zip(&sqlite) {
