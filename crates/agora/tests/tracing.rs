@@ -33,6 +33,12 @@ async fn rpc_spans_are_exported_as_children_of_the_callers_span() -> anyhow::Res
         format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01").parse()?,
     );
     client.create_user(request).await?;
+    let invalid = pb::CreateUserRequest {
+        email: "not-an-email".into(),
+        ..Default::default()
+    };
+    let status = client.create_user(invalid).await.expect_err("invalid");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
 
     // Spans are batched; SIGTERM flushes them on the way out.
     let exit = tokio::task::spawn_blocking(move || users.terminate()).await??;

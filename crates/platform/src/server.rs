@@ -373,8 +373,9 @@ where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
+    RB: http_body::Body + Unpin,
 {
-    type Response = S::Response;
+    type Response = http::Response<TracedBody<RB>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -400,38 +401,112 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let started = Instant::now();
+        let call_span = span.clone();
         Box::pin(
             async move {
-                let result = inner.call(request).await;
-                if let Ok(response) = &result {
-                    // Errors are sent as trailers-only responses, so their
-                    // grpc-status is in the headers; successful calls put it in
-                    // trailers, which we do not wait for here.
-                    let code = response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i32>().ok())
-                        .unwrap_or(0);
-                    let span = tracing::Span::current();
-                    span.record("rpc.grpc.status_code", code);
-                    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-                    match tonic::Code::from_i32(code) {
-                        tonic::Code::Ok => {
-                            tracing::debug!(elapsed_ms, "rpc finished");
-                        }
-                        code if is_server_fault(code) => {
-                            span.record("otel.status_code", "ERROR");
-                            tracing::warn!(?code, elapsed_ms, "rpc failed");
-                        }
-                        code => tracing::info!(?code, elapsed_ms, "rpc rejected"),
-                    }
+                let response = inner.call(request).await?;
+                let mut body = TracedBody {
+                    inner: None,
+                    span: call_span,
+                    started,
+                    finished: false,
+                };
+                // An error is sent as a trailers-only response: its status is
+                // in the headers and the call is over. Otherwise the status
+                // arrives in the trailers, at the end of the body.
+                let (parts, inner_body) = response.into_parts();
+                if let Some(code) = grpc_status(&parts.headers) {
+                    body.finish(code);
                 }
-                result
+                body.inner = Some(inner_body);
+                Ok(http::Response::from_parts(parts, body))
             }
             .instrument(span),
         )
     }
+}
+
+/// A response body that records the call's gRPC status on its span when the
+/// trailers pass (or when the client goes away first).
+pub struct TracedBody<B> {
+    inner: Option<B>,
+    span: tracing::Span,
+    started: Instant,
+    finished: bool,
+}
+
+impl<B> TracedBody<B> {
+    fn finish(&mut self, code: i32) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let _entered = self.span.enter();
+        self.span.record("rpc.grpc.status_code", code);
+        let elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        match tonic::Code::from_i32(code) {
+            tonic::Code::Ok => tracing::debug!(elapsed_ms, "rpc finished"),
+            code if is_server_fault(code) => {
+                self.span.record("otel.status_code", "ERROR");
+                tracing::warn!(?code, elapsed_ms, "rpc failed");
+            }
+            code => tracing::info!(?code, elapsed_ms, "rpc rejected"),
+        }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for TracedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    this.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish(tonic::Code::Internal as i32),
+            // A body that ends without trailers carried its status in the headers.
+            Poll::Ready(None) => this.finish(tonic::Code::Ok as i32),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner
+            .as_ref()
+            .map(http_body::Body::size_hint)
+            .unwrap_or_default()
+    }
+}
+
+impl<B> Drop for TracedBody<B> {
+    fn drop(&mut self) {
+        // Dropped before the trailers: the client cancelled or went away.
+        self.finish(tonic::Code::Cancelled as i32);
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Codes that mean the server, not the caller, is at fault (OTel semantic
