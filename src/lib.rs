@@ -6,10 +6,13 @@
 //! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor of the whole contract, for
 //! gRPC server reflection and for routing by method path.
 //!
-//! This crate holds generated code and nothing else: no workspace crate is a
-//! dependency of it.
+//! This crate holds generated code and nothing else (besides the redacting
+//! `Debug` of the few messages that carry secrets, which must live next to
+//! the types): no workspace crate is a dependency of it.
 
 #![allow(missing_docs, clippy::all)]
+
+mod redact;
 
 /// The encoded `google.protobuf.FileDescriptorSet` of every file under `proto/`.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

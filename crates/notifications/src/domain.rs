@@ -6,9 +6,12 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A recipient address: a valid [`agora_platform::email::Email`] (trimmed
-/// and lower-cased, as the users service stores emails, so that a user's
-/// token email finds their notifications) that the mail library can also
+/// and lower-cased, as the users service stores emails, so that one address
+/// is one recipient whatever its spelling) that the mail library can also
 /// address.
+///
+/// An address says where an email went, not whose it is: addresses are not
+/// verified and can change hands, so ownership is the [`UserId`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Email(agora_platform::email::Email);
 
@@ -33,6 +36,34 @@ impl Email {
 impl fmt::Display for Email {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The id of the user a notification belongs to: a UUID (not nil) in its
+/// canonical lower-case hyphenated form, so that it compares equal to the
+/// `sub` of the user's access tokens. Unlike the address, it never changes
+/// hands.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UserId(String);
+
+impl UserId {
+    /// Validates a user id (any UUID spelling except the nil UUID).
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        match uuid::Uuid::parse_str(raw.trim()) {
+            Ok(id) if !id.is_nil() => Ok(Self(id.to_string())),
+            _ => Err("must be a user id (UUID)"),
+        }
+    }
+
+    /// The canonical id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -157,7 +188,10 @@ impl NotificationStatus {
 pub struct Notification {
     /// UUIDv7; also the `.eml` file name and the `Message-ID` local part.
     pub id: String,
-    /// The normalized recipient address.
+    /// The canonical id of the user it belongs to (see [`UserId`]): whose
+    /// list it shows up in.
+    pub user_id: String,
+    /// The normalized address it was sent to.
     pub recipient: String,
     /// The subject line.
     pub subject: String,
@@ -207,6 +241,23 @@ mod tests {
         }
         assert!(Email::parse(&format!("{}@x.io", "a".repeat(65))).is_err());
         assert!(Email::parse(&format!("a@{}.io", "x".repeat(300))).is_err());
+    }
+
+    #[test]
+    fn user_ids_are_canonical_non_nil_uuids() {
+        let id = "0190A5C4-7B3E-7C00-8000-00000000002A";
+        assert_eq!(
+            UserId::parse(&format!(" {id} ")).map(|u| u.as_str().to_owned()),
+            Ok(id.to_lowercase())
+        );
+        for bad in [
+            "",
+            "u-ada",
+            "00000000-0000-0000-0000-000000000000",
+            "0190a5c4-7b3e-7c00-8000-00000000002a\u{0}",
+        ] {
+            assert!(UserId::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
     }
 
     #[test]

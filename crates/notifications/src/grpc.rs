@@ -33,6 +33,20 @@ impl<S: NotificationStore> NotificationApi<S> {
 
 #[tonic::async_trait]
 impl<S: NotificationStore> NotificationService for NotificationApi<S> {
+    /// Lists notifications, newest first, in pages.
+    ///
+    /// Whose notifications a caller sees:
+    /// - A user: their own, meaning those whose owner is the user id of their
+    ///   token (its `sub`). The email in the token plays no part (it may be
+    ///   missing): addresses are not verified and can change hands, so an
+    ///   address that once was someone else's shows nothing of theirs. A
+    ///   `recipient`, if given, keeps only those of the user's own
+    ///   notifications that were sent to that address. It can only narrow the
+    ///   list: an address that is not theirs gives an empty list, not
+    ///   PERMISSION_DENIED.
+    /// - An admin: every notification sent to `recipient`, whoever it
+    ///   belongs to. `recipient` is required (INVALID_ARGUMENT otherwise).
+    /// - A service: PERMISSION_DENIED. No token: UNAUTHENTICATED.
     async fn list_notifications(
         &self,
         request: Request<pb::ListNotificationsRequest>,
@@ -66,12 +80,25 @@ impl<S: NotificationStore> NotificationService for NotificationApi<S> {
         let (Some(size), Some(cursor)) = (size, cursor) else {
             return Err(Error::new(ErrorKind::Internal, "validation passed without values").into());
         };
-        let recipient = visible_recipient(&caller, named)?;
 
-        let rows = self
-            .store
-            .list_for_recipient(recipient.as_str(), cursor.as_ref(), size.saturating_add(1))
-            .await?;
+        let limit = size.saturating_add(1);
+        let rows = match visible_scope(&caller, named)? {
+            Scope::Own { user_id, recipient } => {
+                self.store
+                    .list_for_user(
+                        user_id,
+                        recipient.as_ref().map(Email::as_str),
+                        cursor.as_ref(),
+                        limit,
+                    )
+                    .await?
+            }
+            Scope::Recipient(recipient) => {
+                self.store
+                    .list_for_recipient(recipient.as_str(), cursor.as_ref(), limit)
+                    .await?
+            }
+        };
         let (page, next_page_token) = next_page(rows, size, |n| Cursor {
             key: n.created_at,
             id: n.id.clone(),
@@ -83,32 +110,39 @@ impl<S: NotificationStore> NotificationService for NotificationApi<S> {
     }
 }
 
-/// Whose notifications `caller` gets for the (validated) `named` recipient:
-/// admins anyone's they name; users their own, which is also what an empty
-/// recipient means for them.
-fn visible_recipient(caller: &Caller, named: Option<Email>) -> Result<Email> {
+/// Which notifications a `ListNotifications` caller gets.
+#[derive(Debug, PartialEq, Eq)]
+enum Scope<'a> {
+    /// A user's own (owned by `user_id`, the token's subject), only those
+    /// sent to `recipient` if one was named.
+    Own {
+        user_id: &'a str,
+        recipient: Option<Email>,
+    },
+    /// Everything sent to one address, whoever owns it (admins only).
+    Recipient(Email),
+}
+
+/// Whose notifications `caller` (authenticated, not a service) gets for the
+/// validated `named` recipient: admins anyone's at the address they name;
+/// users their own, by user id, narrowed to `named` when given. The token's
+/// email is never consulted: it does not prove ownership of anything.
+fn visible_scope(caller: &Caller, named: Option<Email>) -> Result<Scope<'_>> {
     if caller.is_admin() {
-        return named.ok_or_else(|| Error::invalid_field("recipient", "must not be empty"));
+        return named
+            .map(Scope::Recipient)
+            .ok_or_else(|| Error::invalid_field("recipient", "must not be empty"));
     }
-    let own = match caller {
-        Caller::User {
-            email: Some(email), ..
-        } => Email::parse(email).ok(),
-        _ => None,
-    };
-    let Some(own) = own else {
-        return Err(Error::new(
+    let user_id = caller.user_id().ok_or_else(|| {
+        Error::new(
             ErrorKind::PermissionDenied,
-            "the access token carries no email address to list notifications for",
-        ));
-    };
-    match named {
-        Some(named) if named != own => Err(Error::new(
-            ErrorKind::PermissionDenied,
-            "users may list only their own notifications",
-        )),
-        _ => Ok(own),
-    }
+            "notifications are listed by users and admins only",
+        )
+    })?;
+    Ok(Scope::Own {
+        user_id,
+        recipient: named,
+    })
 }
 
 fn status_to_proto(status: NotificationStatus) -> pb::NotificationStatus {
@@ -133,5 +167,68 @@ pub fn to_proto(notification: &Notification) -> pb::Notification {
         source_event_type: notification.source_event_type.clone(),
         source_event_id: notification.source_event_id.clone(),
         created_at: Some(micros_to_timestamp(notification.created_at)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(id: &str, email: Option<&str>, roles: &[&str]) -> Caller {
+        Caller::User {
+            id: id.to_owned(),
+            email: email.map(str::to_owned),
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        }
+    }
+
+    fn email(raw: &str) -> Email {
+        Email::parse(raw).expect("valid email")
+    }
+
+    #[test]
+    fn users_get_their_own_by_id_whatever_their_token_email() {
+        for token_email in [None, Some("ada@example.com"), Some("not an email")] {
+            let ada = user("u-ada", token_email, &[]);
+            assert_eq!(
+                visible_scope(&ada, None).ok(),
+                Some(Scope::Own {
+                    user_id: "u-ada",
+                    recipient: None
+                })
+            );
+            // Naming any address narrows their own list, never widens it.
+            assert_eq!(
+                visible_scope(&ada, Some(email("grace@example.com"))).ok(),
+                Some(Scope::Own {
+                    user_id: "u-ada",
+                    recipient: Some(email("grace@example.com"))
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn admins_list_by_the_recipient_they_name() {
+        let admin = user("u-admin", Some("admin@example.com"), &["admin"]);
+        assert_eq!(
+            visible_scope(&admin, Some(email("ada@example.com"))).ok(),
+            Some(Scope::Recipient(email("ada@example.com")))
+        );
+        let err = visible_scope(&admin, None).expect_err("no recipient");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn services_and_anonymous_callers_have_no_scope() {
+        for caller in [
+            Caller::Anonymous,
+            Caller::Service {
+                name: "orders".into(),
+            },
+        ] {
+            let err = visible_scope(&caller, None).expect_err("not a user");
+            assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+        }
     }
 }

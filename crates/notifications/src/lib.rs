@@ -8,8 +8,8 @@
 //! database.
 //!
 //! # Layout
-//! - [`domain`]: validated values (`Email`, event ids and types) and the
-//!   stored [`domain::Notification`].
+//! - [`domain`]: validated values (`Email`, `UserId`, event ids and types)
+//!   and the stored [`domain::Notification`], owned by a user id.
 //! - [`templates`]: the welcome, order completed and order cancelled emails,
 //!   plain text plus an HTML alternative with every user value escaped.
 //! - [`mailer`]: the [`mailer::Mailer`] trait, SMTP (lettre) and `.eml` file
@@ -19,7 +19,8 @@
 //! - [`notifier`]: [`Notifier`], the library entry point: validate, render,
 //!   claim, send, record.
 //! - [`grpc`]: the `agora.notifications.v1.NotificationService` adapter:
-//!   validation, authorization, mapping to protobuf.
+//!   validation, authorization (users list their own notifications by user
+//!   id, never by the unverified email in their token), mapping to protobuf.
 
 #![forbid(unsafe_code)]
 

@@ -15,7 +15,7 @@ use agora_proto::orders::v1 as orders;
 use agora_proto::users::v1 as users;
 use lettre::message::Mailbox;
 
-use crate::domain::{Email, Notification, SourceEventId, SourceEventType};
+use crate::domain::{Email, Notification, SourceEventId, SourceEventType, UserId};
 use crate::mailer::{Mailer, compose_message};
 use crate::store::{Claim, NewNotification, NotificationStore, SqlNotificationStore};
 use crate::templates::{Template, TemplateData};
@@ -34,7 +34,11 @@ pub struct NotificationRequest {
     pub source_event_type: String,
     /// The `ce-id` of the event: the idempotency key.
     pub source_event_id: String,
-    /// The address to send to.
+    /// The id (UUID) of the user the notification belongs to: the only
+    /// thing that decides whose `ListNotifications` shows it.
+    pub user_id: String,
+    /// The address to send to. It decides where the email goes, not who
+    /// may read it afterwards (an address can change hands).
     pub recipient: String,
     /// Which email, with its data.
     pub template: TemplateData,
@@ -50,6 +54,7 @@ impl NotificationRequest {
         Self {
             source_event_type: source_event_type.into(),
             source_event_id: source_event_id.into(),
+            user_id: event.user_id.clone(),
             recipient: event.email.clone(),
             template: TemplateData::Welcome {
                 name: event.name.clone(),
@@ -67,6 +72,7 @@ impl NotificationRequest {
         Self {
             source_event_type: source_event_type.into(),
             source_event_id: source_event_id.into(),
+            user_id: event.user_id.clone(),
             recipient: event.user_email.clone(),
             template: TemplateData::OrderCompleted {
                 order_id: event.order_id.clone(),
@@ -85,6 +91,7 @@ impl NotificationRequest {
         Self {
             source_event_type: source_event_type.into(),
             source_event_id: source_event_id.into(),
+            user_id: event.user_id.clone(),
             recipient: event.user_email.clone(),
             template: TemplateData::OrderCancelled {
                 order_id: event.order_id.clone(),
@@ -134,7 +141,7 @@ impl<S: NotificationStore> Notifier<S> {
     /// Sends the email `request` asks for, once per `source_event_id`, and
     /// returns the stored notification.
     ///
-    /// - INVALID_ARGUMENT naming every bad field (`recipient`,
+    /// - INVALID_ARGUMENT naming every bad field (`user_id`, `recipient`,
     ///   `source_event_id`, `source_event_type`, `template.*`): nothing is
     ///   stored or sent; redelivering will not help.
     /// - A notification with status FAILED: delivery failed and the reason is
@@ -151,11 +158,12 @@ impl<S: NotificationStore> Notifier<S> {
             "source_event_id",
             SourceEventId::parse(&request.source_event_id),
         );
+        let user_id = violations.check("user_id", UserId::parse(&request.user_id));
         let recipient = violations.check("recipient", Email::parse(&request.recipient));
         let template = Template::parse(&request.template, &mut violations);
         violations.finish()?;
-        let (Some(event_type), Some(event_id), Some(recipient), Some(template)) =
-            (event_type, event_id, recipient, template)
+        let (Some(event_type), Some(event_id), Some(user_id), Some(recipient), Some(template)) =
+            (event_type, event_id, user_id, recipient, template)
         else {
             return Err(Error::new(
                 ErrorKind::Internal,
@@ -166,6 +174,7 @@ impl<S: NotificationStore> Notifier<S> {
         let email = template.render(&recipient);
         let new = NewNotification {
             id: uuid::Uuid::now_v7().to_string(),
+            user_id: user_id.as_str().to_owned(),
             recipient: recipient.as_str().to_owned(),
             subject: email.subject.clone(),
             body_text: email.text.clone(),

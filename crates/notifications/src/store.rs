@@ -24,6 +24,8 @@ use crate::domain::{Notification, NotificationStatus};
 pub struct NewNotification {
     /// A fresh UUIDv7; kept only if this is the first claim for the event.
     pub id: String,
+    /// The canonical id of the user it belongs to.
+    pub user_id: String,
     /// The normalized recipient address.
     pub recipient: String,
     /// The subject line.
@@ -78,8 +80,22 @@ pub trait NotificationStore: Send + Sync + 'static {
         source_event_id: &str,
     ) -> impl Future<Output = Result<Option<Notification>>> + Send;
 
-    /// Notifications to `recipient`, newest first (`created_at`, then `id`,
-    /// descending), starting after `after`, at most `limit`.
+    /// Notifications belonging to user `user_id`, newest first
+    /// (`created_at`, then `id`, descending), starting after `after`, at most
+    /// `limit`. With `recipient`, only those of them sent to that address:
+    /// the filter narrows the user's own list and never reaches anyone
+    /// else's rows.
+    fn list_for_user(
+        &self,
+        user_id: &str,
+        recipient: Option<&str>,
+        after: Option<&Cursor>,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<Notification>>> + Send;
+
+    /// Notifications sent to `recipient`, whoever they belong to (for
+    /// admins), newest first (`created_at`, then `id`, descending), starting
+    /// after `after`, at most `limit`.
     fn list_for_recipient(
         &self,
         recipient: &str,
@@ -104,7 +120,7 @@ impl SqlNotificationStore {
 macro_rules! select_notification {
     ($rest:literal) => {
         concat!(
-            "SELECT id, recipient, subject, body_text, status, failure_reason, \
+            "SELECT id, user_id, recipient, subject, body_text, status, failure_reason, \
              source_event_type, source_event_id, attempts, created_at, updated_at \
              FROM notifications ",
             $rest
@@ -121,12 +137,13 @@ impl NotificationStore for SqlNotificationStore {
         // a concurrent inserter of the same event waits for ours and then
         // inserts nothing.
         let inserted = sqlx::query(
-            "INSERT INTO notifications (id, recipient, subject, body_text, status, \
+            "INSERT INTO notifications (id, user_id, recipient, subject, body_text, status, \
              failure_reason, source_event_type, source_event_id, attempts, created_at, \
-             updated_at) VALUES ($1, $2, $3, $4, $5, '', $6, $7, 1, $8, $8) \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6, '', $7, $8, 1, $9, $9) \
              ON CONFLICT (source_event_id) DO NOTHING",
         )
         .bind(&new.id)
+        .bind(&new.user_id)
         .bind(&new.recipient)
         .bind(&new.subject)
         .bind(&new.body_text)
@@ -140,6 +157,7 @@ impl NotificationStore for SqlNotificationStore {
             tx.commit().await?;
             return Ok(Claim::Claimed(Notification {
                 id: new.id.clone(),
+                user_id: new.user_id.clone(),
                 recipient: new.recipient.clone(),
                 subject: new.subject.clone(),
                 body_text: new.body_text.clone(),
@@ -155,12 +173,13 @@ impl NotificationStore for SqlNotificationStore {
         // The row exists. Taking it over is one conditional UPDATE, so of
         // several racing senders exactly one sees a row affected.
         let taken_over = sqlx::query(
-            "UPDATE notifications SET status = $1, failure_reason = '', recipient = $2, \
-             subject = $3, body_text = $4, attempts = attempts + 1, updated_at = $5 \
-             WHERE source_event_id = $6 \
-             AND (status = $7 OR (status = $1 AND updated_at < $8))",
+            "UPDATE notifications SET status = $1, failure_reason = '', user_id = $2, \
+             recipient = $3, subject = $4, body_text = $5, attempts = attempts + 1, \
+             updated_at = $6 WHERE source_event_id = $7 \
+             AND (status = $8 OR (status = $1 AND updated_at < $9))",
         )
         .bind(NotificationStatus::Sending.as_str())
+        .bind(&new.user_id)
         .bind(&new.recipient)
         .bind(&new.subject)
         .bind(&new.body_text)
@@ -239,6 +258,46 @@ impl NotificationStore for SqlNotificationStore {
             .transpose()
     }
 
+    async fn list_for_user(
+        &self,
+        user_id: &str,
+        recipient: Option<&str>,
+        after: Option<&Cursor>,
+        limit: i64,
+    ) -> Result<Vec<Notification>> {
+        // No recipient filter is bound as '' (never a stored address), which
+        // keeps one statement per case on both backends.
+        let recipient = recipient.unwrap_or_default();
+        let rows = match after {
+            None => {
+                sqlx::query(select_notification!(
+                    "WHERE user_id = $1 AND ($2 = '' OR recipient = $2) \
+                     ORDER BY created_at DESC, id DESC LIMIT $3"
+                ))
+                .bind(user_id)
+                .bind(recipient)
+                .bind(limit)
+                .fetch_all(self.db.pool())
+                .await?
+            }
+            Some(cursor) => {
+                sqlx::query(select_notification!(
+                    "WHERE user_id = $1 AND ($2 = '' OR recipient = $2) \
+                     AND (created_at < $3 OR (created_at = $3 AND id < $4)) \
+                     ORDER BY created_at DESC, id DESC LIMIT $5"
+                ))
+                .bind(user_id)
+                .bind(recipient)
+                .bind(cursor.key)
+                .bind(&cursor.id)
+                .bind(limit)
+                .fetch_all(self.db.pool())
+                .await?
+            }
+        };
+        rows.iter().map(notification_from_row).collect()
+    }
+
     async fn list_for_recipient(
         &self,
         recipient: &str,
@@ -287,6 +346,7 @@ fn notification_from_row(row: &AnyRow) -> Result<Notification> {
     let status: String = row.try_get("status")?;
     Ok(Notification {
         id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
         recipient: row.try_get("recipient")?,
         subject: row.try_get("subject")?,
         body_text: row.try_get("body_text")?,

@@ -63,19 +63,31 @@ fn event_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-fn welcome(event_id: &str, recipient: &str, name: &str) -> NotificationRequest {
+/// A fresh user id, as the users service assigns them (and puts in tokens).
+fn user_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn welcome(event_id: &str, user_id: &str, recipient: &str, name: &str) -> NotificationRequest {
     NotificationRequest {
         source_event_type: "agora.users.user_created".into(),
         source_event_id: event_id.into(),
+        user_id: user_id.into(),
         recipient: recipient.into(),
         template: TemplateData::Welcome { name: name.into() },
     }
 }
 
-fn order_completed(event_id: &str, recipient: &str, order_id: &str) -> NotificationRequest {
+fn order_completed(
+    event_id: &str,
+    user_id: &str,
+    recipient: &str,
+    order_id: &str,
+) -> NotificationRequest {
     NotificationRequest {
         source_event_type: "agora.orders.order_completed".into(),
         source_event_id: event_id.into(),
+        user_id: user_id.into(),
         recipient: recipient.into(),
         template: TemplateData::OrderCompleted {
             order_id: order_id.into(),
@@ -209,16 +221,19 @@ async fn smtp_delivers_both_parts_to_the_recipient(backend: Backend) -> anyhow::
     let smtp = SmtpServer::start().await?;
     let mut h = start_smtp(backend, &smtp).await?;
     let event = event_id();
+    let ada_id = user_id();
     let sent = h
         .notifier
         .notify(&welcome(
             &event,
+            &ada_id,
             " Ada@Example.com ",
             "Ada <script>x</script>",
         ))
         .await?;
     assert_eq!(sent.status, NotificationStatus::Sent, "{sent:?}");
     assert_eq!(sent.recipient, "ada@example.com");
+    assert_eq!(sent.user_id, ada_id);
     assert_eq!(sent.source_event_id, event);
     assert!(sent.failure_reason.is_empty());
 
@@ -246,9 +261,7 @@ async fn smtp_delivers_both_parts_to_the_recipient(backend: Backend) -> anyhow::
     );
 
     // The user finds it in their list, as sent.
-    let token = h
-        .env
-        .user_token(&uuid::Uuid::now_v7().to_string(), "ada@example.com", &[])?;
+    let token = h.env.user_token(&ada_id, "ada@example.com", &[])?;
     let listed = list(&mut h, &token, "").await?;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, sent.id);
@@ -262,7 +275,12 @@ async fn file_mode_writes_a_parseable_eml_under_the_outbox(backend: Backend) -> 
     let h = start(backend).await?;
     let sent = h
         .notifier
-        .notify(&order_completed(&event_id(), "grace@example.com", "o-42"))
+        .notify(&order_completed(
+            &event_id(),
+            &user_id(),
+            "grace@example.com",
+            "o-42",
+        ))
         .await?;
     assert_eq!(sent.status, NotificationStatus::Sent, "{sent:?}");
 
@@ -284,6 +302,7 @@ async fn file_mode_writes_a_parseable_eml_under_the_outbox(backend: Backend) -> 
         .notify(&NotificationRequest {
             source_event_type: "agora.orders.order_cancelled".into(),
             source_event_id: event_id(),
+            user_id: sent.user_id.clone(),
             recipient: "grace@example.com".into(),
             template: TemplateData::OrderCancelled {
                 order_id: "o-43".into(),
@@ -310,14 +329,15 @@ async fn the_same_event_twice_sends_one_email_and_keeps_one_row(
     let smtp = SmtpServer::start().await?;
     let mut h = start_smtp(backend, &smtp).await?;
     let event = event_id();
+    let ada_id = user_id();
     let first = h
         .notifier
-        .notify(&welcome(&event, "ada@example.com", "Ada"))
+        .notify(&welcome(&event, &ada_id, "ada@example.com", "Ada"))
         .await?;
     // Redelivery, even with different data, is a no-op returning the stored row.
     let second = h
         .notifier
-        .notify(&welcome(&event, "ada@example.com", "Someone Else"))
+        .notify(&welcome(&event, &ada_id, "ada@example.com", "Someone Else"))
         .await?;
     assert_eq!(second, first);
     assert_eq!(second.status, NotificationStatus::Sent);
@@ -326,7 +346,7 @@ async fn the_same_event_twice_sends_one_email_and_keeps_one_row(
     // A different event is a different email: once it has arrived, everything
     // sent before it has too, so the count below is final.
     h.notifier
-        .notify(&welcome(&event_id(), "ada@example.com", "Ada"))
+        .notify(&welcome(&event_id(), &ada_id, "ada@example.com", "Ada"))
         .await?;
     let messages = wait_for_messages(&smtp, 2).await?;
     assert_eq!(messages.len(), 2);
@@ -353,10 +373,11 @@ async fn racing_deliveries_of_one_event_send_one_email(backend: Backend) -> anyh
     let smtp = SmtpServer::start().await?;
     let h = start_smtp(backend, &smtp).await?;
     let event = event_id();
+    let ada_id = user_id();
     let racers: Vec<_> = (0..8)
         .map(|_| {
             let notifier = h.notifier.clone();
-            let request = welcome(&event, "ada@example.com", "Ada");
+            let request = welcome(&event, &ada_id, "ada@example.com", "Ada");
             tokio::spawn(async move { notifier.notify(&request).await })
         })
         .collect();
@@ -375,7 +396,12 @@ async fn racing_deliveries_of_one_event_send_one_email(backend: Backend) -> anyh
 
     // A later event's email arriving bounds the wait for any duplicate.
     h.notifier
-        .notify(&welcome(&event_id(), "grace@example.com", "Grace"))
+        .notify(&welcome(
+            &event_id(),
+            &user_id(),
+            "grace@example.com",
+            "Grace",
+        ))
         .await?;
     let messages = wait_for_messages(&smtp, 2).await?;
     assert_eq!(messages.len(), 2);
@@ -395,9 +421,10 @@ async fn unreachable_smtp_is_stored_as_failed_and_retried_on_redelivery(
     env.config.smtp_url = Some(Secret::new(format!("smtp://127.0.0.1:{dead}")));
     let mut h = start_with(env).await?;
     let event = event_id();
+    let ada_id = user_id();
     let failed = h
         .notifier
-        .notify(&welcome(&event, "ada@example.com", "Ada"))
+        .notify(&welcome(&event, &ada_id, "ada@example.com", "Ada"))
         .await?;
     assert_eq!(failed.status, NotificationStatus::Failed, "{failed:?}");
     assert!(failed.failure_reason.starts_with("smtp:"), "{failed:?}");
@@ -416,7 +443,7 @@ async fn unreachable_smtp_is_stored_as_failed_and_retried_on_redelivery(
     config.smtp_url = Some(Secret::new(smtp.url()));
     let (_, recovered) = agora_notifications::build(&config).await?;
     let sent = recovered
-        .notify(&welcome(&event, "ada@example.com", "Ada"))
+        .notify(&welcome(&event, &ada_id, "ada@example.com", "Ada"))
         .await?;
     assert_eq!(sent.status, NotificationStatus::Sent, "{sent:?}");
     assert_eq!((sent.id.as_str(), sent.attempts), (failed.id.as_str(), 2));
@@ -434,7 +461,7 @@ async fn an_unwritable_outbox_is_stored_as_failed(backend: Backend) -> anyhow::R
     std::fs::write(h.env.config.data_dir.join("outbox"), b"in the way")?;
     let failed = h
         .notifier
-        .notify(&welcome(&event_id(), "ada@example.com", "Ada"))
+        .notify(&welcome(&event_id(), &user_id(), "ada@example.com", "Ada"))
         .await?;
     assert_eq!(failed.status, NotificationStatus::Failed, "{failed:?}");
     assert!(failed.failure_reason.starts_with("outbox:"), "{failed:?}");
@@ -454,8 +481,10 @@ async fn abandoned_claims_expire_and_stale_senders_cannot_record(
     let db = Db::connect(&Secret::new(h.env.database_url().to_owned())).await?;
     let store = SqlNotificationStore::new(db);
     let event = event_id();
+    let ada_id = user_id();
     let new = NewNotification {
         id: uuid::Uuid::now_v7().to_string(),
+        user_id: ada_id.clone(),
         recipient: "ada@example.com".into(),
         subject: "Welcome to Agora, Ada".into(),
         body_text: "Hello Ada".into(),
@@ -474,7 +503,7 @@ async fn abandoned_claims_expire_and_stale_senders_cannot_record(
     assert!(matches!(store.claim(&new, 0).await?, Claim::InProgress(_)));
     let err = h
         .notifier
-        .notify(&welcome(&event, "ada@example.com", "Ada"))
+        .notify(&welcome(&event, &ada_id, "ada@example.com", "Ada"))
         .await
         .expect_err("claimed by another sender");
     assert_eq!(err.kind(), ErrorKind::Conflict);
@@ -500,7 +529,7 @@ async fn abandoned_claims_expire_and_stale_senders_cannot_record(
     // Sent now: the notifier returns it without sending (nothing in the outbox).
     let again = h
         .notifier
-        .notify(&welcome(&event, "ada@example.com", "Ada"))
+        .notify(&welcome(&event, &ada_id, "ada@example.com", "Ada"))
         .await?;
     assert_eq!(again, done);
     assert!(outbox_files(&h.env.config.data_dir.join("outbox"))?.is_empty());
@@ -514,6 +543,7 @@ async fn invalid_notify_requests_name_every_bad_field(backend: Backend) -> anyho
         .notify(&NotificationRequest {
             source_event_type: " ".into(),
             source_event_id: "has spaces".into(),
+            user_id: "u-1".into(),
             recipient: "not-an-email".into(),
             template: TemplateData::OrderCompleted {
                 order_id: "o\n1".into(),
@@ -536,6 +566,7 @@ async fn invalid_notify_requests_name_every_bad_field(backend: Backend) -> anyho
             "template.order_id",
             "template.total.amount_minor",
             "template.total.currency_code",
+            "user_id",
         ]
     );
 
@@ -546,6 +577,7 @@ async fn invalid_notify_requests_name_every_bad_field(backend: Backend) -> anyho
         .notify(&NotificationRequest {
             source_event_type: huge.clone(),
             source_event_id: huge.clone(),
+            user_id: huge.clone(),
             recipient: format!("{huge}@example.com"),
             template: TemplateData::OrderCancelled {
                 order_id: huge.clone(),
@@ -555,11 +587,12 @@ async fn invalid_notify_requests_name_every_bad_field(backend: Backend) -> anyho
         .await
         .expect_err("oversized");
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
-    assert_eq!(bad_fields(&Status::from(err)).len(), 5);
+    assert_eq!(bad_fields(&Status::from(err)).len(), 6);
     let err = h
         .notifier
         .notify(&welcome(
             &event_id(),
+            &user_id(),
             "ada@example.com",
             "Ada\r\nBcc: eve@example.com",
         ))
@@ -574,7 +607,7 @@ async fn invalid_notify_requests_name_every_bad_field(backend: Backend) -> anyho
             event_id(),
             &agora_proto::orders::v1::OrderCompleted {
                 order_id: "o-1".into(),
-                user_id: "u-1".into(),
+                user_id: user_id(),
                 user_email: "ada@example.com".into(),
                 total: None,
             },
@@ -585,6 +618,25 @@ async fn invalid_notify_requests_name_every_bad_field(backend: Backend) -> anyho
         bad_fields(&Status::from(err)),
         ["template.total.currency_code"]
     );
+    // Every notification has an owner: an event without a user id (or with
+    // the nil UUID) is rejected, however valid the address.
+    for missing in ["", "00000000-0000-0000-0000-000000000000"] {
+        let err = h
+            .notifier
+            .notify(&NotificationRequest::user_created(
+                "agora.users.user_created",
+                event_id(),
+                &agora_proto::users::v1::UserCreated {
+                    user_id: missing.into(),
+                    email: "ada@example.com".into(),
+                    name: "Ada".into(),
+                    roles: vec![],
+                },
+            ))
+            .await
+            .expect_err("no owner");
+        assert_eq!(bad_fields(&Status::from(err)), ["user_id"], "{missing:?}");
+    }
 
     // Nothing was stored or written.
     let outbox = h.env.config.data_dir.join("outbox");
@@ -597,12 +649,13 @@ async fn invalid_notify_requests_name_every_bad_field(backend: Backend) -> anyho
 async fn listing_access_per_caller(backend: Backend) -> anyhow::Result<()> {
     let mut h = start(backend).await?;
     let ada_event = event_id();
+    let ada_id = user_id();
     h.notifier
         .notify(&NotificationRequest::user_created(
             "agora.users.user_created",
             ada_event.clone(),
             &agora_proto::users::v1::UserCreated {
-                user_id: "u-ada".into(),
+                user_id: ada_id.clone(),
                 email: "ada@example.com".into(),
                 name: "Ada".into(),
                 roles: vec![],
@@ -610,9 +663,14 @@ async fn listing_access_per_caller(backend: Backend) -> anyhow::Result<()> {
         ))
         .await?;
     h.notifier
-        .notify(&welcome(&event_id(), "grace@example.com", "Grace"))
+        .notify(&welcome(
+            &event_id(),
+            &user_id(),
+            "grace@example.com",
+            "Grace",
+        ))
         .await?;
-    let ada = h.env.user_token("u-ada", "Ada@Example.com", &[])?;
+    let ada = h.env.user_token(&ada_id, "Ada@Example.com", &[])?;
 
     // Anonymous and forged tokens: UNAUTHENTICATED.
     let status = h
@@ -632,11 +690,17 @@ async fn listing_access_per_caller(backend: Backend) -> anyhow::Result<()> {
     assert_eq!(own[0].source_event_id, ada_event);
     assert_eq!(own[0].recipient, "ada@example.com");
     assert_eq!(list(&mut h, &ada, "ADA@example.com").await?, own);
-    // ... but not someone else's.
-    let status = list(&mut h, &ada, "grace@example.com")
-        .await
-        .expect_err("someone else's");
-    assert_eq!(status.code(), Code::PermissionDenied);
+    // ... but not someone else's: naming their address only narrows Ada's
+    // own list, here to nothing.
+    assert!(list(&mut h, &ada, "grace@example.com").await?.is_empty());
+    // Ownership is the token's user id: a token whose email claim is no
+    // usable address still lists its user's own.
+    let no_email = h.env.user_token(&ada_id, "", &[])?;
+    assert_eq!(list(&mut h, &no_email, "").await?, own);
+    // ... and a stranger's token naming Ada's address gets nothing.
+    let stranger = h.env.user_token(&user_id(), "grace@example.com", &[])?;
+    assert!(list(&mut h, &stranger, "").await?.is_empty());
+    assert!(list(&mut h, &stranger, "ada@example.com").await?.is_empty());
 
     // An admin: anyone's, but must say whose.
     let admin = h.env.admin_token()?;
@@ -657,25 +721,113 @@ async fn listing_access_per_caller(backend: Backend) -> anyhow::Result<()> {
     h.server.stop().await
 }
 
+/// Notifications belong to user ids, not to addresses. Addresses are not
+/// verified and a user may change theirs, which frees the old one: whoever
+/// signs up with it next must not see the previous owner's notifications
+/// (they once did, as ListNotifications went by the token's email), and the
+/// previous owner keeps seeing theirs under the new address.
+async fn a_reused_email_address_shows_nothing_of_its_previous_owner(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut h = start(backend).await?;
+    let (ada_id, eve_id) = (user_id(), user_id());
+    let welcome_to = |user_id: &str, name: &str| {
+        NotificationRequest::user_created(
+            "agora.users.user_created",
+            event_id(),
+            &agora_proto::users::v1::UserCreated {
+                user_id: user_id.into(),
+                email: "ada@example.com".into(),
+                name: name.into(),
+                roles: vec![],
+            },
+        )
+    };
+    // Ada signs up as ada@example.com and orders.
+    let ada_welcome = h.notifier.notify(&welcome_to(&ada_id, "Ada")).await?;
+    let ada_order = h
+        .notifier
+        .notify(&NotificationRequest::order_completed(
+            "agora.orders.order_completed",
+            event_id(),
+            &agora_proto::orders::v1::OrderCompleted {
+                order_id: uuid::Uuid::now_v7().to_string(),
+                user_id: ada_id.clone(),
+                user_email: "ada@example.com".into(),
+                total: Some(Money {
+                    currency_code: "EUR".into(),
+                    amount_minor: 1999,
+                }),
+            },
+        ))
+        .await?;
+    assert_eq!(ada_welcome.user_id, ada_id);
+    assert_eq!(ada_order.user_id, ada_id);
+    let adas = [ada_order.id.clone(), ada_welcome.id.clone()];
+    // Ada changes her email to ada2@example.com; Eve signs up with the freed
+    // address and is welcomed there.
+    let eve_welcome = h.notifier.notify(&welcome_to(&eve_id, "Eve")).await?;
+    let ids = |listed: Vec<pb::Notification>| -> Vec<String> {
+        listed.into_iter().map(|n| n.id).collect()
+    };
+
+    // Eve's token says ada@example.com: she sees her own welcome, nothing of
+    // Ada's, whether or not she names the address.
+    let eve = h.env.user_token(&eve_id, "ada@example.com", &[])?;
+    let eves = vec![eve_welcome.id.clone()];
+    assert_eq!(ids(list(&mut h, &eve, "").await?), eves);
+    assert_eq!(ids(list(&mut h, &eve, "ada@example.com").await?), eves);
+
+    // Ada, with a token carrying her new address, still sees hers (newest
+    // first); naming the old address narrows to what was sent there (hers
+    // only, not Eve's), naming the new one finds nothing yet.
+    let ada = h.env.user_token(&ada_id, "ada2@example.com", &[])?;
+    assert_eq!(ids(list(&mut h, &ada, "").await?), adas);
+    assert_eq!(ids(list(&mut h, &ada, "ada@example.com").await?), adas);
+    assert!(list(&mut h, &ada, "ada2@example.com").await?.is_empty());
+    // Ada's old token, still valid, names the old address: still only hers.
+    let ada_old = h.env.user_token(&ada_id, "ada@example.com", &[])?;
+    assert_eq!(ids(list(&mut h, &ada_old, "").await?), adas);
+
+    // Admins still list by address: everything sent to it, whoever's it is.
+    let admin = h.env.admin_token()?;
+    assert_eq!(
+        ids(list(&mut h, &admin, "ada@example.com").await?),
+        [eve_welcome.id.clone(), adas[0].clone(), adas[1].clone()]
+    );
+    h.server.stop().await
+}
+
 async fn listing_pages_newest_first_without_gaps(backend: Backend) -> anyhow::Result<()> {
     let mut h = start(backend).await?;
+    let ada_id = user_id();
     let mut created = Vec::new();
     for i in 0..7 {
         let n = h
             .notifier
             .notify(&order_completed(
                 &event_id(),
+                &ada_id,
                 "ada@example.com",
                 &format!("o-{i}"),
             ))
             .await?;
         created.push(n.id);
     }
-    // Someone else's never show up in Ada's pages.
+    // Someone else's never show up in Ada's pages, even when sent to the
+    // same address.
     h.notifier
-        .notify(&welcome(&event_id(), "grace@example.com", "Grace"))
+        .notify(&welcome(
+            &event_id(),
+            &user_id(),
+            "grace@example.com",
+            "Grace",
+        ))
         .await?;
-    let ada = h.env.user_token("u-ada", "ada@example.com", &[])?;
+    h.notifier
+        .notify(&welcome(&event_id(), &user_id(), "ada@example.com", "Eve"))
+        .await?;
+    let ada = h.env.user_token(&ada_id, "ada@example.com", &[])?;
 
     let mut seen = Vec::new();
     let mut sizes = Vec::new();
@@ -695,7 +847,7 @@ async fn listing_pages_newest_first_without_gaps(backend: Backend) -> anyhow::Re
         // A notification arriving while paging does not shift later pages.
         if sizes.len() == 1 {
             h.notifier
-                .notify(&welcome(&event_id(), "ada@example.com", "Ada"))
+                .notify(&welcome(&event_id(), &ada_id, "ada@example.com", "Ada"))
                 .await?;
         }
     }
@@ -724,7 +876,7 @@ async fn listing_pages_newest_first_without_gaps(backend: Backend) -> anyhow::Re
 
 async fn invalid_list_requests_name_every_bad_field(backend: Backend) -> anyhow::Result<()> {
     let mut h = start(backend).await?;
-    let ada = h.env.user_token("u-ada", "ada@example.com", &[])?;
+    let ada = h.env.user_token(&user_id(), "ada@example.com", &[])?;
     let status = h
         .client
         .list_notifications(with_token(
@@ -790,7 +942,7 @@ async fn hosted_service_reports_serving(backend: Backend) -> anyhow::Result<()> 
     }
     assert_eq!(status, ServingStatus::Serving);
     let mut client = NotificationServiceClient::new(server.channel()?);
-    let token = env.user_token("u-ada", "ada@example.com", &[])?;
+    let token = env.user_token(&user_id(), "ada@example.com", &[])?;
     let listed = client
         .list_notifications(with_token(list_request("", 0, ""), &token))
         .await?
@@ -809,6 +961,7 @@ backend_tests!(
     abandoned_claims_expire_and_stale_senders_cannot_record,
     invalid_notify_requests_name_every_bad_field,
     listing_access_per_caller,
+    a_reused_email_address_shows_nothing_of_its_previous_owner,
     listing_pages_newest_first_without_gaps,
     invalid_list_requests_name_every_bad_field,
     hosted_service_reports_serving,

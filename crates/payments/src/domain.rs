@@ -6,8 +6,6 @@ use std::fmt;
 
 use agora_platform::money::Money;
 
-use sha2::{Digest as _, Sha256};
-
 /// The longest payment id accepted, in characters.
 pub const MAX_PAYMENT_ID_CHARS: usize = 128;
 
@@ -114,21 +112,6 @@ impl CardNumber {
             .unwrap_or_default()
     }
 
-    /// A SHA-256 fingerprint of the number for payment `payment_id`, in hex:
-    /// lets a retry be recognised as the same card without keeping the
-    /// number. The payment id salts it, so equal cards on different payments
-    /// have unrelated fingerprints and no precomputed table of card hashes
-    /// applies.
-    pub fn fingerprint(&self, payment_id: &PaymentId) -> String {
-        let digest = Sha256::new()
-            .chain_update(b"agora.payments.card-fingerprint.v1\0")
-            .chain_update(payment_id.as_str().as_bytes())
-            .chain_update([0])
-            .chain_update(self.digits.as_bytes())
-            .finalize();
-        digest.iter().map(|byte| format!("{byte:02x}")).collect()
-    }
-
     /// Whether this is the given number (digits only), for the simulated
     /// provider's test cards.
     pub(crate) fn is(&self, digits: &str) -> bool {
@@ -194,9 +177,13 @@ impl PaymentStatus {
     }
 }
 
-/// A charge as asked for, with the card reduced to what may be kept: the
-/// last four digits and a fingerprint. Two requests with the same payment id
-/// are the same charge exactly when their attempts are equal.
+/// A charge as asked for, with the card reduced to what may be kept: its
+/// last four digits. Nothing else derived from the number is stored: with
+/// the last four known and the first six guessable from issuer prefixes,
+/// even a salted hash of the rest could be reversed by brute force. Two
+/// requests with the same payment id are the same charge when user, amount
+/// and last four digits agree; a different card that shares the last four is
+/// then answered as a retry, which can never charge twice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChargeAttempt {
     /// The caller's payment id: the idempotency key.
@@ -207,8 +194,6 @@ pub struct ChargeAttempt {
     pub amount: Money,
     /// The card's last four digits.
     pub card_last4: String,
-    /// [`CardNumber::fingerprint`] of the card for this payment.
-    pub card_fingerprint: String,
 }
 
 impl ChargeAttempt {
@@ -216,7 +201,6 @@ impl ChargeAttempt {
     pub fn new(payment_id: PaymentId, user_id: UserId, amount: Money, card: &CardNumber) -> Self {
         Self {
             card_last4: card.last4().to_owned(),
-            card_fingerprint: card.fingerprint(&payment_id),
             payment_id,
             user_id,
             amount,
@@ -237,8 +221,6 @@ pub struct Payment {
     pub status: PaymentStatus,
     /// The card's last four digits.
     pub card_last4: String,
-    /// The card fingerprint, to recognise retries; never sent to clients.
-    pub card_fingerprint: String,
     /// Why the card was declined; empty otherwise.
     pub decline_reason: String,
     /// When the payment was first recorded, microseconds since the epoch.
@@ -258,9 +240,7 @@ impl Payment {
         if self.amount != attempt.amount {
             differ.push("amount");
         }
-        if self.card_last4 != attempt.card_last4
-            || self.card_fingerprint != attempt.card_fingerprint
-        {
+        if self.card_last4 != attempt.card_last4 {
             differ.push("card_number");
         }
         differ
@@ -374,21 +354,6 @@ mod tests {
     }
 
     #[test]
-    fn fingerprints_tell_cards_apart_per_payment() {
-        let p1 = PaymentId::parse("p1").expect("id");
-        let p2 = PaymentId::parse("p2").expect("id");
-        let visa = CardNumber::parse("4242424242424242").expect("valid");
-        let same_visa = CardNumber::parse("4242-4242-4242-4242").expect("valid");
-        // Same last four digits, other number.
-        let other = CardNumber::parse("4000000000104242").expect("valid");
-        assert_eq!(other.last4(), visa.last4());
-        assert_eq!(visa.fingerprint(&p1), same_visa.fingerprint(&p1));
-        assert_ne!(visa.fingerprint(&p1), other.fingerprint(&p1));
-        assert_ne!(visa.fingerprint(&p1), visa.fingerprint(&p2));
-        assert_eq!(visa.fingerprint(&p1).len(), 64);
-    }
-
-    #[test]
     fn retries_differ_only_in_what_changed() {
         let card = CardNumber::parse("4242424242424242").expect("valid");
         let user = UserId::parse(&uuid::Uuid::now_v7().to_string()).expect("user");
@@ -408,13 +373,12 @@ mod tests {
             amount: eur(100),
             status: PaymentStatus::Succeeded,
             card_last4: attempt.card_last4.clone(),
-            card_fingerprint: attempt.card_fingerprint.clone(),
             decline_reason: String::new(),
             created_at: 1,
             updated_at: 1,
         };
         assert!(payment.differences(&attempt).is_empty());
-        let other_card = CardNumber::parse("4000000000104242").expect("valid");
+        let other_card = CardNumber::parse("5555555555554444").expect("valid");
         let changed = ChargeAttempt::new(
             PaymentId::parse("p1").expect("id"),
             UserId::parse(&uuid::Uuid::now_v7().to_string()).expect("user"),

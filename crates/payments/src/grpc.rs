@@ -5,7 +5,7 @@
 //! Card numbers: the request is never logged or formatted with `Debug`; the
 //! number is parsed into a [`CardNumber`] (whose `Debug` shows the last four
 //! digits only) and moved into the provider call, and only the last four
-//! digits and a fingerprint reach the store.
+//! digits reach the store.
 
 use std::sync::Arc;
 
@@ -145,7 +145,7 @@ fn status_to_proto(status: PaymentStatus) -> pb::PaymentStatus {
     }
 }
 
-/// The protobuf view of a payment; the card fingerprint stays behind.
+/// The protobuf view of a payment.
 pub fn to_proto(payment: &Payment) -> pb::Payment {
     pb::Payment {
         id: payment.id.clone(),

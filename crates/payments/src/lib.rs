@@ -6,7 +6,7 @@
 //! so a retry, however often and however concurrent, returns the first
 //! outcome and never charges the card twice. Paying users and admins may
 //! read a payment. A card number is kept only for the one provider call: the
-//! database holds its last four digits and a salted SHA-256 fingerprint.
+//! database holds its last four digits and nothing else derived from it.
 //!
 //! # Layout
 //! - [`domain`]: validated newtypes (`PaymentId`, `UserId`, `CardNumber` with

@@ -105,7 +105,7 @@ impl SqlPaymentStore {
 }
 
 const SELECT_PAYMENT: &str = "SELECT id, user_id, currency_code, amount_minor, status, \
-     card_last4, card_fingerprint, decline_reason, created_at, updated_at \
+     card_last4, decline_reason, created_at, updated_at \
      FROM payments WHERE id = $1";
 
 impl PaymentStore for SqlPaymentStore {
@@ -123,8 +123,8 @@ impl PaymentStore for SqlPaymentStore {
         let now = now_micros();
         let claimed = sqlx::query(
             "INSERT INTO payments (id, user_id, currency_code, amount_minor, status, \
-             card_last4, card_fingerprint, decline_reason, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, '', $8, $8)",
+             card_last4, decline_reason, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, '', $7, $7)",
         )
         .bind(payment_id)
         .bind(attempt.user_id.as_str())
@@ -132,7 +132,6 @@ impl PaymentStore for SqlPaymentStore {
         .bind(attempt.amount.amount_minor)
         .bind(PROCESSING)
         .bind(&attempt.card_last4)
-        .bind(&attempt.card_fingerprint)
         .bind(now)
         .execute(&mut *tx)
         .await;
@@ -190,7 +189,6 @@ impl PaymentStore for SqlPaymentStore {
             amount: attempt.amount.clone(),
             status,
             card_last4: attempt.card_last4.clone(),
-            card_fingerprint: attempt.card_fingerprint.clone(),
             decline_reason,
             created_at: now,
             updated_at: now,
@@ -378,7 +376,6 @@ fn payment_from_row(row: &AnyRow) -> Result<Payment> {
         },
         status,
         card_last4: row.try_get("card_last4")?,
-        card_fingerprint: row.try_get("card_fingerprint")?,
         decline_reason: row.try_get("decline_reason")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,

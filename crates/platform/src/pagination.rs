@@ -33,7 +33,7 @@ pub struct Cursor {
     /// Sort key of the last row.
     #[serde(rename = "k")]
     pub key: i64,
-    /// Id of the last row (tie-breaker).
+    /// Id of the last row (tie-breaker), a UUID.
     #[serde(rename = "i")]
     pub id: String,
 }
@@ -52,9 +52,14 @@ impl Cursor {
         }
         let invalid = || Error::invalid_field("page_token", "is not a token this service issued");
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|_| invalid())
+        let cursor: Self = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+        // Every row id is a UUID: anything else was crafted by hand, and must
+        // not reach the database (PostgreSQL rejects a NUL byte in text with
+        // an error that would surface as INTERNAL).
+        if uuid::Uuid::parse_str(&cursor.id).is_err() {
+            return Err(invalid());
+        }
+        Ok(Some(cursor))
     }
 }
 
@@ -93,11 +98,16 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_and_garbage_is_rejected() {
-        let cursor = Cursor {
-            key: 42,
-            id: "p1".into(),
-        };
+        let id = uuid::Uuid::now_v7().to_string();
+        let cursor = Cursor { key: 42, id };
         assert_eq!(Cursor::decode(&cursor.encode()).ok(), Some(Some(cursor)));
+        for crafted in ["\u{0}", "p1"] {
+            let cursor = Cursor {
+                key: 1,
+                id: crafted.into(),
+            };
+            assert!(Cursor::decode(&cursor.encode()).is_err(), "{crafted:?}");
+        }
         assert_eq!(Cursor::decode("").ok(), Some(None));
         let err = Cursor::decode("not*base64").expect_err("garbage");
         assert_eq!(err.violations()[0].0, "page_token");
@@ -108,7 +118,7 @@ mod tests {
     fn next_page_only_when_more_rows_exist() {
         let cursor = |n: &i64| Cursor {
             key: *n,
-            id: n.to_string(),
+            id: uuid::Uuid::from_u128(u128::try_from(*n).unwrap_or_default()).to_string(),
         };
         let (rows, token) = next_page(vec![1, 2, 3], 2, cursor);
         assert_eq!(rows, [1, 2]);

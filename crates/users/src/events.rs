@@ -5,6 +5,7 @@
 //! rebuildable from events alone; the protobuf events that leave the service
 //! (`agora.users.v1.UserCreated` ...) never carry it.
 
+use agora_platform::config::Secret;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Email;
@@ -48,8 +49,8 @@ pub enum UserEventData {
         email: String,
         /// Display name.
         name: String,
-        /// argon2id PHC string.
-        password_hash: String,
+        /// argon2id PHC string; redacted in `Debug`.
+        password_hash: Secret<String>,
         /// Granted roles.
         roles: Vec<String>,
     },
@@ -106,8 +107,8 @@ pub struct UserState {
     pub status: UserStatus,
     /// Granted roles.
     pub roles: Vec<String>,
-    /// argon2id PHC string.
-    pub password_hash: String,
+    /// argon2id PHC string; redacted in `Debug`.
+    pub password_hash: Secret<String>,
     /// When the first event happened (microseconds).
     pub created_at: i64,
     /// When the last event happened (microseconds).
@@ -221,7 +222,7 @@ mod tests {
         UserEventData::UserCreated {
             email: "a@x.io".into(),
             name: "Ada".into(),
-            password_hash: "h".into(),
+            password_hash: Secret::new("h".into()),
             roles: vec![],
         }
     }

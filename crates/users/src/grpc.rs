@@ -5,6 +5,7 @@
 use std::sync::{Arc, OnceLock};
 
 use agora_platform::auth::{ADMIN_ROLE, Caller, TokenIssuer, TokenVerifier};
+use agora_platform::config::Secret;
 use agora_platform::error::{Error, ErrorKind, Result, Violations};
 use agora_platform::time::micros_to_timestamp;
 use agora_proto::users::v1 as pb;
@@ -40,8 +41,10 @@ impl<S: UserStore> UserApi<S> {
         }
     }
 
-    /// Users signing up with one of these emails get the admin role (the
-    /// bootstrap for the first admin). Invalid addresses are ignored.
+    /// Users signing up with one of these emails get the admin role while no
+    /// admin exists yet: the bootstrap of the first admin, closed as soon as
+    /// there is one (so a listed address freed later by an email change
+    /// cannot be taken over). Invalid addresses are ignored.
     pub fn with_admin_emails(mut self, emails: &[String]) -> Self {
         self.admin_emails = emails
             .iter()
@@ -53,6 +56,14 @@ impl<S: UserStore> UserApi<S> {
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
         self.verifier.caller(request.metadata())
+    }
+
+    /// Whether signing up with `email` makes the first admin.
+    async fn bootstraps_admin(&self, email: &Email) -> Result<bool> {
+        if !self.admin_emails.iter().any(|e| e == email.as_str()) {
+            return Ok(false);
+        }
+        Ok(!self.store.any_admin().await?)
     }
 
     /// Appends an event, retrying lost races when the client did not pin a version.
@@ -111,8 +122,8 @@ impl<S: UserStore> UserService for UserApi<S> {
         let created = UserEventData::UserCreated {
             email: email.as_str().to_owned(),
             name: name.as_str().to_owned(),
-            password_hash,
-            roles: if self.admin_emails.iter().any(|e| e == email.as_str()) {
+            password_hash: Secret::new(password_hash),
+            roles: if self.bootstraps_admin(&email).await? {
                 vec![ADMIN_ROLE.to_owned()]
             } else {
                 Vec::new()
@@ -143,7 +154,7 @@ impl<S: UserStore> UserService for UserApi<S> {
         // Verify against a dummy hash when the email is unknown, so that the
         // answer takes as long as for a wrong password and reveals nothing.
         let hash = match &user {
-            Some(user) => user.password_hash.clone(),
+            Some(user) => user.password_hash.expose().clone(),
             None => dummy_hash().to_owned(),
         };
         let password = req.password;
@@ -176,6 +187,7 @@ impl<S: UserStore> UserService for UserApi<S> {
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::GetUserResponse>, Status> {
         let caller = self.caller(&request)?;
+        caller.require_authenticated()?;
         let id = parse_id(&request.get_ref().id)?;
         let user = self.visible_user(&caller, &id, true).await?;
         Ok(Response::new(pb::GetUserResponse {
@@ -188,6 +200,7 @@ impl<S: UserStore> UserService for UserApi<S> {
         request: Request<pb::UpdateEmailRequest>,
     ) -> Result<Response<pb::UpdateEmailResponse>, Status> {
         let caller = self.caller(&request)?;
+        caller.require_authenticated()?;
         let req = request.into_inner();
         let mut violations = Violations::default();
         let id = violations.check("id", parse_uuid(&req.id));
@@ -235,6 +248,7 @@ impl<S: UserStore> UserService for UserApi<S> {
         request: Request<pb::ListUserEventsRequest>,
     ) -> Result<Response<pb::ListUserEventsResponse>, Status> {
         let caller = self.caller(&request)?;
+        caller.require_authenticated()?;
         let id = parse_id(&request.get_ref().id)?;
         self.visible_user(&caller, &id, false).await?;
         let events = self.store.events(&id).await?;

@@ -9,6 +9,7 @@
 
 use std::future::Future;
 
+use agora_platform::config::Secret;
 use agora_platform::db::{Db, is_unique_violation};
 use agora_platform::error::{Error, ErrorKind, Result};
 use agora_platform::time::now_micros;
@@ -48,6 +49,9 @@ pub trait UserStore: Send + Sync + 'static {
 
     /// A user's history, oldest first.
     fn events(&self, user_id: &str) -> impl Future<Output = Result<Vec<StoredEvent>>> + Send;
+
+    /// Whether any user holds the admin role.
+    fn any_admin(&self) -> impl Future<Output = Result<bool>> + Send;
 }
 
 /// [`UserStore`] on a SQL database (PostgreSQL or SQLite).
@@ -95,7 +99,7 @@ impl UserStore for SqlUserStore {
         .bind(&state.name)
         .bind(state.status.as_str())
         .bind(encode_roles(&state.roles)?)
-        .bind(&state.password_hash)
+        .bind(state.password_hash.expose())
         .bind(state.created_at)
         .bind(state.updated_at)
         .bind(state.version)
@@ -208,6 +212,18 @@ impl UserStore for SqlUserStore {
         })
         .collect()
     }
+
+    async fn any_admin(&self) -> Result<bool> {
+        any_admin_row(&self.db).await
+    }
+}
+
+async fn any_admin_row(db: &Db) -> Result<bool> {
+    // Roles are a JSON array of strings; the quotes make the match exact.
+    let row = sqlx::query("SELECT 1 AS found FROM users WHERE roles LIKE '%\"admin\"%' LIMIT 1")
+        .fetch_optional(db.pool())
+        .await?;
+    Ok(row.is_some())
 }
 
 async fn insert_event(tx: &mut Transaction<'static, Any>, event: &StoredEvent) -> Result<()> {
@@ -271,7 +287,7 @@ fn user_from_row(row: &AnyRow) -> Result<UserState> {
         })?,
         roles: serde_json::from_str(&roles)
             .map_err(|err| Error::internal("decoding stored roles", err))?,
-        password_hash: row.try_get("password_hash")?,
+        password_hash: Secret::new(row.try_get("password_hash")?),
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         version: row.try_get("version")?,

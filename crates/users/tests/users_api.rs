@@ -477,12 +477,13 @@ backend_tests!(
 mod bootstrap {
     use super::*;
 
-    /// An email listed in `auth.admin_emails` signs up with the admin role,
-    /// and its token can then do admin-only things.
+    /// An email listed in `auth.admin_emails` signs up with the admin role
+    /// while there is no admin yet, and its token can do admin-only things;
+    /// once an admin exists, listed emails sign up as plain users.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn configured_admin_emails_sign_up_as_admins() -> anyhow::Result<()> {
         let mut env = TestEnv::new(Backend::Sqlite).await?;
-        env.config.auth.admin_emails = vec!["Boss@Example.com".into()];
+        env.config.auth.admin_emails = vec!["Boss@Example.com".into(), "late@example.com".into()];
         let server = TestServer::start(vec![agora_users::hosted(&env.config).await?]).await?;
         let mut h = Harness {
             client: UserServiceClient::new(server.channel()?),

@@ -1,7 +1,11 @@
 -- One row per email, caused by one event.
 CREATE TABLE notifications (
     id                TEXT PRIMARY KEY,
-    -- Normalized (lower-case) address; listed by it, newest first.
+    -- The user the notification belongs to (canonical UUID, from the event):
+    -- users list their own notifications by it, never by address, since an
+    -- address can change hands.
+    user_id           TEXT NOT NULL,
+    -- Normalized (lower-case) address the email was sent to; admins list by it.
     recipient         TEXT NOT NULL,
     subject           TEXT NOT NULL,
     body_text         TEXT NOT NULL,
@@ -20,6 +24,10 @@ CREATE TABLE notifications (
     CONSTRAINT notifications_source_event_id_key UNIQUE (source_event_id)
 );
 
--- ListNotifications: one recipient's rows in (created_at, id) order.
+-- ListNotifications for a user: their rows in (created_at, id) order.
+CREATE INDEX notifications_user_created_idx
+    ON notifications (user_id, created_at DESC, id DESC);
+
+-- ListNotifications for an admin: one recipient's rows in (created_at, id) order.
 CREATE INDEX notifications_recipient_created_idx
     ON notifications (recipient, created_at DESC, id DESC);

@@ -15,7 +15,6 @@ CREATE TABLE payments (
     card_last4       TEXT NOT NULL,
     -- SHA-256 of the number salted with the payment id: recognises a retry
     -- with the same card without storing the card.
-    card_fingerprint TEXT NOT NULL,
     decline_reason   TEXT NOT NULL DEFAULT '',
     created_at       BIGINT NOT NULL,
     updated_at       BIGINT NOT NULL
