@@ -39,33 +39,7 @@ impl fmt::Display for Email {
     }
 }
 
-/// The id of the user a notification belongs to: a UUID (not nil) in its
-/// canonical lower-case hyphenated form, so that it compares equal to the
-/// `sub` of the user's access tokens. Unlike the address, it never changes
-/// hands.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct UserId(String);
-
-impl UserId {
-    /// Validates a user id (any UUID spelling except the nil UUID).
-    pub fn parse(raw: &str) -> Result<Self, &'static str> {
-        match uuid::Uuid::parse_str(raw.trim()) {
-            Ok(id) if !id.is_nil() => Ok(Self(id.to_string())),
-            _ => Err("must be a user id (UUID)"),
-        }
-    }
-
-    /// The canonical id.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use agora_platform::ids::UserId;
 
 /// The id of the event a notification answers (`ce-id`): the idempotency key.
 /// 1 to 200 visible characters; usually a UUIDv7, but not required to be.

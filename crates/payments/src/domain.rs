@@ -43,25 +43,7 @@ impl fmt::Display for PaymentId {
     }
 }
 
-/// The id of the paying user: a UUID in its canonical lower-case hyphenated
-/// form, so that it compares equal to the `sub` of the user's tokens.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct UserId(String);
-
-impl UserId {
-    /// Validates a user id (any UUID spelling except the nil UUID).
-    pub fn parse(raw: &str) -> Result<Self, &'static str> {
-        match uuid::Uuid::parse_str(raw.trim()) {
-            Ok(id) if !id.is_nil() => Ok(Self(id.to_string())),
-            _ => Err("must be a user id (UUID)"),
-        }
-    }
-
-    /// The canonical id.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
+pub use agora_platform::ids::UserId;
 
 /// The fewest digits a card number may have.
 pub const MIN_CARD_DIGITS: usize = 12;
@@ -269,7 +251,7 @@ mod tests {
         let id = uuid::Uuid::now_v7();
         let upper = id.to_string().to_uppercase();
         assert_eq!(
-            UserId::parse(&upper).map(|u| u.0),
+            UserId::parse(&upper).map(|u| u.as_str().to_owned()),
             Ok(id.to_string()),
             "any spelling maps to the token form"
         );

@@ -17,6 +17,7 @@
 //! - [`auth`]: EdDSA JWT issuing and verification, and the [`auth::Caller`] a
 //!   request was made by.
 //! - [`email`]: the one definition of a valid, normalized email address.
+//! - [`ids`]: identifiers every service agrees on (`UserId`).
 //! - [`pagination`]: page sizes and opaque cursor page tokens for `List*` RPCs.
 //! - [`money`]: validated `agora.common.v1.Money` amounts.
 //! - [`shutdown`]: the process-wide stop signal (SIGTERM / SIGINT).
@@ -28,6 +29,7 @@ pub mod config;
 pub mod db;
 pub mod email;
 pub mod error;
+pub mod ids;
 pub mod money;
 pub mod pagination;
 pub mod server;
