@@ -1,6 +1,7 @@
 //! The catalog service over real gRPC on loopback, against a fresh database.
 //! Every test runs twice: on PostgreSQL and on SQLite.
 
+use agora_testkit::bad_fields;
 use agora_testkit::with_token;
 use std::collections::HashSet;
 
@@ -16,9 +17,8 @@ use agora_proto::common::v1::Money as PbMoney;
 use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
 use futures::StreamExt as _;
 use prost_types::FieldMask;
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
-use tonic_types::StatusExt;
 
 struct Harness {
     env: TestEnv,
@@ -129,21 +129,6 @@ async fn list_all(
 
 fn skus(products: &[pb::Product]) -> Vec<String> {
     products.iter().map(|p| p.sku.clone()).collect()
-}
-
-/// The fields an INVALID_ARGUMENT status names, sorted.
-fn bad_fields(status: &Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let details = status
-        .get_details_bad_request()
-        .expect("BadRequest details");
-    let mut fields: Vec<String> = details
-        .field_violations
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
-    fields.sort();
-    fields
 }
 
 fn update(product: pb::Product, paths: &[&str]) -> pb::UpdateProductRequest {

@@ -5,6 +5,7 @@ use agora_platform::config::Secret;
 use agora_platform::db::Db;
 use agora_proto::inventory::v1 as pb;
 use agora_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use agora_testkit::bad_fields;
 use agora_testkit::with_token;
 use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
 use tonic::transport::Channel;
@@ -12,7 +13,6 @@ use tonic::{Code, Request, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_types::StatusExt;
 
 struct Harness {
     env: TestEnv,
@@ -65,21 +65,6 @@ fn commit_request(id: &str) -> pb::CommitReservationRequest {
     pb::CommitReservationRequest {
         reservation_id: id.to_owned(),
     }
-}
-
-/// The sorted field names of an INVALID_ARGUMENT's BadRequest details.
-fn bad_fields(status: &Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let details = status
-        .get_details_bad_request()
-        .expect("BadRequest details");
-    let mut fields: Vec<_> = details
-        .field_violations
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
-    fields.sort();
-    fields
 }
 
 impl Harness {

@@ -6,6 +6,7 @@
 //! as aiosmtpd): an independent RFC 5322 / MIME parser, so "parseable" means
 //! parseable by someone else's code, not by ours.
 
+use agora_testkit::bad_fields;
 use agora_testkit::with_token;
 use std::path::Path;
 use std::process::Stdio;
@@ -25,7 +26,6 @@ use anyhow::{Context as _, bail};
 use tokio::io::AsyncWriteExt as _;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use tonic_types::StatusExt;
 
 struct Harness {
     env: TestEnv,
@@ -118,21 +118,6 @@ async fn list(
         .await?
         .into_inner()
         .notifications)
-}
-
-fn bad_fields(status: &Status) -> Vec<String> {
-    let mut fields: Vec<String> = status
-        .get_details_bad_request()
-        .map(|details| {
-            details
-                .field_violations
-                .into_iter()
-                .map(|v| v.field)
-                .collect()
-        })
-        .unwrap_or_default();
-    fields.sort();
-    fields
 }
 
 /// The parts of a message that the tests look at, as Python's parser sees them.

@@ -5,6 +5,7 @@
 //! uses (`agora_orders::build`), as the checkout saga will do, so watchers
 //! see those changes through the shared notifier.
 
+use agora_testkit::bad_fields;
 use agora_testkit::with_token;
 use std::time::Duration;
 
@@ -21,7 +22,6 @@ use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
 use anyhow::Context as _;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
-use tonic_types::StatusExt;
 
 /// Only a guard against a hang turning into a stuck test run; no test
 /// asserts how fast anything is.
@@ -116,19 +116,6 @@ async fn next_state(
         .await
         .context("watch stream hung")??;
     Ok(message.map(|m| m.order.expect("every message carries the order")))
-}
-
-fn fields(status: &Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .map(|details| {
-            details
-                .field_violations
-                .into_iter()
-                .map(|v| v.field)
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 async fn create_get_and_list_pages_through_own_orders(backend: Backend) -> anyhow::Result<()> {
@@ -481,7 +468,7 @@ async fn watch_is_for_the_owner_only(backend: Backend) -> anyhow::Result<()> {
         .await
         .expect_err("bad id");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert_eq!(fields(&status), ["id"]);
+    assert_eq!(bad_fields(&status), ["id"]);
 
     // The owner may.
     let mut stream = h
@@ -760,7 +747,7 @@ async fn invalid_input_names_every_bad_field(backend: Backend) -> anyhow::Result
             .await
             .expect_err("bad id");
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert_eq!(fields(&status), ["id"]);
+        assert_eq!(bad_fields(&status), ["id"]);
     }
 
     let status = h
@@ -769,13 +756,13 @@ async fn invalid_input_names_every_bad_field(backend: Backend) -> anyhow::Result
         .await
         .expect_err("bad page");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert_eq!(fields(&status), ["page_size", "page_token"]);
+    assert_eq!(bad_fields(&status), ["page_size", "page_token"]);
     let status = h
         .client
         .list_orders(list(10, &"A".repeat(50_000), &ada.token))
         .await
         .expect_err("oversized token");
-    assert_eq!(fields(&status), ["page_token"]);
+    assert_eq!(bad_fields(&status), ["page_token"]);
     // Oversized page sizes are capped, not refused.
     let page = h
         .client

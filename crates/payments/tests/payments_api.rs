@@ -8,6 +8,7 @@ use agora_platform::db::{Backend as DbBackend, Db};
 use agora_proto::common::v1::Money;
 use agora_proto::payments::v1 as pb;
 use agora_proto::payments::v1::payment_service_client::PaymentServiceClient;
+use agora_testkit::bad_fields;
 use agora_testkit::with_token;
 use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
 use sqlx::Row;
@@ -110,21 +111,6 @@ impl Harness {
             .await?;
         Ok(row.try_get("n")?)
     }
-}
-
-/// The fields named by an INVALID_ARGUMENT's `BadRequest`, sorted.
-fn bad_fields(status: &Status) -> Vec<String> {
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let details = status
-        .get_details_bad_request()
-        .expect("BadRequest details");
-    let mut fields: Vec<_> = details
-        .field_violations
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
-    fields.sort();
-    fields
 }
 
 async fn charge_succeeds_and_the_payer_reads_it(backend: Backend) -> anyhow::Result<()> {
