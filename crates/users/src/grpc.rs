@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use agora_platform::auth::{ADMIN_ROLE, Caller, TokenIssuer, TokenVerifier};
 use agora_platform::config::Secret;
 use agora_platform::error::{Error, ErrorKind, Result, Violations};
+use agora_platform::ids::UserId;
 use agora_platform::time::micros_to_timestamp;
 use agora_proto::users::v1 as pb;
 use agora_proto::users::v1::user_service_server::UserService;
@@ -203,19 +204,18 @@ impl<S: UserStore> UserService for UserApi<S> {
         caller.require_authenticated()?;
         let req = request.into_inner();
         let mut violations = Violations::default();
-        let id = violations.check("id", parse_uuid(&req.id));
+        let id = violations.check("id", UserId::parse(&req.id));
         let email = violations.check("email", Email::parse(&req.email));
         violations.finish()?;
         let (Some(id), Some(email)) = (id, email) else {
             return Err(Error::new(ErrorKind::Internal, "validation passed without values").into());
         };
-        caller.require_authenticated()?;
-        if !caller.is_user(&id) {
+        if !caller.is_user(id.as_str()) {
             // Only the user themself may change their email.
             return Err(Error::not_found(format_args!("user {id}")).into());
         }
         let user = self
-            .append(&id, req.expected_version, |state| {
+            .append(id.as_str(), req.expected_version, |state| {
                 Ok(state.decide_update_email(&email))
             })
             .await?;
@@ -258,14 +258,10 @@ impl<S: UserStore> UserService for UserApi<S> {
     }
 }
 
-fn parse_uuid(raw: &str) -> Result<String, &'static str> {
-    uuid::Uuid::parse_str(raw.trim())
-        .map(|id| id.to_string())
-        .map_err(|_| "must be a user id (UUID)")
-}
-
 fn parse_id(raw: &str) -> Result<String> {
-    parse_uuid(raw).map_err(|reason| Error::invalid_field("id", reason))
+    UserId::parse(raw)
+        .map(|id| id.as_str().to_owned())
+        .map_err(|reason| Error::invalid_field("id", reason))
 }
 
 async fn hash_blocking(password: Password) -> Result<String> {
