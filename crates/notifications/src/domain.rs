@@ -129,7 +129,7 @@ pub enum NotificationStatus {
     /// Claimed by a sender that is delivering it now (or crashed while doing
     /// so; the claim expires, see [`crate::notifier::CLAIM_LEASE_MICROS`]).
     Sending,
-    /// Handed to the SMTP server or written to the outbox folder.
+    /// Handed to the SMTP server or written to the mail folder.
     Sent,
     /// Delivery failed; the reason is kept. The same event delivered again
     /// retries it.

@@ -1,13 +1,18 @@
-//! The notifications service: emails sent in reaction to domain events, over
+//! The notifications service: emails sent in reaction to domain events
+//! (`UserCreated`, `OrderCompleted`, `OrderCancelled`, `OrderFailed`), over
 //! SMTP when `smtp_url` is configured or written as `.eml` files under
-//! `<data_dir>/outbox/` otherwise, and the `ListNotifications` query.
+//! `<data_dir>/mail/` otherwise, and the `ListNotifications` query.
 //!
-//! The event consumer calls [`Notifier::notify`] once per delivered event; the
-//! event id is the idempotency key, so a redelivered event sends no second
-//! email. [`build`] returns the gRPC service and the notifier sharing one
+//! The event consumer ([`events`]) keeps a directory of users' addresses
+//! from the users service's events and calls [`Notifier::notify`] for each
+//! event that asks for an email; the event id is the idempotency key, so a
+//! redelivered event sends no second email. [`build`] returns the gRPC
+//! service (with the consumer attached) and the notifier sharing one
 //! database.
 //!
 //! # Layout
+//! - [`directory`]: each user's current address, from their events.
+//! - [`events`]: the event consumer's handler.
 //! - [`domain`]: validated values (`Email`, `UserId`, event ids and types)
 //!   and the stored [`domain::Notification`], owned by a user id.
 //! - [`templates`]: the welcome, order completed and order cancelled emails,
@@ -24,7 +29,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod directory;
 pub mod domain;
+pub mod events;
 pub mod grpc;
 pub mod mailer;
 pub mod notifier;
@@ -35,6 +42,7 @@ use agora_platform::auth::TokenVerifier;
 use agora_platform::config::Config;
 use agora_platform::db::{Db, Migrations};
 use agora_platform::server::HostedService;
+use agora_platform_events::ServiceEvents;
 use agora_proto::notifications::v1::SERVICE_NAME;
 use agora_proto::notifications::v1::notification_service_server::NotificationServiceServer;
 use anyhow::Context as _;
@@ -60,16 +68,22 @@ pub async fn build(config: &Config) -> anyhow::Result<(HostedService, Notifier)>
         .with_context(|| format!("mail_from {:?} is not an email address", config.mail_from))?;
     let mailer = mailer::mailer_from_config(config)?;
     let db = Db::connect_and_migrate(&config.database_url("notifications"), MIGRATIONS).await?;
+    let events = ServiceEvents::start(config, &db, "notifications").await?;
     let verifier = TokenVerifier::from_config(&config.auth)?;
     let store = store::SqlNotificationStore::new(db.clone());
     let notifier = Notifier::new(store.clone(), mailer, from);
     let api = grpc::NotificationApi::new(store, verifier);
+    let consumer = events.consumer(
+        events::CONSUMER,
+        events::SUBJECTS,
+        events::NotificationEvents::new(notifier.clone(), db.clone()),
+    );
     let hosted =
         HostedService::new(SERVICE_NAME, NotificationServiceServer::new(api)).with_check(db);
-    Ok((hosted, notifier))
+    Ok((events.attach_consumer(hosted, consumer), notifier))
 }
 
-/// The gRPC service alone, for serving without an event consumer.
+/// The service ready to host: the gRPC service and its event consumer.
 pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
     Ok(build(config).await?.0)
 }

@@ -2,7 +2,7 @@
 //!
 //! [`SmtpMailer`] hands messages to an SMTP server (`smtp://` or `smtps://`,
 //! credentials in the URL). [`FileMailer`] writes each message as
-//! `<data_dir>/outbox/<notification id>.eml` for development without a mail
+//! `<data_dir>/mail/<notification id>.eml` for development without a mail
 //! server. [`mailer_from_config`] picks one: SMTP when `smtp_url` is set.
 
 use std::fmt;
@@ -54,16 +54,16 @@ pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), MailError>> + S
 pub trait Mailer: Send + Sync + 'static {
     /// Delivers `message`, the email of notification `notification_id`.
     /// `Ok` means it was accepted for delivery (by the SMTP server, or
-    /// written completely to the outbox).
+    /// written completely to the mail folder).
     fn send<'a>(&'a self, notification_id: &'a str, message: &'a Message) -> SendFuture<'a>;
 }
 
 /// The mailer the configuration asks for: SMTP when `smtp_url` is set,
-/// otherwise `.eml` files under `<data_dir>/outbox/`.
+/// otherwise `.eml` files under `<data_dir>/mail/`.
 pub fn mailer_from_config(config: &Config) -> anyhow::Result<Arc<dyn Mailer>> {
     Ok(match &config.smtp_url {
         Some(url) => Arc::new(SmtpMailer::from_url(url.expose())?),
-        None => Arc::new(FileMailer::new(config.data_dir.join("outbox"))),
+        None => Arc::new(FileMailer::new(config.data_dir.join("mail"))),
     })
 }
 
@@ -106,37 +106,35 @@ impl Mailer for SmtpMailer {
     }
 }
 
-/// Writes each message as `<outbox>/<notification id>.eml`.
+/// Writes each message as `<mail folder>/<notification id>.eml`.
 #[derive(Clone, Debug)]
 pub struct FileMailer {
-    outbox: PathBuf,
+    dir: PathBuf,
 }
 
 impl FileMailer {
-    /// A mailer writing into `outbox`, which is created on first use.
-    pub fn new(outbox: impl Into<PathBuf>) -> Self {
-        Self {
-            outbox: outbox.into(),
-        }
+    /// A mailer writing into the folder `dir`, created on first use.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
     }
 
     /// The folder messages are written to.
-    pub fn outbox(&self) -> &Path {
-        &self.outbox
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     async fn write(&self, notification_id: &str, message: &Message) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt as _;
 
-        tokio::fs::create_dir_all(&self.outbox).await?;
+        tokio::fs::create_dir_all(&self.dir).await?;
         // A dot-file with a unique name in the same folder: readers looking
         // for `*.eml` never see it, and the rename below is atomic because it
         // stays on one file system.
-        let temp = self.outbox.join(format!(
+        let temp = self.dir.join(format!(
             ".{notification_id}.{}.tmp",
             uuid::Uuid::new_v4().simple()
         ));
-        let target = self.outbox.join(format!("{notification_id}.eml"));
+        let target = self.dir.join(format!("{notification_id}.eml"));
         let written = async {
             let mut file = tokio::fs::File::create(&temp).await?;
             file.write_all(&message.formatted()).await?;
@@ -156,19 +154,19 @@ impl FileMailer {
 impl Mailer for FileMailer {
     fn send<'a>(&'a self, notification_id: &'a str, message: &'a Message) -> SendFuture<'a> {
         Box::pin(async move {
-            // The id becomes a file name: it must not be able to leave the outbox.
+            // The id becomes a file name: it must not be able to leave the mail folder.
             let safe = !notification_id.is_empty()
                 && notification_id
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-');
             if !safe {
                 return Err(MailError::new(format_args!(
-                    "outbox: {notification_id:?} is not a notification id"
+                    "mail folder: {notification_id:?} is not a notification id"
                 )));
             }
             self.write(notification_id, message)
                 .await
-                .map_err(|err| MailError::new(format_args!("outbox: {err}")))
+                .map_err(|err| MailError::new(format_args!("mail folder: {err}")))
         })
     }
 }
@@ -228,26 +226,26 @@ mod tests {
     #[tokio::test]
     async fn the_file_mailer_writes_whole_files_and_no_temp_files_remain() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mailer = FileMailer::new(dir.path().join("outbox"));
+        let mailer = FileMailer::new(dir.path().join("mail"));
         let id = uuid::Uuid::now_v7().to_string();
         let message = message(&id);
         mailer.send(&id, &message).await.expect("send");
-        let names: Vec<_> = std::fs::read_dir(mailer.outbox())
-            .expect("outbox exists")
+        let names: Vec<_> = std::fs::read_dir(mailer.dir())
+            .expect("mail folder exists")
             .map(|entry| entry.expect("entry").file_name())
             .collect();
         assert_eq!(names, [std::ffi::OsString::from(format!("{id}.eml"))]);
-        let written = std::fs::read(mailer.outbox().join(format!("{id}.eml"))).expect("read");
+        let written = std::fs::read(mailer.dir().join(format!("{id}.eml"))).expect("read");
         assert_eq!(written, message.formatted());
     }
 
     #[tokio::test]
-    async fn the_file_mailer_refuses_ids_that_would_leave_the_outbox() {
+    async fn the_file_mailer_refuses_ids_that_would_leave_the_mail_folder() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mailer = FileMailer::new(dir.path().join("outbox"));
+        let mailer = FileMailer::new(dir.path().join("mail"));
         for id in ["../escape", "", "a/b"] {
             let err = mailer.send(id, &message("x")).await.expect_err("unsafe id");
-            assert!(err.reason().starts_with("outbox:"), "{err}");
+            assert!(err.reason().starts_with("mail folder:"), "{err}");
         }
         assert!(!dir.path().join("escape.eml").exists());
     }

@@ -45,17 +45,19 @@ pub struct NotificationRequest {
 }
 
 impl NotificationRequest {
-    /// The welcome email for a `UserCreated` event.
+    /// The welcome email for a `UserCreated` event, to `recipient` (the
+    /// user's current address, from the directory).
     pub fn user_created(
         source_event_type: impl Into<String>,
         source_event_id: impl Into<String>,
         event: &users::UserCreated,
+        recipient: &str,
     ) -> Self {
         Self {
             source_event_type: source_event_type.into(),
             source_event_id: source_event_id.into(),
             user_id: event.user_id.clone(),
-            recipient: event.email.clone(),
+            recipient: recipient.to_owned(),
             template: TemplateData::Welcome {
                 name: event.name.clone(),
             },
@@ -68,12 +70,13 @@ impl NotificationRequest {
         source_event_type: impl Into<String>,
         source_event_id: impl Into<String>,
         event: &orders::OrderCompleted,
+        recipient: &str,
     ) -> Self {
         Self {
             source_event_type: source_event_type.into(),
             source_event_id: source_event_id.into(),
             user_id: event.user_id.clone(),
-            recipient: event.user_email.clone(),
+            recipient: recipient.to_owned(),
             template: TemplateData::OrderCompleted {
                 order_id: event.order_id.clone(),
                 // An empty code fails validation, naming the field.
@@ -87,13 +90,33 @@ impl NotificationRequest {
         source_event_type: impl Into<String>,
         source_event_id: impl Into<String>,
         event: &orders::OrderCancelled,
+        recipient: &str,
     ) -> Self {
         Self {
             source_event_type: source_event_type.into(),
             source_event_id: source_event_id.into(),
             user_id: event.user_id.clone(),
-            recipient: event.user_email.clone(),
+            recipient: recipient.to_owned(),
             template: TemplateData::OrderCancelled {
+                order_id: event.order_id.clone(),
+                reason: event.reason.clone(),
+            },
+        }
+    }
+
+    /// The failure notice for an `OrderFailed` event.
+    pub fn order_failed(
+        source_event_type: impl Into<String>,
+        source_event_id: impl Into<String>,
+        event: &orders::OrderFailed,
+        recipient: &str,
+    ) -> Self {
+        Self {
+            source_event_type: source_event_type.into(),
+            source_event_id: source_event_id.into(),
+            user_id: event.user_id.clone(),
+            recipient: recipient.to_owned(),
+            template: TemplateData::OrderFailed {
                 order_id: event.order_id.clone(),
                 reason: event.reason.clone(),
             },

@@ -31,8 +31,15 @@ pub enum TemplateData {
         /// What was charged.
         total: common::Money,
     },
-    /// An order was cancelled or failed (`OrderCancelled`).
+    /// A completed order was cancelled (`OrderCancelled`).
     OrderCancelled {
+        /// The order's id.
+        order_id: String,
+        /// Why, in words a customer can read; may be empty.
+        reason: String,
+    },
+    /// The checkout of an order failed (`OrderFailed`).
+    OrderFailed {
         /// The order's id.
         order_id: String,
         /// Why, in words a customer can read; may be empty.
@@ -57,6 +64,13 @@ pub enum Template {
     },
     /// See [`TemplateData::OrderCancelled`].
     OrderCancelled {
+        /// Trimmed, without control characters.
+        order_id: String,
+        /// Trimmed; may contain line breaks; may be empty.
+        reason: String,
+    },
+    /// See [`TemplateData::OrderFailed`].
+    OrderFailed {
         /// Trimmed, without control characters.
         order_id: String,
         /// Trimmed; may contain line breaks; may be empty.
@@ -95,16 +109,18 @@ impl Template {
                     total: total?,
                 })
             }
-            TemplateData::OrderCancelled { order_id, reason } => {
+            TemplateData::OrderCancelled { order_id, reason }
+            | TemplateData::OrderFailed { order_id, reason } => {
                 let order_id = violations.check(
                     "template.order_id",
                     parse_line(order_id, MAX_ORDER_ID_CHARS),
                 );
                 let reason =
                     violations.check("template.reason", parse_paragraph(reason, MAX_REASON_CHARS));
-                Some(Self::OrderCancelled {
-                    order_id: order_id?,
-                    reason: reason?,
+                let (order_id, reason) = (order_id?, reason?);
+                Some(match data {
+                    TemplateData::OrderFailed { .. } => Self::OrderFailed { order_id, reason },
+                    _ => Self::OrderCancelled { order_id, reason },
                 })
             }
         }
@@ -116,6 +132,7 @@ impl Template {
             Self::Welcome { name } => welcome(name, recipient.as_str()),
             Self::OrderCompleted { order_id, total } => order_completed(order_id, total),
             Self::OrderCancelled { order_id, reason } => order_cancelled(order_id, reason),
+            Self::OrderFailed { order_id, reason } => order_failed(order_id, reason),
         }
     }
 }
@@ -172,7 +189,34 @@ pub fn order_completed(order_id: &str, total: &str) -> RenderedEmail {
 
 /// The notice of a cancelled order, with the reason when one was given.
 pub fn order_cancelled(order_id: &str, reason: &str) -> RenderedEmail {
-    let subject = format!("Your Agora order {order_id} was cancelled");
+    order_notice(
+        format!("Your Agora order {order_id} was cancelled"),
+        order_id,
+        "was cancelled",
+        reason,
+        "Anything you were charged for it has been refunded.",
+    )
+}
+
+/// The notice of an order whose checkout failed, with the reason.
+pub fn order_failed(order_id: &str, reason: &str) -> RenderedEmail {
+    order_notice(
+        format!("Your Agora order {order_id} could not be completed"),
+        order_id,
+        "could not be completed",
+        reason,
+        "Nothing was charged for it.",
+    )
+}
+
+/// An order's end: what happened to it, why, and what it means for money.
+fn order_notice(
+    subject: String,
+    order_id: &str,
+    what: &str,
+    reason: &str,
+    money: &str,
+) -> RenderedEmail {
     let reason = if reason.trim().is_empty() {
         "no reason was given"
     } else {
@@ -180,18 +224,18 @@ pub fn order_cancelled(order_id: &str, reason: &str) -> RenderedEmail {
     };
     let text = format!(
         "Hello,\n\n\
-         your order {order_id} was cancelled.\n\
+         your order {order_id} {what}.\n\
          Reason: {reason}\n\n\
-         Anything you were charged for it has been refunded.\n\n\
+         {money}\n\n\
          The Agora team\n"
     );
     let html = html_document(
         &subject,
         &format!(
             "<p>Hello,</p>\n\
-             <p>your order <strong>{order_id}</strong> was cancelled.</p>\n\
+             <p>your order <strong>{order_id}</strong> {what}.</p>\n\
              <p>Reason: {reason}</p>\n\
-             <p>Anything you were charged for it has been refunded.</p>\n",
+             <p>{money}</p>\n",
             order_id = escape_html(order_id),
             // Escape first, then turn the (now inert) line breaks into tags.
             reason = escape_html(reason)

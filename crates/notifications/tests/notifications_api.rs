@@ -1,6 +1,6 @@
 //! The notifications service over real gRPC on loopback, against a fresh
 //! database, sending through a real SMTP server (aiosmtpd) or into the
-//! outbox folder. Every test runs twice: on PostgreSQL and on SQLite.
+//! mail folder. Every test runs twice: on PostgreSQL and on SQLite.
 //!
 //! Messages are parsed with Python's `email` package (from the same `.venv/`
 //! as aiosmtpd): an independent RFC 5322 / MIME parser, so "parseable" means
@@ -190,11 +190,11 @@ async fn wait_for_messages(smtp: &SmtpServer, count: usize) -> anyhow::Result<Ve
     )
 }
 
-/// The `.eml` files in the outbox (temp files are dot-files and excluded).
-fn outbox_files(outbox: &Path) -> anyhow::Result<Vec<String>> {
+/// The `.eml` files in the mail folder (temp files are dot-files and excluded).
+fn mail_files(dir: &Path) -> anyhow::Result<Vec<String>> {
     let mut names = Vec::new();
-    if outbox.exists() {
-        for entry in std::fs::read_dir(outbox)? {
+    if dir.exists() {
+        for entry in std::fs::read_dir(dir)? {
             names.push(entry?.file_name().to_string_lossy().into_owned());
         }
     }
@@ -256,7 +256,9 @@ async fn smtp_delivers_both_parts_to_the_recipient(backend: Backend) -> anyhow::
     h.server.stop().await
 }
 
-async fn file_mode_writes_a_parseable_eml_under_the_outbox(backend: Backend) -> anyhow::Result<()> {
+async fn file_mode_writes_a_parseable_eml_in_the_mail_folder(
+    backend: Backend,
+) -> anyhow::Result<()> {
     let h = start(backend).await?;
     let sent = h
         .notifier
@@ -269,10 +271,10 @@ async fn file_mode_writes_a_parseable_eml_under_the_outbox(backend: Backend) -> 
         .await?;
     assert_eq!(sent.status, NotificationStatus::Sent, "{sent:?}");
 
-    let outbox = h.env.config.data_dir.join("outbox");
+    let mail = h.env.config.data_dir.join("mail");
     // Exactly the finished file: no temp file left behind.
-    assert_eq!(outbox_files(&outbox)?, [format!("{}.eml", sent.id)]);
-    let raw = std::fs::read(outbox.join(format!("{}.eml", sent.id)))?;
+    assert_eq!(mail_files(&mail)?, [format!("{}.eml", sent.id)]);
+    let raw = std::fs::read(mail.join(format!("{}.eml", sent.id)))?;
     let email = parse_email(&raw).await?;
     assert!(email.defects.is_empty(), "{:?}", email.defects);
     assert_eq!(email.to, "grace@example.com");
@@ -295,8 +297,8 @@ async fn file_mode_writes_a_parseable_eml_under_the_outbox(backend: Backend) -> 
             },
         })
         .await?;
-    assert_eq!(outbox_files(&outbox)?.len(), 2);
-    let raw = std::fs::read(outbox.join(format!("{}.eml", cancelled.id)))?;
+    assert_eq!(mail_files(&mail)?.len(), 2);
+    let raw = std::fs::read(mail.join(format!("{}.eml", cancelled.id)))?;
     let email = parse_email(&raw).await?;
     assert!(email.subject.contains("o-43") && email.subject.contains("cancelled"));
     assert!(
@@ -440,16 +442,19 @@ async fn unreachable_smtp_is_stored_as_failed_and_retried_on_redelivery(
     h.server.stop().await
 }
 
-async fn an_unwritable_outbox_is_stored_as_failed(backend: Backend) -> anyhow::Result<()> {
+async fn an_unwritable_mail_folder_is_stored_as_failed(backend: Backend) -> anyhow::Result<()> {
     let h = start(backend).await?;
-    // A file where the outbox folder should be.
-    std::fs::write(h.env.config.data_dir.join("outbox"), b"in the way")?;
+    // A file where the mail folder should be.
+    std::fs::write(h.env.config.data_dir.join("mail"), b"in the way")?;
     let failed = h
         .notifier
         .notify(&welcome(&event_id(), &user_id(), "ada@example.com", "Ada"))
         .await?;
     assert_eq!(failed.status, NotificationStatus::Failed, "{failed:?}");
-    assert!(failed.failure_reason.starts_with("outbox:"), "{failed:?}");
+    assert!(
+        failed.failure_reason.starts_with("mail folder:"),
+        "{failed:?}"
+    );
     h.server.stop().await
 }
 
@@ -511,13 +516,13 @@ async fn abandoned_claims_expire_and_stale_senders_cannot_record(
         store.claim(&new, i64::MAX).await?,
         Claim::AlreadySent(_)
     ));
-    // Sent now: the notifier returns it without sending (nothing in the outbox).
+    // Sent now: the notifier returns it without sending (nothing in the mail folder).
     let again = h
         .notifier
         .notify(&welcome(&event, &ada_id, "ada@example.com", "Ada"))
         .await?;
     assert_eq!(again, done);
-    assert!(outbox_files(&h.env.config.data_dir.join("outbox"))?.is_empty());
+    assert!(mail_files(&h.env.config.data_dir.join("mail"))?.is_empty());
     h.server.stop().await
 }
 
@@ -593,9 +598,11 @@ async fn invalid_notify_requests_name_every_bad_field(backend: Backend) -> anyho
             &agora_proto::orders::v1::OrderCompleted {
                 order_id: "o-1".into(),
                 user_id: user_id(),
-                user_email: "ada@example.com".into(),
                 total: None,
+                version: 2,
+                ..Default::default()
             },
+            "ada@example.com",
         ))
         .await
         .expect_err("no total");
@@ -616,7 +623,9 @@ async fn invalid_notify_requests_name_every_bad_field(backend: Backend) -> anyho
                     email: "ada@example.com".into(),
                     name: "Ada".into(),
                     roles: vec![],
+                    version: 1,
                 },
+                "ada@example.com",
             ))
             .await
             .expect_err("no owner");
@@ -624,8 +633,8 @@ async fn invalid_notify_requests_name_every_bad_field(backend: Backend) -> anyho
     }
 
     // Nothing was stored or written.
-    let outbox = h.env.config.data_dir.join("outbox");
-    assert!(outbox_files(&outbox)?.is_empty());
+    let mail = h.env.config.data_dir.join("mail");
+    assert!(mail_files(&mail)?.is_empty());
     let admin = h.env.admin_token()?;
     assert!(list(&mut h, &admin, "ada@example.com").await?.is_empty());
     h.server.stop().await
@@ -644,7 +653,9 @@ async fn listing_access_per_caller(backend: Backend) -> anyhow::Result<()> {
                 email: "ada@example.com".into(),
                 name: "Ada".into(),
                 roles: vec![],
+                version: 1,
             },
+            "ada@example.com",
         ))
         .await?;
     h.notifier
@@ -725,7 +736,9 @@ async fn a_reused_email_address_shows_nothing_of_its_previous_owner(
                 email: "ada@example.com".into(),
                 name: name.into(),
                 roles: vec![],
+                version: 1,
             },
+            "ada@example.com",
         )
     };
     // Ada signs up as ada@example.com and orders.
@@ -738,12 +751,14 @@ async fn a_reused_email_address_shows_nothing_of_its_previous_owner(
             &agora_proto::orders::v1::OrderCompleted {
                 order_id: uuid::Uuid::now_v7().to_string(),
                 user_id: ada_id.clone(),
-                user_email: "ada@example.com".into(),
                 total: Some(Money {
                     currency_code: "EUR".into(),
                     amount_minor: 1999,
                 }),
+                version: 2,
+                ..Default::default()
             },
+            "ada@example.com",
         ))
         .await?;
     assert_eq!(ada_welcome.user_id, ada_id);
@@ -938,11 +953,11 @@ async fn hosted_service_reports_serving(backend: Backend) -> anyhow::Result<()> 
 
 backend_tests!(
     smtp_delivers_both_parts_to_the_recipient,
-    file_mode_writes_a_parseable_eml_under_the_outbox,
+    file_mode_writes_a_parseable_eml_in_the_mail_folder,
     the_same_event_twice_sends_one_email_and_keeps_one_row,
     racing_deliveries_of_one_event_send_one_email,
     unreachable_smtp_is_stored_as_failed_and_retried_on_redelivery,
-    an_unwritable_outbox_is_stored_as_failed,
+    an_unwritable_mail_folder_is_stored_as_failed,
     abandoned_claims_expire_and_stale_senders_cannot_record,
     invalid_notify_requests_name_every_bad_field,
     listing_access_per_caller,

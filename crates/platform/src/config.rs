@@ -64,9 +64,11 @@ pub struct Config {
     pub log_format: LogFormat,
     /// NATS server for domain events.
     pub nats_url: String,
+    /// Domain events: streams, retries, retention.
+    pub events: EventsConfig,
     /// SMTP server for the notifications service (`smtp://host:port`,
     /// `smtps://user:pass@host`); unset writes `.eml` files under
-    /// `<data_dir>/outbox/` instead. May hold a password, hence secret.
+    /// `<data_dir>/mail/` instead. May hold a password, hence secret.
     pub smtp_url: Option<Secret<String>>,
     /// The `From` address of emails.
     pub mail_from: String,
@@ -84,6 +86,30 @@ pub struct Config {
     pub orders: ServiceConfig,
     /// The notifications service.
     pub notifications: ServiceConfig,
+}
+
+/// Domain event settings shared by every service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Copies of each JetStream stream in a NATS cluster: 1 on a single
+    /// server, 3 in production.
+    pub stream_replicas: usize,
+    /// Deliveries after which a consumer gives up on a failing event and
+    /// moves it to the dead-letter stream.
+    pub dead_letter_after: i64,
+    /// Hours published outbox rows are kept before they are pruned.
+    pub outbox_retention_hours: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            stream_replicas: 1,
+            dead_letter_after: 5,
+            outbox_retention_hours: 24,
+        }
+    }
 }
 
 /// Settings of one service.
@@ -151,6 +177,7 @@ impl Default for Config {
             data_dir: PathBuf::from(".data"),
             log_format: LogFormat::Pretty,
             nats_url: "nats://127.0.0.1:4222".to_owned(),
+            events: EventsConfig::default(),
             smtp_url: None,
             mail_from: "Agora <no-reply@agora.localhost>".to_owned(),
             auth: AuthConfig::default(),

@@ -57,12 +57,20 @@ impl HealthCheck for Db {
     }
 }
 
-/// One gRPC service and the dependencies its health depends on.
+/// A background task of a service (an outbox relay, an event consumer): it
+/// runs while the server runs and is told to stop, through the token, once
+/// the server has drained.
+pub type Worker = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
+
+/// One gRPC service, the dependencies its health depends on, and the
+/// background work it needs.
 pub struct HostedService {
     name: &'static str,
     register: Box<dyn FnOnce(&mut RoutesBuilder) + Send>,
     checks: Vec<Arc<dyn HealthCheck>>,
+    degraded_checks: Vec<Arc<dyn HealthCheck>>,
     drain: Vec<CancellationToken>,
+    workers: Vec<(&'static str, Worker)>,
 }
 
 impl HostedService {
@@ -87,7 +95,9 @@ impl HostedService {
                 routes.add_service(service);
             }),
             checks: Vec::new(),
+            degraded_checks: Vec::new(),
             drain: Vec::new(),
+            workers: Vec::new(),
         }
     }
 
@@ -102,6 +112,26 @@ impl HostedService {
     /// Adds a dependency: while it fails, the service reports NOT_SERVING.
     pub fn with_check(mut self, check: impl HealthCheck) -> Self {
         self.checks.push(Arc::new(check));
+        self
+    }
+
+    /// Adds a dependency the service can do without for a while (NATS: its
+    /// events wait in the outbox). Its failure leaves the service SERVING and
+    /// is reported on its own, as the health of `<service>/<dependency>`
+    /// (e.g. `agora.users.v1.UserService/nats`), and logged.
+    pub fn with_degraded_check(mut self, check: impl HealthCheck) -> Self {
+        self.degraded_checks.push(Arc::new(check));
+        self
+    }
+
+    /// Adds a background task, run alongside the server and stopped after it.
+    pub fn with_worker<F, Fut>(mut self, name: &'static str, worker: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.workers
+            .push((name, Box::new(move |stop| Box::pin(worker(stop)))));
         self
     }
 
@@ -164,17 +194,27 @@ impl Server {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let mut names: Vec<&'static str> = Vec::new();
         let mut monitored = Vec::new();
+        let mut degraded = Vec::new();
         let mut drain = Vec::new();
+        let mut workers = Vec::new();
         let mut routes = RoutesBuilder::default();
         for service in self.services {
             names.push(service.name);
             drain.extend(service.drain);
+            workers.extend(service.workers);
             (service.register)(&mut routes);
             // Unknown until the first check has run.
             health_reporter
                 .set_service_status(service.name, ServingStatus::NotServing)
                 .await;
             monitored.push((service.name, service.checks));
+            for check in service.degraded_checks {
+                let name = format!("{}/{}", service.name, check.name());
+                health_reporter
+                    .set_service_status(&name, ServingStatus::NotServing)
+                    .await;
+                degraded.push((name, check));
+            }
         }
         health_reporter
             .set_service_status("", ServingStatus::NotServing)
@@ -212,10 +252,12 @@ impl Server {
             health: HealthMonitor {
                 reporter: health_reporter,
                 services: monitored,
+                degraded,
                 interval: self.health_interval,
             },
             drain_timeout: self.drain_timeout,
             drain,
+            workers,
         })
     }
 }
@@ -229,7 +271,13 @@ pub struct Application {
     drain_timeout: Duration,
     /// The hosted services' drain signals, cancelled when shutdown begins.
     drain: Vec<CancellationToken>,
+    /// Background tasks, started with the server and stopped after it.
+    workers: Vec<(&'static str, Worker)>,
 }
+
+/// How long stopped workers get to finish what they are doing (a relay's
+/// batch in flight) before the process moves on without them.
+const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Application {
     /// The address actually bound (useful with port 0).
@@ -248,8 +296,20 @@ impl Application {
             health,
             drain_timeout,
             drain,
+            workers,
         } = self;
         let health_task = tokio::spawn(health.run(shutdown.clone()));
+        // Workers outlive the drain: events recorded by the last in-flight
+        // calls still get published.
+        let stop_workers = CancellationToken::new();
+        let mut worker_tasks = tokio::task::JoinSet::new();
+        for (name, worker) in workers {
+            let task = worker(stop_workers.clone());
+            worker_tasks.spawn(async move {
+                task.await;
+                tracing::debug!(worker = name, "worker stopped");
+            });
+        }
         let draining = shutdown.clone();
         let drain_task = tokio::spawn(async move {
             draining.cancelled().await;
@@ -277,6 +337,14 @@ impl Application {
         };
         health_task.abort();
         drain_task.abort();
+        stop_workers.cancel();
+        let stopped = tokio::time::timeout(WORKER_STOP_TIMEOUT, async {
+            while worker_tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if stopped.is_err() {
+            tracing::warn!("background workers did not stop in time; abandoning them");
+        }
         tracing::info!(addr = %local_addr, "server stopped");
         result
     }
@@ -288,6 +356,8 @@ impl Application {
 struct HealthMonitor {
     reporter: HealthReporter,
     services: Vec<(&'static str, Vec<Arc<dyn HealthCheck>>)>,
+    /// `<service>/<dependency>` and its check: reported, never blocking.
+    degraded: Vec<(String, Arc<dyn HealthCheck>)>,
     interval: Duration,
 }
 
@@ -296,6 +366,7 @@ impl HealthMonitor {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last: Vec<Option<bool>> = vec![None; self.services.len()];
+        let mut last_degraded: Vec<Option<bool>> = vec![None; self.degraded.len()];
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -328,8 +399,27 @@ impl HealthMonitor {
             self.reporter
                 .set_service_status("", status(all_serving))
                 .await;
+            for (index, (name, check)) in self.degraded.iter().enumerate() {
+                let result = check.check().await;
+                let ok = result.is_ok();
+                if last_degraded[index] != Some(ok) {
+                    match &result {
+                        Ok(()) => tracing::info!(dependency = %name, "health: dependency back"),
+                        Err(err) => tracing::warn!(
+                            dependency = %name, error = %err, "health: degraded (still serving)"
+                        ),
+                    }
+                    last_degraded[index] = Some(ok);
+                }
+                self.reporter.set_service_status(name, status(ok)).await;
+            }
         }
         // Tell load balancers and watchers to go elsewhere while we drain.
+        for (name, _) in &self.degraded {
+            self.reporter
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
         for (name, _) in &self.services {
             self.reporter
                 .set_service_status(*name, ServingStatus::NotServing)

@@ -108,6 +108,33 @@ pub fn inject_current(metadata: &mut tonic::metadata::MetadataMap) {
     });
 }
 
+/// The current span's W3C trace context (`traceparent`, and `tracestate`
+/// when set), for carriers other than gRPC metadata: outbox rows, NATS
+/// headers. Empty when there is no active trace.
+pub fn current_trace_headers() -> std::collections::HashMap<String, String> {
+    let context = tracing::Span::current().context();
+    let mut headers = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut headers);
+    });
+    headers
+}
+
+/// The remote parent context stored as `traceparent` / `tracestate` text.
+pub fn context_from_trace_headers(
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> opentelemetry::Context {
+    let mut headers = std::collections::HashMap::new();
+    if let Some(value) = traceparent {
+        headers.insert("traceparent".to_owned(), value.to_owned());
+    }
+    if let Some(value) = tracestate {
+        headers.insert("tracestate".to_owned(), value.to_owned());
+    }
+    opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&headers))
+}
+
 /// A tonic interceptor that propagates the current trace to the callee:
 /// `FooClient::with_interceptor(channel, TracePropagation)`.
 #[derive(Clone, Copy, Debug, Default)]

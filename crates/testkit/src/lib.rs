@@ -34,7 +34,7 @@ pub use database::{Backend, TestDatabase};
 pub use nats::NatsServer;
 pub use otlp::{OtlpCollector, ReceivedSpan};
 pub use postgres::PrivatePostgres;
-pub use server::{SERVICES, TestEnv, TestServer};
+pub use server::{SERVICES, TestEnv, TestServer, UNREACHABLE_NATS};
 pub use smtp::SmtpServer;
 
 /// Runs an async test body once per backend: `backend_tests!(name, body_fn)`

@@ -15,6 +15,7 @@ pub struct NatsServer {
     url: String,
     port: u16,
     child: Child,
+    config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -43,22 +44,26 @@ impl NatsServer {
                 dir.path().join("jetstream").display()
             ),
         )?;
-        let child = Command::new(&binary)
-            .arg("-c")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let child = spawn(&config)?;
         let mut server = Self {
             url: format!("nats://127.0.0.1:{port}"),
             port,
             child,
+            config,
             _dir: dir,
         };
         server.wait_ready().await?;
         Ok(server)
+    }
+
+    /// Starts the (killed) server again on the same port and JetStream
+    /// store, as a supervisor would after a crash.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.try_wait()?.is_none() {
+            self.child.kill().await?;
+        }
+        self.child = spawn(&self.config)?;
+        self.wait_ready().await
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
@@ -92,6 +97,18 @@ impl NatsServer {
         self.child.kill().await?;
         Ok(())
     }
+}
+
+fn spawn(config: &std::path::Path) -> anyhow::Result<Child> {
+    let binary = NatsServer::binary();
+    Command::new(&binary)
+        .arg("-c")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
 }
 
 async fn check_version(binary: &std::path::Path) -> anyhow::Result<()> {

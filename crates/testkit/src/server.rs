@@ -20,6 +20,10 @@ pub struct TestEnv {
     _data_dir: tempfile::TempDir,
 }
 
+/// A NATS URL where nothing listens (port 1 on loopback): the default of
+/// tests that start no `nats-server`.
+pub const UNREACHABLE_NATS: &str = "nats://127.0.0.1:1";
+
 /// The services of the mesh, as named in configuration.
 pub const SERVICES: [&str; 6] = [
     "users",
@@ -69,6 +73,10 @@ impl TestEnv {
         let (private_pem, public_pem) = generate_keypair_pem()?;
         let mut config = Config {
             data_dir: data_dir.path().to_path_buf(),
+            // Never the machine's own NATS: nothing listens here, so events
+            // wait in the outbox unless the test starts a NatsServer and
+            // calls `use_nats`.
+            nats_url: UNREACHABLE_NATS.to_owned(),
             ..Config::default()
         };
         config.auth.private_key_pem = Some(private_pem.clone());
@@ -96,6 +104,11 @@ impl TestEnv {
             databases: vec![database],
             _data_dir: data_dir,
         })
+    }
+
+    /// Points the services at `nats` for their events.
+    pub fn use_nats(&mut self, nats: &crate::NatsServer) {
+        self.config.nats_url = nats.url().to_owned();
     }
 
     /// The URL of the database of `service`.

@@ -94,6 +94,44 @@ pub struct StoredEvent {
     pub data: UserEventData,
 }
 
+impl StoredEvent {
+    /// The event as it leaves the service (published on NATS, listed by
+    /// `ListUserEvents`): the protobuf message, without the password hash.
+    pub fn to_published(&self) -> agora_proto::users::v1::user_event::Event {
+        use agora_proto::users::v1 as pb;
+        use agora_proto::users::v1::user_event::Event;
+        let user_id = self.user_id.clone();
+        let version = self.version;
+        match &self.data {
+            UserEventData::UserCreated {
+                email, name, roles, ..
+            } => Event::UserCreated(pb::UserCreated {
+                user_id,
+                email: email.clone(),
+                name: name.clone(),
+                roles: roles.clone(),
+                version,
+            }),
+            UserEventData::UserEmailUpdated {
+                old_email,
+                new_email,
+            } => Event::UserEmailUpdated(pb::UserEmailUpdated {
+                user_id,
+                old_email: old_email.clone(),
+                new_email: new_email.clone(),
+                version,
+            }),
+            UserEventData::UserActivated { activated_by } => {
+                Event::UserActivated(pb::UserActivated {
+                    user_id,
+                    activated_by: activated_by.clone(),
+                    version,
+                })
+            }
+        }
+    }
+}
+
 /// A user's current state: the fold of their events.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UserState {

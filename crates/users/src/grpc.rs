@@ -305,30 +305,7 @@ pub fn to_proto(user: &UserState) -> pb::User {
 
 /// The protobuf view of a stored event; credentials stay behind.
 pub fn event_to_proto(event: &StoredEvent) -> pb::UserEvent {
-    use pb::user_event::Event;
-    let user_id = event.user_id.clone();
-    let payload = match &event.data {
-        UserEventData::UserCreated {
-            email, name, roles, ..
-        } => Event::UserCreated(pb::UserCreated {
-            user_id,
-            email: email.clone(),
-            name: name.clone(),
-            roles: roles.clone(),
-        }),
-        UserEventData::UserEmailUpdated {
-            old_email,
-            new_email,
-        } => Event::UserEmailUpdated(pb::UserEmailUpdated {
-            user_id,
-            old_email: old_email.clone(),
-            new_email: new_email.clone(),
-        }),
-        UserEventData::UserActivated { activated_by } => Event::UserActivated(pb::UserActivated {
-            user_id,
-            activated_by: activated_by.clone(),
-        }),
-    };
+    let payload = event.to_published();
     pb::UserEvent {
         event_id: event.event_id.clone(),
         user_id: event.user_id.clone(),

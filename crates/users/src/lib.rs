@@ -27,6 +27,7 @@ use agora_platform::auth::{TokenIssuer, TokenVerifier};
 use agora_platform::config::Config;
 use agora_platform::db::{Db, Migrations};
 use agora_platform::server::HostedService;
+use agora_platform_events::ServiceEvents;
 use agora_proto::users::v1::SERVICE_NAME;
 use agora_proto::users::v1::user_service_server::UserServiceServer;
 
@@ -37,12 +38,20 @@ pub const MIGRATIONS: Migrations = Migrations {
 };
 
 /// Connects to the users database (migrating it), loads the signing key and
-/// returns the service ready to host, with its database as health check.
+/// returns the service ready to host, with its database as health check,
+/// NATS as a degraded-only dependency and the outbox relay publishing
+/// `UserCreated`, `UserEmailUpdated` and `UserActivated`.
 pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
     let db = Db::connect_and_migrate(&config.database_url("users"), MIGRATIONS).await?;
+    let events = ServiceEvents::start(config, &db, "users").await?;
     let issuer = TokenIssuer::from_config(&config.auth)?;
     let verifier = TokenVerifier::from_config(&config.auth)?;
-    let api = grpc::UserApi::new(store::SqlUserStore::new(db.clone()), issuer, verifier)
-        .with_admin_emails(&config.auth.admin_emails);
-    Ok(HostedService::new(SERVICE_NAME, UserServiceServer::new(api)).with_check(db))
+    let api = grpc::UserApi::new(
+        store::SqlUserStore::new(events.outbox.clone()),
+        issuer,
+        verifier,
+    )
+    .with_admin_emails(&config.auth.admin_emails);
+    let hosted = HostedService::new(SERVICE_NAME, UserServiceServer::new(api)).with_check(db);
+    Ok(events.attach(hosted))
 }

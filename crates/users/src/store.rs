@@ -6,6 +6,12 @@
 //! projection can never disagree with the history; the unique constraint on
 //! `(user_id, version)` makes concurrent writers of the same version fail with
 //! a conflict instead of both succeeding.
+//!
+//! The history is not the outbox: it keeps what the service needs to rebuild
+//! a user (the password hash included) for ever, while the outbox holds the
+//! public protobuf event until it is published. Both are written in the same
+//! unit of work ([`Outbox::begin`]), so an event is published if and only if
+//! the change committed.
 
 use std::future::Future;
 
@@ -13,8 +19,10 @@ use agora_platform::config::Secret;
 use agora_platform::db::{Db, is_unique_violation};
 use agora_platform::error::{Error, ErrorKind, Result};
 use agora_platform::time::now_micros;
+use agora_platform_events::{Outbox, UnitOfWork};
+use agora_proto::users::v1 as pb;
+use sqlx::Row;
 use sqlx::any::AnyRow;
-use sqlx::{Any, Row, Transaction};
 
 use crate::events::{StoredEvent, UserEventData, UserState, UserStatus};
 
@@ -54,16 +62,21 @@ pub trait UserStore: Send + Sync + 'static {
     fn any_admin(&self) -> impl Future<Output = Result<bool>> + Send;
 }
 
-/// [`UserStore`] on a SQL database (PostgreSQL or SQLite).
+/// [`UserStore`] on a SQL database (PostgreSQL or SQLite), recording the
+/// published events in the same database's outbox.
 #[derive(Clone, Debug)]
 pub struct SqlUserStore {
     db: Db,
+    outbox: Outbox,
 }
 
 impl SqlUserStore {
-    /// A store on a migrated database.
-    pub fn new(db: Db) -> Self {
-        Self { db }
+    /// A store on a migrated database, with its outbox.
+    pub fn new(outbox: Outbox) -> Self {
+        Self {
+            db: outbox.db().clone(),
+            outbox,
+        }
     }
 }
 
@@ -88,8 +101,8 @@ impl UserStore for SqlUserStore {
         };
         let state = UserState::apply(None, &event)
             .map_err(|err| Error::internal("applying user_created", err))?;
-        let mut tx = self.db.begin_write().await?;
-        insert_event(&mut tx, &event).await?;
+        let mut work = self.outbox.begin().await?;
+        insert_event(&mut work, &event).await?;
         sqlx::query(
             "INSERT INTO users (id, email, name, status, roles, password_hash, \
              created_at, updated_at, version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -103,10 +116,11 @@ impl UserStore for SqlUserStore {
         .bind(state.created_at)
         .bind(state.updated_at)
         .bind(state.version)
-        .execute(&mut *tx)
+        .execute(work.tx())
         .await
         .map_err(email_taken_or)?;
-        tx.commit().await?;
+        record_published(&mut work, &event).await?;
+        work.commit().await?;
         Ok(state)
     }
 
@@ -119,10 +133,10 @@ impl UserStore for SqlUserStore {
     where
         F: FnOnce(&UserState) -> Result<Option<UserEventData>> + Send,
     {
-        let mut tx = self.db.begin_write().await?;
+        let mut work = self.outbox.begin().await?;
         let current = sqlx::query(select_user!("id = $1"))
             .bind(user_id)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(work.tx())
             .await?
             .map(|row| user_from_row(&row))
             .transpose()?
@@ -148,7 +162,7 @@ impl UserStore for SqlUserStore {
         };
         let next = UserState::apply(Some(current.clone()), &event)
             .map_err(|err| Error::internal("applying an event", err))?;
-        insert_event(&mut tx, &event).await?;
+        insert_event(&mut work, &event).await?;
         let updated = sqlx::query(
             "UPDATE users SET email = $1, name = $2, status = $3, roles = $4, \
              updated_at = $5, version = $6 WHERE id = $7 AND version = $8",
@@ -161,13 +175,14 @@ impl UserStore for SqlUserStore {
         .bind(next.version)
         .bind(&next.id)
         .bind(current.version)
-        .execute(&mut *tx)
+        .execute(work.tx())
         .await
         .map_err(email_taken_or)?;
         if updated.rows_affected() != 1 {
             return Err(concurrent_write(user_id));
         }
-        tx.commit().await?;
+        record_published(&mut work, &event).await?;
+        work.commit().await?;
         Ok(next)
     }
 
@@ -226,7 +241,19 @@ async fn any_admin_row(db: &Db) -> Result<bool> {
     Ok(row.is_some())
 }
 
-async fn insert_event(tx: &mut Transaction<'static, Any>, event: &StoredEvent) -> Result<()> {
+/// Records the public protobuf form of `event` in the outbox: never the
+/// password hash.
+async fn record_published(work: &mut UnitOfWork, event: &StoredEvent) -> Result<()> {
+    use pb::user_event::Event;
+    match event.to_published() {
+        Event::UserCreated(published) => work.record(&published).await?,
+        Event::UserEmailUpdated(published) => work.record(&published).await?,
+        Event::UserActivated(published) => work.record(&published).await?,
+    };
+    Ok(())
+}
+
+async fn insert_event(work: &mut UnitOfWork, event: &StoredEvent) -> Result<()> {
     let payload = serde_json::to_string(&event.data)
         .map_err(|err| Error::internal("encoding an event", err))?;
     sqlx::query(
@@ -239,7 +266,7 @@ async fn insert_event(tx: &mut Transaction<'static, Any>, event: &StoredEvent) -
     .bind(event.data.event_type())
     .bind(payload)
     .bind(event.occurred_at)
-    .execute(&mut **tx)
+    .execute(work.tx())
     .await
     .map_err(|err| {
         if is_unique_violation(&err) {

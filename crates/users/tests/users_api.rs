@@ -336,7 +336,7 @@ async fn state_is_the_replay_of_the_events(backend: Backend) -> anyhow::Result<(
 
     // Replaying the stored history yields exactly the stored current state.
     let db = Db::connect(&Secret::new(h.env.database_url().to_owned())).await?;
-    let store = SqlUserStore::new(db);
+    let store = SqlUserStore::new(agora_platform_events::Outbox::new(db));
     let history = store.events(&user.id).await?;
     let replayed = UserState::replay(&history)?.expect("user exists");
     let projected = store.get(&user.id).await?.expect("user exists");

@@ -51,7 +51,11 @@ impl AgoraProcess {
             .arg("serve")
             .args(targets)
             .env_remove("DATABASE_URL")
+            .env_remove("NATS_URL")
             .env("AGORA_DATA_DIR", &data)
+            // Never the machine's own NATS; tests that want events pass
+            // their own NatsServer's URL in `env`.
+            .env("AGORA_NATS_URL", agora_testkit::UNREACHABLE_NATS)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null());
         let mut addrs = BTreeMap::new();

@@ -1,0 +1,228 @@
+//! Domain events end to end through the real binary and a private
+//! nats-server: a sign-up becomes a welcome email, in one trace, and the
+//! services keep answering while NATS is down.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use agora_proto::notifications::v1 as notifications;
+use agora_proto::notifications::v1::notification_service_client::NotificationServiceClient;
+use agora_proto::users::v1 as users;
+use agora_proto::users::v1::user_service_client::UserServiceClient;
+use agora_testkit::{NatsServer, OtlpCollector, ReceivedSpan, with_token};
+
+use common::AgoraProcess;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const TRACE_ID: &str = "5af92f3577b34da6a3ce929d0e0e4737";
+const PARENT_SPAN_ID: &str = "10f067aa0ba902b8";
+
+fn sign_up(email: &str) -> users::CreateUserRequest {
+    users::CreateUserRequest {
+        email: email.into(),
+        name: "Ada Lovelace".into(),
+        password: "correct horse battery".into(),
+    }
+}
+
+/// The `.eml` files written so far.
+fn emails(data: &Path) -> anyhow::Result<Vec<String>> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(data.join("mail")) {
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "eml") {
+                found.push(std::fs::read_to_string(path)?);
+            }
+        }
+    }
+    Ok(found)
+}
+
+async fn wait_for_emails(data: &Path, count: usize) -> anyhow::Result<Vec<String>> {
+    for _ in 0..300 {
+        let found = emails(data)?;
+        if found.len() >= count {
+            return Ok(found);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("expected {count} emails, have {}", emails(data)?.len())
+}
+
+async fn wait_for_health(
+    agora: &AgoraProcess,
+    service: &str,
+    want: ServingStatus,
+) -> anyhow::Result<()> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", agora.addr("users")))?
+            .connect()
+            .await?;
+    let mut health = HealthClient::new(channel);
+    for _ in 0..100 {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await?
+            .into_inner()
+            .status();
+        if status == want {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{service} never became {want:?}")
+}
+
+fn find<'a>(spans: &'a [ReceivedSpan], name: &str) -> anyhow::Result<&'a ReceivedSpan> {
+    spans
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| anyhow::anyhow!("no span {name:?} among {spans:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_up_is_one_trace_from_the_rpc_through_the_relay_to_the_welcome_email()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let collector = OtlpCollector::start().await?;
+    let env = [
+        ("AGORA_NATS_URL", nats.url().to_owned()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint()),
+    ];
+    let agora = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        AgoraProcess::start(&["users", "notifications"], &env)
+    })
+    .await??;
+    let mut users = UserServiceClient::connect(format!("http://{}", agora.addr("users"))).await?;
+    let mut request = tonic::Request::new(sign_up("ada@example.com"));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01").parse()?,
+    );
+    let user = users
+        .create_user(request)
+        .await?
+        .into_inner()
+        .user
+        .ok_or_else(|| anyhow::anyhow!("no user"))?;
+
+    // The welcome email, once, as a file and in ListNotifications.
+    let mail = wait_for_emails(&agora.data, 1).await?;
+    assert!(mail[0].contains("To: ada@example.com"), "{}", mail[0]);
+    assert!(
+        mail[0].contains("Welcome to Agora, Ada Lovelace"),
+        "{}",
+        mail[0]
+    );
+    let token = users
+        .authenticate(users::AuthenticateRequest {
+            email: "ada@example.com".into(),
+            password: "correct horse battery".into(),
+        })
+        .await?
+        .into_inner()
+        .access_token;
+    let mut notifications =
+        NotificationServiceClient::connect(format!("http://{}", agora.addr("notifications")))
+            .await?;
+    let listed = notifications
+        .list_notifications(with_token(
+            notifications::ListNotificationsRequest::default(),
+            &token,
+        ))
+        .await?
+        .into_inner()
+        .notifications;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].subject.contains("Welcome"), "{listed:?}");
+    assert!(!user.id.is_empty());
+    assert_eq!(listed[0].recipient, "ada@example.com");
+
+    // Spans are batched; SIGTERM flushes them on the way out.
+    let exit = tokio::task::spawn_blocking(move || agora.terminate()).await??;
+    assert!(exit.success(), "{exit}");
+    let mut spans = Vec::new();
+    for _ in 0..50 {
+        spans = collector.spans();
+        if spans
+            .iter()
+            .any(|s| s.name == "agora.users.user_created process")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rpc = find(&spans, "agora.users.v1.UserService/CreateUser")?;
+    let publish = find(&spans, "agora.users.user_created publish")?;
+    let process = find(&spans, "agora.users.user_created process")?;
+    // One trace: caller -> CreateUser -> publish (relay) -> process (consumer).
+    assert_eq!(rpc.trace_id, TRACE_ID);
+    assert_eq!(rpc.parent_span_id, PARENT_SPAN_ID);
+    assert_eq!(publish.trace_id, TRACE_ID);
+    assert_eq!(publish.parent_span_id, rpc.span_id);
+    assert_eq!(process.trace_id, TRACE_ID);
+    assert_eq!(process.parent_span_id, publish.span_id);
+    assert_eq!(
+        process
+            .attributes
+            .get("messaging.system")
+            .map(String::as_str),
+        Some("nats")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_answer_while_nats_is_down_and_publish_when_it_is_back() -> anyhow::Result<()> {
+    let mut nats = NatsServer::start().await?;
+    let url = nats.url().to_owned();
+    let agora = tokio::task::spawn_blocking(move || {
+        AgoraProcess::start(&["users", "notifications"], &[("AGORA_NATS_URL", &url)])
+    })
+    .await??;
+    let mut users = UserServiceClient::connect(format!("http://{}", agora.addr("users"))).await?;
+    users.create_user(sign_up("first@example.com")).await?;
+    wait_for_emails(&agora.data, 1).await?;
+
+    nats.kill().await?;
+    // Still serving: the sign-ups commit, their events wait in the outbox,
+    // and health says what is degraded without failing the service.
+    for i in 0..3 {
+        users
+            .create_user(sign_up(&format!("offline-{i}@example.com")))
+            .await?;
+    }
+    let (serving, table) = agora.health(5)?;
+    assert!(serving, "{table}");
+    wait_for_health(
+        &agora,
+        "agora.users.v1.UserService/nats",
+        ServingStatus::NotServing,
+    )
+    .await?;
+    assert_eq!(emails(&agora.data)?.len(), 1);
+
+    nats.restart().await?;
+    wait_for_health(
+        &agora,
+        "agora.users.v1.UserService/nats",
+        ServingStatus::Serving,
+    )
+    .await?;
+    let mail = wait_for_emails(&agora.data, 4).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        emails(&agora.data)?.len(),
+        4,
+        "one email per sign-up: {mail:#?}"
+    );
+    Ok(())
+}

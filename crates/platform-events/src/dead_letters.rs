@@ -1,0 +1,157 @@
+//! The dead-letter stream: what consumers gave up on, listed and replayed.
+//!
+//! A dead letter is the original message (payload and headers) published to
+//! `agora.dlq.<consumer>` with `agora-dlq-*` headers saying where it came
+//! from and why it failed. Replaying publishes it again on its original
+//! subject (with a new `Nats-Msg-Id`, so JetStream's duplicate window does
+//! not drop it; the `ce-id` stays, so consumers that did apply it skip it)
+//! and then deletes it from the dead-letter stream.
+
+use agora_platform::error::{Error, ErrorKind, Result};
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::stream::DirectGetErrorKind;
+
+use crate::bus::EventBus;
+use crate::envelope::header as event_header;
+use crate::streams::DEAD_LETTERS;
+
+/// Headers added to a dead letter.
+pub mod header {
+    /// The subject it was published on.
+    pub const SUBJECT: &str = "agora-dlq-subject";
+    /// The stream it lives in.
+    pub const STREAM: &str = "agora-dlq-stream";
+    /// Its sequence number in that stream.
+    pub const SEQUENCE: &str = "agora-dlq-sequence";
+    /// The durable consumer that gave up.
+    pub const CONSUMER: &str = "agora-dlq-consumer";
+    /// The consumer's name (the inbox key).
+    pub const CONSUMER_NAME: &str = "agora-dlq-consumer-name";
+    /// How often it was delivered.
+    pub const DELIVERIES: &str = "agora-dlq-deliveries";
+    /// The last error.
+    pub const REASON: &str = "agora-dlq-reason";
+}
+
+/// `agora.dlq.<consumer>`.
+pub fn dead_letter_subject(consumer: &str) -> String {
+    format!("agora.dlq.{consumer}")
+}
+
+/// One dead letter.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// Its sequence in the dead-letter stream: the id to replay it by.
+    pub sequence: u64,
+    /// The original subject.
+    pub subject: String,
+    /// The original event's `ce-id`.
+    pub event_id: String,
+    /// The original event's `ce-type`.
+    pub event_type: String,
+    /// The consumer that gave up on it.
+    pub consumer: String,
+    /// Deliveries before it gave up.
+    pub deliveries: String,
+    /// The last error.
+    pub reason: String,
+    /// The original stream and sequence.
+    pub origin: String,
+    /// All headers (the original's and the `agora-dlq-*` ones).
+    pub headers: HeaderMap,
+    /// The encoded event.
+    pub payload: bytes::Bytes,
+}
+
+fn text(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+/// The dead letters, oldest first, at most `limit`.
+pub async fn list(bus: &EventBus, limit: usize) -> Result<Vec<DeadLetter>> {
+    let stream = bus
+        .jetstream()
+        .get_stream(DEAD_LETTERS.name)
+        .await
+        .map_err(unavailable)?;
+    let mut letters = Vec::new();
+    let mut next = 1;
+    while letters.len() < limit {
+        let message = match stream
+            .direct_get_next_for_subject(DEAD_LETTERS.subjects, Some(next))
+            .await
+        {
+            Ok(message) => message,
+            Err(err) if err.kind() == DirectGetErrorKind::NotFound => break,
+            Err(err) => return Err(unavailable(err)),
+        };
+        next = message.sequence + 1;
+        let headers = message.headers.clone();
+        letters.push(DeadLetter {
+            sequence: message.sequence,
+            subject: text(&headers, header::SUBJECT),
+            event_id: text(&headers, event_header::CE_ID),
+            event_type: text(&headers, event_header::CE_TYPE),
+            consumer: text(&headers, header::CONSUMER),
+            deliveries: text(&headers, header::DELIVERIES),
+            reason: text(&headers, header::REASON),
+            origin: format!(
+                "{}#{}",
+                text(&headers, header::STREAM),
+                text(&headers, header::SEQUENCE)
+            ),
+            headers,
+            payload: message.payload.clone(),
+        });
+    }
+    Ok(letters)
+}
+
+/// Publishes dead letter `letter` again on its original subject and removes
+/// it from the dead-letter stream.
+pub async fn replay(bus: &EventBus, letter: &DeadLetter) -> Result<()> {
+    if letter.subject.is_empty() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("dead letter {} names no original subject", letter.sequence),
+        ));
+    }
+    let mut headers = HeaderMap::new();
+    for (name, values) in letter.headers.iter() {
+        let name: &str = name.as_ref();
+        if name.starts_with("agora-dlq-") || name.eq_ignore_ascii_case("Nats-Msg-Id") {
+            continue;
+        }
+        for value in values {
+            headers.append(name, value.as_str());
+        }
+    }
+    bus.jetstream()
+        .send_publish(
+            letter.subject.clone(),
+            Publish::build()
+                .payload(letter.payload.clone())
+                .headers(headers)
+                .message_id(format!("{}.replay.{}", letter.event_id, letter.sequence)),
+        )
+        .await
+        .map_err(unavailable)?
+        .await
+        .map_err(unavailable)?;
+    bus.jetstream()
+        .get_stream(DEAD_LETTERS.name)
+        .await
+        .map_err(unavailable)?
+        .delete_message(letter.sequence)
+        .await
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+fn unavailable(err: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::new(ErrorKind::Unavailable, format!("JetStream: {err}")).with_source(err)
+}

@@ -1,0 +1,491 @@
+//! [`OutboxRelay`]: publishes the outbox's rows to JetStream and marks them.
+//!
+//! One pass: claim the relay lease (PostgreSQL: a transaction-scoped advisory
+//! lock, so of several replicas one publishes at a time and per-aggregate
+//! order holds; SQLite has one writer process), read the oldest unpublished
+//! rows (`published_at IS NULL`, never an `id > cursor` scan that would skip
+//! a row whose transaction took a lower id but committed later), publish them
+//! (in order per aggregate, pipelined across aggregates), await every ack (a
+//! duplicate ack is success: the first publish got through), then mark them.
+//! A relay that dies between the acks and the mark publishes the same rows
+//! again with the same `Nats-Msg-Id`, and JetStream drops the copies.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use agora_platform::db::Backend;
+use agora_platform::error::{Error, ErrorKind, Result};
+use agora_platform::time::{micros_to_rfc3339, now_micros};
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::bus::EventBus;
+use crate::envelope::header;
+use crate::outbox::Outbox;
+use crate::streams::stream_of_subject;
+
+/// How the relay paces itself.
+#[derive(Clone, Debug)]
+pub struct RelaySettings {
+    /// Rows per pass; a full pass is followed by another at once.
+    pub batch_size: i64,
+    /// How often to look for rows without a wake-up signal (rows written by
+    /// another replica, or a signal lost in a crash).
+    pub poll_interval: Duration,
+    /// The longest wait between retries while NATS is down. Must stay well
+    /// under the streams' duplicate window, so that a retried publish of a
+    /// row whose first ack was lost is still recognised as a duplicate.
+    pub max_backoff: Duration,
+    /// How long published rows are kept (for inspection) before pruning.
+    pub retention: Duration,
+    /// How often the backlog is measured and logged.
+    pub lag_interval: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            poll_interval: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(10),
+            retention: Duration::from_secs(24 * 3600),
+            lag_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the relay has done and how far behind it is, for logs, health and
+/// metrics. Shared with whoever holds [`OutboxRelay::metrics`].
+#[derive(Debug, Default)]
+pub struct RelayMetrics {
+    /// Unpublished rows at the last measurement.
+    pub backlog: AtomicI64,
+    /// Age in milliseconds of the oldest unpublished row at the last
+    /// measurement; 0 when there is none.
+    pub oldest_unpublished_ms: AtomicI64,
+    /// Events published (acked by JetStream) since start.
+    pub published: AtomicU64,
+    /// Publish attempts that failed since start.
+    pub failures: AtomicU64,
+}
+
+/// Whether a pass marks what it published. Only fault tests skip it: it is
+/// what a relay that dies between the acks and its commit leaves behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Marking {
+    /// Mark published rows (always, in production).
+    Mark,
+    /// Publish and leave the rows unpublished.
+    SkipForFaultTest,
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Rows published and acked.
+    pub published: usize,
+    /// Rows whose publish failed (they stay for the next pass).
+    pub failed: usize,
+    /// Whether the batch was full (more rows are probably waiting).
+    pub full: bool,
+    /// False when another replica held the lease.
+    pub leader: bool,
+}
+
+/// Publishes a service's outbox to JetStream.
+#[derive(Clone)]
+pub struct OutboxRelay {
+    outbox: Outbox,
+    bus: EventBus,
+    /// `ce-source` of every event: the publishing service.
+    source: &'static str,
+    settings: RelaySettings,
+    metrics: Arc<RelayMetrics>,
+}
+
+/// Key of the PostgreSQL advisory lock that makes one relay per database
+/// the publisher at a time ("agora-ob" in ASCII).
+const LEASE_KEY: i64 = 0x6167_6f72_612d_6f62;
+
+struct OutboxRow {
+    id: i64,
+    event_id: String,
+    subject: String,
+    event_type: String,
+    aggregate_id: String,
+    aggregate_version: i64,
+    payload: Vec<u8>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    occurred_at: i64,
+}
+
+impl OutboxRow {
+    fn from_row(row: &AnyRow) -> Result<Self> {
+        Ok(Self {
+            id: row.try_get("id")?,
+            event_id: row.try_get("event_id")?,
+            subject: row.try_get("subject")?,
+            event_type: row.try_get("event_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            aggregate_version: row.try_get("aggregate_version")?,
+            payload: row.try_get("payload")?,
+            traceparent: row.try_get("traceparent")?,
+            tracestate: row.try_get("tracestate")?,
+            occurred_at: row.try_get("occurred_at")?,
+        })
+    }
+}
+
+impl OutboxRelay {
+    /// A relay for `outbox`, publishing through `bus` as `source`.
+    pub fn new(outbox: Outbox, bus: EventBus, source: &'static str) -> Self {
+        Self {
+            outbox,
+            bus,
+            source,
+            settings: RelaySettings::default(),
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Replaces the pacing settings.
+    pub fn with_settings(mut self, settings: RelaySettings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// Counters and lag, updated as the relay runs.
+    pub fn metrics(&self) -> Arc<RelayMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Publishes until `stop` is cancelled: at once when a commit signals
+    /// new rows, every poll interval otherwise, with a growing backoff while
+    /// NATS is unreachable.
+    pub async fn run(self, stop: CancellationToken) {
+        let committed = self.outbox.committed_signal();
+        let mut backoff: Option<Duration> = None;
+        let mut next_housekeeping = Instant::now();
+        tracing::info!(source = self.source, "outbox relay started");
+        while !stop.is_cancelled() {
+            let wait = match self.publish_pending(Marking::Mark).await {
+                Ok(pass) => {
+                    backoff = None;
+                    if pass.full && pass.failed == 0 {
+                        continue;
+                    }
+                    if pass.failed > 0 {
+                        Some(self.next_backoff(&mut backoff))
+                    } else {
+                        None
+                    }
+                }
+                Err(err) => {
+                    let wait = self.next_backoff(&mut backoff);
+                    tracing::warn!(
+                        source = self.source,
+                        error = %err,
+                        retry_in = ?wait,
+                        "outbox relay cannot publish now"
+                    );
+                    Some(wait)
+                }
+            };
+            if Instant::now() >= next_housekeeping {
+                self.housekeeping().await;
+                next_housekeeping = Instant::now() + self.settings.lag_interval;
+            }
+            match wait {
+                // Healthy: sleep until a commit signals or the poll interval.
+                None => tokio::select! {
+                    () = committed.notified() => {}
+                    () = tokio::time::sleep(self.settings.poll_interval) => {}
+                    () = stop.cancelled() => {}
+                },
+                // Backing off: a commit does not help, NATS coming back does.
+                Some(wait) => tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = self.bus.wait_ready(), if !self.bus.streams_ready() => {}
+                    () = stop.cancelled() => {}
+                },
+            }
+        }
+        tracing::info!(source = self.source, "outbox relay stopped");
+    }
+
+    fn next_backoff(&self, backoff: &mut Option<Duration>) -> Duration {
+        let next = backoff.map_or(Duration::from_millis(100), |b| b * 2);
+        let next = next.min(self.settings.max_backoff);
+        *backoff = Some(next);
+        next
+    }
+
+    /// One pass: publishes up to a batch of unpublished rows and (with
+    /// [`Marking::Mark`]) marks those JetStream acknowledged.
+    pub async fn publish_pending(&self, marking: Marking) -> Result<Pass> {
+        if !self.bus.streams_ready() {
+            return Err(Error::new(ErrorKind::Unavailable, "NATS is not ready"));
+        }
+        let db = self.outbox.db();
+        let mut tx = db.pool().begin().await?;
+        if db.backend() == Backend::Postgres {
+            let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(LEASE_KEY)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !leader {
+                return Ok(Pass::default());
+            }
+        }
+        let rows = sqlx::query(
+            "SELECT id, event_id, subject, event_type, aggregate_id, aggregate_version, payload, \
+             traceparent, tracestate, occurred_at FROM event_outbox \
+             WHERE published_at IS NULL ORDER BY id LIMIT $1",
+        )
+        .bind(self.settings.batch_size)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(OutboxRow::from_row)
+        .collect::<Result<Vec<_>>>()?;
+        let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= self.settings.batch_size;
+        if rows.is_empty() {
+            return Ok(Pass {
+                leader: true,
+                ..Pass::default()
+            });
+        }
+        // SQLite: publishing must not hold the one write lock; the read
+        // transaction is only a snapshot, end it. (PostgreSQL keeps its
+        // transaction: it holds the lease.)
+        let mut tx = if db.backend() == Backend::Sqlite {
+            tx.commit().await?;
+            None
+        } else {
+            Some(tx)
+        };
+
+        let (published, failed) = self.publish_rows(rows).await;
+        self.metrics
+            .published
+            .fetch_add(published.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .failures
+            .fetch_add(failed.len() as u64, Ordering::Relaxed);
+        if marking == Marking::Mark {
+            match tx.as_mut() {
+                Some(tx) => mark(tx, &published, &failed).await?,
+                None => {
+                    let mut write = db.begin_write().await?;
+                    mark(&mut write, &published, &failed).await?;
+                    write.commit().await?;
+                }
+            }
+        }
+        if let Some(tx) = tx {
+            tx.commit().await?;
+        }
+        Ok(Pass {
+            published: published.len(),
+            failed: failed.len(),
+            full,
+            leader: true,
+        })
+    }
+
+    /// Publishes rows: each aggregate's rows one after the other (the next
+    /// only once the previous one is acked, and none after a failure), all
+    /// aggregates at once so that their publishes share the round trips.
+    async fn publish_rows(&self, rows: Vec<OutboxRow>) -> (Vec<i64>, Vec<(i64, String)>) {
+        let mut order: Vec<(String, Vec<OutboxRow>)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for row in rows {
+            let stream = stream_of_subject(&row.subject).map_or("", |s| s.name);
+            let key = format!("{stream}/{}", row.aggregate_id);
+            match index.get(&key) {
+                Some(&i) => order[i].1.push(row),
+                None => {
+                    index.insert(key.clone(), order.len());
+                    order.push((key, vec![row]));
+                }
+            }
+        }
+        let chains = order.into_iter().map(|(_, rows)| async move {
+            let mut published = Vec::with_capacity(rows.len());
+            for row in rows {
+                match self.publish_one(&row).await {
+                    Ok(()) => published.push(row.id),
+                    Err(err) => return (published, Some((row.id, err))),
+                }
+            }
+            (published, None)
+        });
+        let mut published = Vec::new();
+        let mut failed = Vec::new();
+        for (ok, failure) in futures::future::join_all(chains).await {
+            published.extend(ok);
+            if let Some((id, err)) = failure {
+                tracing::warn!(source = self.source, outbox_id = id, error = %err, "publish failed; will retry");
+                failed.push((id, err));
+            }
+        }
+        (published, failed)
+    }
+
+    async fn publish_one(&self, row: &OutboxRow) -> std::result::Result<(), String> {
+        let parent = agora_platform::telemetry::context_from_trace_headers(
+            row.traceparent.as_deref(),
+            row.tracestate.as_deref(),
+        );
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = format!("{} publish", row.subject),
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.operation.type = "publish",
+            messaging.destination.name = %row.subject,
+            messaging.message.id = %row.event_id,
+        );
+        let _ = span.set_parent(parent);
+        async {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CE_SPECVERSION, "1.0");
+            headers.insert(header::CE_ID, row.event_id.as_str());
+            headers.insert(header::CE_TYPE, row.event_type.as_str());
+            headers.insert(header::CE_SOURCE, self.source);
+            headers.insert(header::CE_TIME, micros_to_rfc3339(row.occurred_at).as_str());
+            headers.insert(header::AGGREGATE_ID, row.aggregate_id.as_str());
+            headers.insert(
+                header::AGGREGATE_VERSION,
+                row.aggregate_version.to_string().as_str(),
+            );
+            // The publish span's context, whose parent is the original
+            // request's: the consumer continues the same trace.
+            for (key, value) in agora_platform::telemetry::current_trace_headers() {
+                headers.insert(key.as_str(), value.as_str());
+            }
+            let ack = self
+                .bus
+                .jetstream()
+                .send_publish(
+                    row.subject.clone(),
+                    Publish::build()
+                        .payload(row.payload.clone().into())
+                        .headers(headers)
+                        .message_id(&row.event_id),
+                )
+                .await
+                .map_err(|err| err.to_string())?
+                .await
+                .map_err(|err| err.to_string())?;
+            if ack.duplicate {
+                tracing::debug!(event_id = %row.event_id, "already in the stream (duplicate ack)");
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Measures and logs the backlog; prunes published rows past retention.
+    async fn housekeeping(&self) {
+        match self.lag().await {
+            Ok((backlog, oldest)) => {
+                self.metrics.backlog.store(backlog, Ordering::Relaxed);
+                let age_ms = oldest.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                self.metrics
+                    .oldest_unpublished_ms
+                    .store(age_ms, Ordering::Relaxed);
+                if backlog > 0 {
+                    if age_ms > 60_000 {
+                        tracing::warn!(
+                            source = self.source,
+                            backlog,
+                            oldest_unpublished_ms = age_ms,
+                            "outbox lagging"
+                        );
+                    } else {
+                        tracing::info!(
+                            source = self.source,
+                            backlog,
+                            oldest_unpublished_ms = age_ms,
+                            "outbox backlog"
+                        );
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot measure the outbox backlog"),
+        }
+        if let Err(err) = self.prune().await {
+            tracing::warn!(error = %err, "cannot prune the outbox");
+        }
+    }
+
+    /// Unpublished rows and the age of the oldest.
+    pub async fn lag(&self) -> Result<(i64, Option<Duration>)> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS backlog, MIN(occurred_at) AS oldest FROM event_outbox \
+             WHERE published_at IS NULL",
+        )
+        .fetch_one(self.outbox.db().pool())
+        .await?;
+        let backlog: i64 = row.try_get("backlog")?;
+        let oldest: Option<i64> = row.try_get("oldest")?;
+        let age = oldest.map(|at| {
+            Duration::from_micros(u64::try_from(now_micros().saturating_sub(at)).unwrap_or(0))
+        });
+        Ok((backlog, age))
+    }
+
+    /// Deletes published rows older than the retention, a bounded batch at a time.
+    async fn prune(&self) -> Result<u64> {
+        let cutoff = now_micros()
+            .saturating_sub(i64::try_from(self.settings.retention.as_micros()).unwrap_or(i64::MAX));
+        let mut tx = self.outbox.db().begin_write().await?;
+        let deleted = sqlx::query(
+            "DELETE FROM event_outbox WHERE id IN (SELECT id FROM event_outbox \
+             WHERE published_at IS NOT NULL AND published_at < $1 ORDER BY published_at LIMIT 5000)",
+        )
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+}
+
+async fn mark(tx: &mut AnyConnection, published: &[i64], failed: &[(i64, String)]) -> Result<()> {
+    let now = now_micros();
+    for chunk in published.chunks(500) {
+        let placeholders = (2..chunk.len() + 2)
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("UPDATE event_outbox SET published_at = $1 WHERE id IN ({placeholders})");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    for (id, error) in failed {
+        sqlx::query(
+            "UPDATE event_outbox SET attempts = attempts + 1, last_error = $1 WHERE id = $2",
+        )
+        .bind(error.chars().take(500).collect::<String>())
+        .bind(*id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
