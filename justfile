@@ -23,6 +23,10 @@ default:
 up *options: tools build
     scripts/up.sh "{{agora}}" {{options}}
 
+# Domain events of the running mesh: `just events tail [SUBJECT]`, `just events dlq list`, `just events dlq replay --id SEQ|--all`.
+events *args: build
+    NATS_URL="${NATS_URL:-$(cat "${AGORA_DATA_DIR:-.data}/run/nats.url" 2>/dev/null || echo nats://127.0.0.1:14222)}" "{{agora}}" events {{args}}
+
 # Stop a mesh started by `just up` in another terminal.
 down:
     scripts/down.sh
@@ -46,9 +50,16 @@ lint: tools
     cargo fmt --all --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
 
-# Measure RPC latency on PostgreSQL and SQLite side by side (release build); see BENCHMARKS.md.
-bench: tools
-    scripts/pg.sh with-test-cluster cargo bench -p agora --bench rpc --locked
+# Measure, in a release build, on PostgreSQL and SQLite side by side: RPC latency (`just bench`), or domain events throughput and latency (`just bench events`); see BENCHMARKS.md.
+bench which="rpc": tools
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case "{{which}}" in
+        rpc) package=agora ;;
+        events) package=agora-platform-events ;;
+        *) echo "just bench: unknown benchmark {{which}} (rpc or events)" >&2; exit 2 ;;
+    esac
+    scripts/pg.sh with-test-cluster cargo bench -p "$package" --bench "{{which}}" --locked
 
 # Format the Rust code.
 fmt:

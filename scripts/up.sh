@@ -8,6 +8,11 @@
 # cluster under .data/pg/, started and stopped with the mesh; its data is kept
 # between runs). Without `pg` the services use SQLite files under .data/, or
 # the PostgreSQL server DATABASE_URL names.
+#
+# Domain events go through a private nats-server (the pinned one in .venv/,
+# JetStream under .data/nats/, fsync on every write) on 127.0.0.1:14222
+# (AGORA_NATS_PORT), started and stopped with the mesh, unless NATS_URL
+# names a server to use instead.
 set -euo pipefail
 
 usage="usage: scripts/up.sh path/to/agora [mono] [pg]"
@@ -54,6 +59,19 @@ if [ -n "$postgres" ]; then
     export DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/agora"
 fi
 
+# Our own nats-server unless NATS_URL names one. Not the standard port 4222:
+# a machine may run a NATS of its own there.
+nats_port="${AGORA_NATS_PORT:-14222}"
+nats_pid=
+if [ -z "${NATS_URL:-}" ]; then
+    own_nats=1
+    export AGORA_NATS_URL="nats://127.0.0.1:$nats_port"
+else
+    own_nats=
+    export AGORA_NATS_URL="$NATS_URL"
+fi
+echo "$AGORA_NATS_URL" > "$run/nats.url"
+
 # Configuration for every service, through the environment (one mechanism for
 # both modes): addresses, databases, the admin bootstrap email.
 export AGORA_DATA_DIR="$data"
@@ -88,6 +106,10 @@ stop() {
         kill -TERM "${pids[@]}" 2>/dev/null || true
         wait "${pids[@]}" 2>/dev/null || true
     fi
+    if [ -n "$nats_pid" ]; then
+        kill -TERM "$nats_pid" 2>/dev/null || true
+        wait "$nats_pid" 2>/dev/null || true
+    fi
     if [ -n "$postgres" ]; then
         scripts/pg.sh stop "$data/pg" fast || echo "PostgreSQL did not stop cleanly; see $data/pg/data/server.log" >&2
     fi
@@ -107,11 +129,39 @@ if [ -n "$postgres" ]; then
     scripts/pg.sh start "$data/pg" "$pg_port"
 fi
 
+if [ -n "$own_nats" ]; then
+    # sync_interval: always: Jepsen's 2025 analysis of NATS 2.12 lost
+    # acknowledged writes after crashes under the default fsync policy.
+    mkdir -p "$data/nats"
+    cat > "$data/nats/nats.conf" <<NATS
+listen: 127.0.0.1:$nats_port
+server_name: agora-dev
+jetstream {
+  store_dir: "$(cd "$data/nats" && pwd)/jetstream"
+  sync_interval: always
+}
+NATS
+    echo "starting nats-server $(.venv/bin/nats-server --version | awk '{print $NF}') on 127.0.0.1:$nats_port, JetStream in $data/nats/ ..."
+    .venv/bin/nats-server -c "$data/nats/nats.conf" > "$logs/nats.log" 2>&1 &
+    nats_pid=$!
+    echo "$nats_pid" > "$run/nats.pid"
+    pidfiles+=("$run/nats.pid")
+    for _ in $(seq 100); do
+        (echo > "/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
+        if ! kill -0 "$nats_pid" 2>/dev/null; then
+            tail -n 20 "$logs/nats.log" >&2
+            echo "nats-server did not start (is port $nats_port taken? set AGORA_NATS_PORT, or NATS_URL to use a running server)" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+fi
+
 start() { # name, targets...
     local name="$1"
     shift
     # DATABASE_URL is consumed above; don't let the child read it as well.
-    env -u DATABASE_URL "$agora" serve "$@" \
+    env -u DATABASE_URL -u NATS_URL "$agora" serve "$@" \
         > >(sed -u "s/^/[$name] /" | tee -a "$logs/$name.log") 2>&1 &
     pids+=($!)
     echo $! > "$run/$name.pid"
@@ -154,9 +204,10 @@ echo
 "$agora" health "${endpoints[@]}"
 cat <<INFO
 
-Agora is up ($mode mode${postgres:+, PostgreSQL at $DATABASE_URL}). Endpoints (plaintext gRPC, reflection enabled):
+Agora is up ($mode mode${postgres:+, PostgreSQL at $DATABASE_URL}, events on $AGORA_NATS_URL). Endpoints (plaintext gRPC, reflection enabled):
 $(cat "$run/endpoints.txt")
 
+Events: \`just events tail\` prints them as they are published; emails land in $data/mail/.
 Try:  .venv/bin/grpcurl -plaintext localhost:50052 list
       .venv/bin/grpcurl -plaintext localhost:50052 agora.catalog.v1.CatalogService/ListProducts
 Logs: $logs/   Stop: Ctrl-C here, or \`just down\` elsewhere.

@@ -26,6 +26,9 @@ struct Row {
     addr: String,
     grpc_service: String,
     status: String,
+    /// The service's NATS connection (`<service>/nats`): degraded-only, it
+    /// does not decide the exit code.
+    events: String,
 }
 
 /// Prints the table; exit code 0 only when every service is SERVING.
@@ -40,6 +43,7 @@ pub async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
                 addr: addr.clone(),
                 grpc_service: grpc_service.clone(),
                 status: check(addr, grpc_service).await,
+                events: events_status(addr, grpc_service).await,
             });
         }
         let all_serving = rows.iter().all(|r| r.status == "SERVING");
@@ -49,13 +53,13 @@ pub async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     println!(
-        "{:<14} {:<22} {:<40} STATUS",
-        "SERVICE", "ADDRESS", "GRPC SERVICE"
+        "{:<14} {:<22} {:<44} {:<12} EVENTS (NATS)",
+        "SERVICE", "ADDRESS", "GRPC SERVICE", "STATUS"
     );
     for row in &rows {
         println!(
-            "{:<14} {:<22} {:<44} {}",
-            row.name, row.addr, row.grpc_service, row.status
+            "{:<14} {:<22} {:<44} {:<12} {}",
+            row.name, row.addr, row.grpc_service, row.status, row.events
         );
     }
     Ok(if rows.iter().all(|r| r.status == "SERVING") {
@@ -89,6 +93,16 @@ fn parse_targets(endpoints: &[String]) -> anyhow::Result<Vec<(String, String, St
             Ok((name.to_owned(), addr.to_owned(), grpc_service))
         })
         .collect()
+}
+
+/// The status of the service's event bus: `connected`, `DISCONNECTED`, or
+/// `-` when the server does not report one.
+async fn events_status(addr: &str, grpc_service: &str) -> String {
+    match check(addr, &format!("{grpc_service}/nats")).await.as_str() {
+        "SERVING" => "connected".to_owned(),
+        "NOT_SERVING" => "DISCONNECTED (events wait in the outbox)".to_owned(),
+        _ => "-".to_owned(),
+    }
 }
 
 /// The status of one service, or why it could not be read.

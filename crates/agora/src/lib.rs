@@ -4,16 +4,19 @@
 //! target per pod), several, or `all` of them in one process (monolith mode
 //! for a laptop), each on its own port. `agora keygen` makes a development
 //! token-signing key pair; `agora health` prints the health of running
-//! services; `agora seed` adds a demo catalog and an admin account.
+//! services; `agora seed` adds a demo catalog and an admin account; `agora
+//! events` tails domain events and lists or replays dead letters.
 //!
 //! # Layout
 //! - [`Cli`]: the command line.
 //! - [`serve`]: building and running the servers of the chosen targets.
 //! - [`health`]: the health table printed by `agora health` and `just status`.
 //! - [`seed`]: the demo data `just up` loads.
+//! - [`events`]: `agora events tail | dlq list | dlq replay`.
 
 #![forbid(unsafe_code)]
 
+pub mod events;
 pub mod health;
 pub mod seed;
 pub mod serve;
@@ -44,6 +47,8 @@ pub enum Command {
     Health(health::HealthArgs),
     /// Add a demo catalog with stock and an admin account to running services.
     Seed(seed::SeedArgs),
+    /// Watch domain events on NATS; list and replay dead letters.
+    Events(events::EventsArgs),
 }
 
 /// A service `agora serve` can run.
@@ -147,6 +152,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen(args) => keygen(&args).map(|()| ExitCode::SUCCESS),
         Command::Health(args) => health::run(args).await,
         Command::Seed(args) => seed::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Events(args) => events::run(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
 

@@ -226,3 +226,109 @@ async fn services_answer_while_nats_is_down_and_publish_when_it_is_back() -> any
     );
     Ok(())
 }
+
+fn agora_events(nats: &NatsServer, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(std::process::Command::new(common::AGORA)
+        .arg("events")
+        .args(args)
+        .env("NATS_URL", nats.url())
+        .output()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_tails_events_and_lists_and_replays_dead_letters() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let url = nats.url().to_owned();
+    let agora = tokio::task::spawn_blocking(move || {
+        AgoraProcess::start(
+            &["users", "notifications"],
+            &[
+                ("AGORA_NATS_URL", &url),
+                ("AGORA_EVENTS__DEAD_LETTER_AFTER", "2"),
+            ],
+        )
+    })
+    .await??;
+
+    // tail: the next event, decoded.
+    let tail = {
+        let url = nats.url().to_owned();
+        std::thread::spawn(move || {
+            std::process::Command::new(common::AGORA)
+                .args(["events", "tail", "agora.users.>", "--count", "1"])
+                .env("NATS_URL", url)
+                .output()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut users = UserServiceClient::connect(format!("http://{}", agora.addr("users"))).await?;
+    users.create_user(sign_up("tailed@example.com")).await?;
+    let output = tail
+        .join()
+        .map_err(|_| anyhow::anyhow!("tail thread panicked"))??;
+    assert!(output.status.success(), "{output:?}");
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(line["subject"], "agora.users.user_created");
+    assert_eq!(line["headers"]["ce-type"], "agora.users.v1.UserCreated");
+    assert_eq!(line["headers"]["ce-source"], "users");
+    assert_eq!(line["event"]["email"], "tailed@example.com");
+    assert_eq!(line["event"]["version"], "1");
+    assert!(line["event"].get("passwordHash").is_none());
+
+    // A poison message (a UserCreated that does not decode) reaches the
+    // notifications consumer, fails twice and becomes a dead letter.
+    let client = async_nats::connect(nats.url()).await?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("ce-id", "poison-1");
+    headers.insert("ce-type", "agora.users.v1.UserCreated");
+    headers.insert("Nats-Msg-Id", "poison-1");
+    client
+        .publish_with_headers("agora.users.user_created", headers, vec![0xff, 0xff].into())
+        .await?;
+    client.flush().await?;
+    let mut listed = String::new();
+    for _ in 0..100 {
+        let output = agora_events(&nats, &["dlq", "list"])?;
+        assert!(output.status.success(), "{output:?}");
+        listed = String::from_utf8(output.stdout)?;
+        if !listed.trim().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let letter: serde_json::Value = serde_json::from_str(listed.trim())?;
+    assert_eq!(letter["headers"]["ce-id"], "poison-1");
+    assert_eq!(letter["consumer"], "notifications-users");
+    assert_eq!(letter["deliveries"], "2");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("decode")),
+        "{letter}"
+    );
+    let seq = letter["seq"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no seq"))?;
+
+    // Replaying it publishes it again (and, still poison, it comes back).
+    let output = agora_events(&nats, &["dlq", "replay", "--id", &seq.to_string()])?;
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8(output.stdout)?.contains("replayed dead letter"));
+    let output = agora_events(&nats, &["dlq", "replay", "--id", &seq.to_string()])?;
+    assert!(!output.status.success(), "a replayed letter is gone");
+    let mut again = None;
+    for _ in 0..100 {
+        let output = agora_events(&nats, &["dlq", "list"])?;
+        let text = String::from_utf8(output.stdout)?;
+        if let Some(line) = text.lines().next() {
+            again = Some(serde_json::from_str::<serde_json::Value>(line)?);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let again = again.ok_or_else(|| anyhow::anyhow!("the replayed poison never came back"))?;
+    assert_eq!(again["headers"]["ce-id"], "poison-1");
+    assert_ne!(again["seq"], letter["seq"]);
+    drop(agora);
+    Ok(())
+}

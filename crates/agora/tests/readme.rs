@@ -42,7 +42,15 @@ fn readme_walkthrough_runs_as_written_against_the_seeded_monolith() -> anyhow::R
     );
     let admin = "admin@agora.localhost";
     let admin_emails = format!("[\"{admin}\"]");
-    let agora = AgoraProcess::start(&["all"], &[("AGORA_AUTH__ADMIN_EMAILS", &admin_emails)])?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let nats = runtime.block_on(agora_testkit::NatsServer::start())?;
+    let agora = AgoraProcess::start(
+        &["all"],
+        &[
+            ("AGORA_AUTH__ADMIN_EMAILS", &admin_emails),
+            ("AGORA_NATS_URL", nats.url()),
+        ],
+    )?;
     let (seeded, output) = agora.seed(admin)?;
     assert!(seeded, "seed failed:\n{output}");
     assert!(output.contains("password:"), "{output}");
@@ -79,6 +87,7 @@ fn readme_walkthrough_runs_as_written_against_the_seeded_monolith() -> anyhow::R
         "Ferris Mug",
         "\"available\"",
         "nextPageToken",
+        "Welcome to Agora, Ada Lovelace",
     ] {
         assert!(
             stdout.contains(expected),

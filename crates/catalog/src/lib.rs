@@ -26,6 +26,7 @@ use agora_platform::auth::TokenVerifier;
 use agora_platform::config::Config;
 use agora_platform::db::{Db, Migrations};
 use agora_platform::server::HostedService;
+use agora_platform_events::ServiceEvents;
 use agora_proto::catalog::v1::SERVICE_NAME;
 use agora_proto::catalog::v1::catalog_service_server::CatalogServiceServer;
 
@@ -37,10 +38,12 @@ pub const MIGRATIONS: Migrations = Migrations {
 
 /// Connects to the catalog database (migrating it), loads the token
 /// verification key and returns the service ready to host, with its database
-/// as health check.
+/// as health check and the outbox relay publishing `ProductPriceChanged`.
 pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
     let db = Db::connect_and_migrate(&config.database_url("catalog"), MIGRATIONS).await?;
+    let events = ServiceEvents::start(config, &db, "catalog").await?;
     let verifier = TokenVerifier::from_config(&config.auth)?;
-    let api = grpc::CatalogApi::new(store::SqlCatalogStore::new(db.clone()), verifier);
-    Ok(HostedService::new(SERVICE_NAME, CatalogServiceServer::new(api)).with_check(db))
+    let api = grpc::CatalogApi::new(store::SqlCatalogStore::new(events.outbox.clone()), verifier);
+    let hosted = HostedService::new(SERVICE_NAME, CatalogServiceServer::new(api)).with_check(db);
+    Ok(events.attach(hosted))
 }

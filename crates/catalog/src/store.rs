@@ -12,8 +12,10 @@ use agora_platform::error::{Error, ErrorKind, Result};
 use agora_platform::money::Money;
 use agora_platform::pagination::Cursor;
 use agora_platform::time::now_micros;
+use agora_platform_events::{Outbox, UnitOfWork};
+use agora_proto::catalog::v1::ProductPriceChanged;
+use sqlx::Row;
 use sqlx::any::AnyRow;
-use sqlx::{Any, Row, Transaction};
 
 use crate::domain::{
     Category, NewProduct, PriceChange, Product, ProductChanges, SearchQuery, UpdatedProduct,
@@ -58,16 +60,21 @@ pub trait CatalogStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<UpdatedProduct>> + Send;
 }
 
-/// [`CatalogStore`] on a SQL database (PostgreSQL or SQLite).
+/// [`CatalogStore`] on a SQL database (PostgreSQL or SQLite), recording
+/// `ProductPriceChanged` in the same database's outbox.
 #[derive(Clone, Debug)]
 pub struct SqlCatalogStore {
     db: Db,
+    outbox: Outbox,
 }
 
 impl SqlCatalogStore {
-    /// A store on a migrated database.
-    pub fn new(db: Db) -> Self {
-        Self { db }
+    /// A store on a migrated database, with its outbox.
+    pub fn new(outbox: Outbox) -> Self {
+        Self {
+            db: outbox.db().clone(),
+            outbox,
+        }
     }
 }
 
@@ -139,7 +146,7 @@ const PAGE_IN_CATEGORY_MATCHING: &str = product_page!(
 
 impl CatalogStore for SqlCatalogStore {
     async fn create(&self, new: NewProduct) -> Result<Product> {
-        let mut tx = self.db.begin_write().await?;
+        let mut work = self.outbox.begin().await?;
         // Taken inside the transaction: on SQLite (one writer at a time) the
         // creation times then follow the commit order.
         let now = now_micros();
@@ -167,11 +174,11 @@ impl CatalogStore for SqlCatalogStore {
         .bind(search_text(&product.name, &product.description))
         .bind(product.created_at)
         .bind(product.updated_at)
-        .execute(&mut *tx)
+        .execute(work.tx())
         .await
         .map_err(|err| sku_taken_or(err, &product.sku))?;
-        insert_categories(&mut tx, &product.id, &product.categories).await?;
-        tx.commit().await?;
+        insert_categories(&mut work, &product.id, &product.categories).await?;
+        work.commit().await?;
         Ok(product)
     }
 
@@ -212,20 +219,20 @@ impl CatalogStore for SqlCatalogStore {
     }
 
     async fn update(&self, id: &str, changes: &ProductChanges) -> Result<UpdatedProduct> {
-        let mut tx = self.db.begin_write().await?;
+        let mut work = self.outbox.begin().await?;
         // A no-op write takes the row lock on PostgreSQL before the read, so
         // concurrent updates queue and each sees the price the previous one
         // left (SQLite's BEGIN IMMEDIATE already serializes writers).
         let locked = sqlx::query("UPDATE products SET updated_at = updated_at WHERE id = $1")
             .bind(id)
-            .execute(&mut *tx)
+            .execute(work.tx())
             .await?;
         if locked.rows_affected() == 0 {
             return Err(Error::not_found(format_args!("product {id}")));
         }
         let rows = sqlx::query(SELECT_PRODUCT)
             .bind(id)
-            .fetch_all(&mut *tx)
+            .fetch_all(work.tx())
             .await?;
         let current = products_from_rows(&rows)?
             .into_iter()
@@ -241,9 +248,10 @@ impl CatalogStore for SqlCatalogStore {
         }
         // Strictly later than before, even if the clock is coarse or stepped back.
         next.updated_at = now_micros().max(current.updated_at.saturating_add(1));
-        sqlx::query(
+        let version: i64 = sqlx::query_scalar(
             "UPDATE products SET name = $1, description = $2, price_currency = $3, \
-             price_amount_minor = $4, search_text = $5, updated_at = $6 WHERE id = $7",
+             price_amount_minor = $4, search_text = $5, updated_at = $6, version = version + 1 \
+             WHERE id = $7 RETURNING version",
         )
         .bind(&next.name)
         .bind(&next.description)
@@ -252,22 +260,32 @@ impl CatalogStore for SqlCatalogStore {
         .bind(search_text(&next.name, &next.description))
         .bind(next.updated_at)
         .bind(id)
-        .execute(&mut *tx)
+        .fetch_one(work.tx())
         .await?;
         if next.categories != current.categories {
             sqlx::query("DELETE FROM product_categories WHERE product_id = $1")
                 .bind(id)
-                .execute(&mut *tx)
+                .execute(work.tx())
                 .await?;
-            insert_categories(&mut tx, id, &next.categories).await?;
+            insert_categories(&mut work, id, &next.categories).await?;
         }
-        // The events issue writes its `ProductPriceChanged` outbox row here,
-        // in this transaction, when `price_change` is set.
-        tx.commit().await?;
+        // Decided inside the transaction, from the row it locked: of two
+        // concurrent updates each reports the price the other left.
         let price_change = (next.price != current.price).then(|| PriceChange {
             old: current.price.clone(),
             new: next.price.clone(),
         });
+        if let Some(change) = &price_change {
+            work.record(&ProductPriceChanged {
+                product_id: next.id.clone(),
+                sku: next.sku.clone(),
+                old_price: Some(change.old.to_proto()),
+                new_price: Some(change.new.to_proto()),
+                version,
+            })
+            .await?;
+        }
+        work.commit().await?;
         Ok(UpdatedProduct {
             product: next,
             price_change,
@@ -276,7 +294,7 @@ impl CatalogStore for SqlCatalogStore {
 }
 
 async fn insert_categories(
-    tx: &mut Transaction<'static, Any>,
+    work: &mut UnitOfWork,
     product_id: &str,
     categories: &[String],
 ) -> Result<()> {
@@ -287,7 +305,7 @@ async fn insert_categories(
         .bind(product_id)
         .bind(position)
         .bind(category)
-        .execute(&mut **tx)
+        .execute(work.tx())
         .await?;
     }
     Ok(())

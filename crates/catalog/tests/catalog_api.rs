@@ -12,11 +12,13 @@ use agora_platform::db::Db;
 use agora_platform::money::Money;
 use agora_platform::pagination::Cursor;
 use agora_proto::catalog::v1 as pb;
+use agora_proto::catalog::v1::ProductPriceChanged;
 use agora_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
 use agora_proto::common::v1::Money as PbMoney;
 use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
 use futures::StreamExt as _;
 use prost_types::FieldMask;
+use sqlx::Row as _;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -770,7 +772,7 @@ async fn store_update_reports_price_changes(backend: Backend) -> anyhow::Result<
     let mut h = start(backend).await?;
     let product = create(&mut h, new_product("MUG", "Mug", "", &[])).await?;
     let db = Db::connect(&Secret::new(h.env.database_url().to_owned())).await?;
-    let store = SqlCatalogStore::new(db);
+    let store = SqlCatalogStore::new(agora_platform_events::Outbox::new(db));
 
     let to_1499 = ProductChanges {
         price: Some(money("EUR", 1499)),
@@ -824,7 +826,10 @@ async fn concurrent_price_updates_form_one_chain(backend: Backend) -> anyhow::Re
     let mut h = start(backend).await?;
     let product = create(&mut h, new_product("MUG", "Mug", "", &[])).await?;
     let db = Db::connect(&Secret::new(h.env.database_url().to_owned())).await?;
-    let store = std::sync::Arc::new(SqlCatalogStore::new(db));
+    let store = std::sync::Arc::new(SqlCatalogStore::new(agora_platform_events::Outbox::new(
+        db.clone(),
+    )));
+    let db = db.pool().clone();
     let racers: Vec<_> = (1..=8)
         .map(|i| {
             let store = store.clone();
@@ -863,6 +868,35 @@ async fn concurrent_price_updates_form_one_chain(backend: Backend) -> anyhow::Re
         stored.price, price,
         "the last change in the chain is stored"
     );
+
+    // Each change recorded its ProductPriceChanged in its own transaction,
+    // with the product's version after it: 2..=9, in commit (id) order, and
+    // the newest version carries the stored price.
+    let rows = sqlx::query(
+        "SELECT aggregate_version, payload FROM event_outbox \
+         WHERE aggregate_id = $1 ORDER BY id",
+    )
+    .bind(&product.id)
+    .fetch_all(&db)
+    .await?;
+    let events: Vec<(i64, ProductPriceChanged)> = rows
+        .iter()
+        .map(|row| {
+            let payload: Vec<u8> = row.try_get("payload")?;
+            Ok((
+                row.try_get("aggregate_version")?,
+                prost::Message::decode(payload.as_slice())?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let versions: Vec<i64> = events.iter().map(|(v, _)| *v).collect();
+    assert_eq!(versions, (2..=9).collect::<Vec<_>>());
+    for (version, event) in &events {
+        assert_eq!(event.version, *version);
+        assert_eq!(event.sku, "MUG");
+    }
+    let newest = &events.last().expect("eight events").1;
+    assert_eq!(newest.new_price.as_ref(), Some(&price.to_proto()));
     h.server.stop().await
 }
 

@@ -94,6 +94,17 @@ pub struct OrderItem {
     pub unit_price: Money,
 }
 
+impl OrderItem {
+    /// The protobuf view of the line, as the API and the events show it.
+    pub fn to_proto(&self) -> agora_proto::orders::v1::OrderItem {
+        agora_proto::orders::v1::OrderItem {
+            product_id: self.product_id.clone(),
+            quantity: self.quantity,
+            unit_price: Some(self.unit_price.to_proto()),
+        }
+    }
+}
+
 /// An order as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Order {

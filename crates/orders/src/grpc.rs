@@ -186,20 +186,12 @@ fn status_to_proto(status: OrderStatus) -> pb::OrderStatus {
     }
 }
 
-fn item_to_proto(item: &OrderItem) -> pb::OrderItem {
-    pb::OrderItem {
-        product_id: item.product_id.clone(),
-        quantity: item.quantity,
-        unit_price: Some(item.unit_price.to_proto()),
-    }
-}
-
 /// The protobuf view of an order; the client's request id stays internal.
 pub fn to_proto(order: &Order) -> pb::Order {
     pb::Order {
         id: order.id.clone(),
         user_id: order.user_id.clone(),
-        items: order.items.iter().map(item_to_proto).collect(),
+        items: order.items.iter().map(OrderItem::to_proto).collect(),
         total: Some(order.total.to_proto()),
         status: status_to_proto(order.status) as i32,
         failure_reason: order.failure_reason.clone(),

@@ -31,6 +31,7 @@ use agora_platform::auth::TokenVerifier;
 use agora_platform::config::Config;
 use agora_platform::db::{Db, Migrations};
 use agora_platform::server::HostedService;
+use agora_platform_events::ServiceEvents;
 use agora_proto::orders::v1::SERVICE_NAME;
 use agora_proto::orders::v1::order_service_server::OrderServiceServer;
 
@@ -46,8 +47,9 @@ pub const MIGRATIONS: Migrations = Migrations {
 /// checkout, or by tests) reach the service's watchers at once.
 pub async fn build(config: &Config) -> anyhow::Result<(HostedService, store::SqlOrderStore)> {
     let db = Db::connect_and_migrate(&config.database_url("orders"), MIGRATIONS).await?;
+    let events = ServiceEvents::start(config, &db, "orders").await?;
     let verifier = TokenVerifier::from_config(&config.auth)?;
-    let store = store::SqlOrderStore::new(db.clone());
+    let store = store::SqlOrderStore::new(events.outbox.clone());
     // Open WatchOrder streams end when the server begins to shut down,
     // rather than holding its drain until the timeout.
     let drain = tokio_util::sync::CancellationToken::new();
@@ -55,7 +57,7 @@ pub async fn build(config: &Config) -> anyhow::Result<(HostedService, store::Sql
     let hosted = HostedService::new(SERVICE_NAME, OrderServiceServer::new(api))
         .with_check(db)
         .with_drain_signal(drain);
-    Ok((hosted, store))
+    Ok((events.attach(hosted), store))
 }
 
 /// The service ready to host (see [`build`]).

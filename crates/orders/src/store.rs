@@ -6,7 +6,10 @@
 //! transaction. Status changes are conditional updates (`WHERE status = <the
 //! status just read>`), so of two racing writers exactly one moves the order
 //! and the other re-reads and decides again; after each committed change the
-//! store tells [`OrderChanges`] so that watchers re-read at once.
+//! store tells [`OrderChanges`] so that watchers re-read at once. Each change
+//! records its event (`OrderPlaced`, `OrderCompleted`, `OrderCancelled`,
+//! `OrderFailed`) in the outbox in the same transaction, with the order's
+//! version after it.
 
 use std::future::Future;
 
@@ -15,8 +18,10 @@ use agora_platform::error::{Error, ErrorKind, Result};
 use agora_platform::money::Money;
 use agora_platform::pagination::{Cursor, next_page};
 use agora_platform::time::now_micros;
+use agora_platform_events::{Outbox, UnitOfWork};
+use agora_proto::orders::v1 as pb;
 use sqlx::any::AnyRow;
-use sqlx::{Any, Row, Transaction};
+use sqlx::{Any, Row};
 
 use crate::changes::OrderChanges;
 use crate::domain::{NewOrder, Order, OrderItem, OrderStatus, failure_reason};
@@ -75,18 +80,24 @@ pub trait OrderStore: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct SqlOrderStore {
     db: Db,
+    outbox: Outbox,
     changes: OrderChanges,
 }
 
 impl SqlOrderStore {
-    /// A store on a migrated database, with a notifier of its own.
-    pub fn new(db: Db) -> Self {
-        Self::with_changes(db, OrderChanges::new())
+    /// A store on a migrated database, with its outbox and a notifier of
+    /// its own.
+    pub fn new(outbox: Outbox) -> Self {
+        Self::with_changes(outbox, OrderChanges::new())
     }
 
     /// A store on a migrated database that signals `changes`.
-    pub fn with_changes(db: Db, changes: OrderChanges) -> Self {
-        Self { db, changes }
+    pub fn with_changes(outbox: Outbox, changes: OrderChanges) -> Self {
+        Self {
+            db: outbox.db().clone(),
+            outbox,
+            changes,
+        }
     }
 }
 
@@ -126,8 +137,8 @@ const GET_BY_REQUEST: &str = select_orders!(
 impl OrderStore for SqlOrderStore {
     async fn create(&self, new: NewOrder) -> Result<Order> {
         let total = new.validate()?;
-        let mut tx = self.db.begin_write().await?;
-        if let Some(existing) = find_by_request(&mut *tx, &new.user_id, &new.request_id).await? {
+        let mut work = self.outbox.begin().await?;
+        if let Some(existing) = find_by_request(work.tx(), &new.user_id, &new.request_id).await? {
             return Ok(existing);
         }
         let now = now_micros();
@@ -142,15 +153,24 @@ impl OrderStore for SqlOrderStore {
             created_at: now,
             updated_at: now,
         };
-        match insert_order(&mut tx, &order).await {
+        match insert_order(&mut work, &order).await {
             Ok(()) => {
-                tx.commit().await?;
+                work.record(&pb::OrderPlaced {
+                    order_id: order.id.clone(),
+                    user_id: order.user_id.clone(),
+                    items: order.items.iter().map(OrderItem::to_proto).collect(),
+                    total: Some(order.total.to_proto()),
+                    version: 1,
+                    ..Default::default()
+                })
+                .await?;
+                work.commit().await?;
                 Ok(order)
             }
             // PostgreSQL: a concurrent create with the same request id
             // committed between our check and our insert. It made the order.
             Err(err) if is_unique_violation(&err) => {
-                tx.rollback().await?;
+                work.rollback().await?;
                 find_by_request(self.db.pool(), &order.user_id, &order.request_id)
                     .await?
                     .ok_or_else(|| {
@@ -197,8 +217,8 @@ impl OrderStore for SqlOrderStore {
 
     async fn transition(&self, id: &str, to: OrderStatus, reason: &str) -> Result<Order> {
         for _ in 0..TRANSITION_ATTEMPTS {
-            let mut tx = self.db.begin_write().await?;
-            let rows = sqlx::query(GET_BY_ID).bind(id).fetch_all(&mut *tx).await?;
+            let mut work = self.outbox.begin().await?;
+            let rows = sqlx::query(GET_BY_ID).bind(id).fetch_all(work.tx()).await?;
             let current = orders_from_rows(&rows)?
                 .into_iter()
                 .next()
@@ -224,19 +244,20 @@ impl OrderStore for SqlOrderStore {
                 updated_at: now_micros().max(current.updated_at.saturating_add(1)),
                 ..current.clone()
             };
-            let updated = sqlx::query(
-                "UPDATE orders SET status = $1, failure_reason = $2, updated_at = $3 \
-                 WHERE id = $4 AND status = $5",
+            let version: Option<i64> = sqlx::query_scalar(
+                "UPDATE orders SET status = $1, failure_reason = $2, updated_at = $3, \
+                 version = version + 1 WHERE id = $4 AND status = $5 RETURNING version",
             )
             .bind(next.status.as_str())
             .bind(&next.failure_reason)
             .bind(next.updated_at)
             .bind(&next.id)
             .bind(current.status.as_str())
-            .execute(&mut *tx)
+            .fetch_optional(work.tx())
             .await?;
-            if updated.rows_affected() == 1 {
-                tx.commit().await?;
+            if let Some(version) = version {
+                record_status_change(&mut work, &next, version).await?;
+                work.commit().await?;
                 self.changes.notify(&next.id);
                 return Ok(next);
             }
@@ -266,8 +287,47 @@ async fn find_by_request<'c>(
     Ok(orders_from_rows(&rows)?.into_iter().next())
 }
 
+/// The event of `order` having become what it is now, at `version`.
+async fn record_status_change(work: &mut UnitOfWork, order: &Order, version: i64) -> Result<()> {
+    let (order_id, user_id) = (order.id.clone(), order.user_id.clone());
+    match order.status {
+        OrderStatus::Completed => {
+            work.record(&pb::OrderCompleted {
+                order_id,
+                user_id,
+                total: Some(order.total.to_proto()),
+                version,
+                ..Default::default()
+            })
+            .await?
+        }
+        OrderStatus::Cancelled => {
+            work.record(&pb::OrderCancelled {
+                order_id,
+                user_id,
+                reason: order.failure_reason.clone(),
+                version,
+                ..Default::default()
+            })
+            .await?
+        }
+        OrderStatus::Failed => {
+            work.record(&pb::OrderFailed {
+                order_id,
+                user_id,
+                reason: order.failure_reason.clone(),
+                version,
+            })
+            .await?
+        }
+        // Only a new order is PENDING, and OrderPlaced says so.
+        OrderStatus::Pending => return Ok(()),
+    };
+    Ok(())
+}
+
 async fn insert_order(
-    tx: &mut Transaction<'static, Any>,
+    work: &mut UnitOfWork,
     order: &Order,
 ) -> std::result::Result<(), sqlx::Error> {
     sqlx::query(
@@ -283,7 +343,7 @@ async fn insert_order(
     .bind(order.total.amount_minor)
     .bind(order.created_at)
     .bind(order.updated_at)
-    .execute(&mut **tx)
+    .execute(work.tx())
     .await?;
     for (line, item) in (0_i64..).zip(&order.items) {
         sqlx::query(
@@ -295,7 +355,7 @@ async fn insert_order(
         .bind(&item.product_id)
         .bind(item.quantity)
         .bind(item.unit_price.amount_minor)
-        .execute(&mut **tx)
+        .execute(work.tx())
         .await?;
     }
     Ok(())

@@ -146,7 +146,10 @@ mod tests {
         let db = Db::connect_and_migrate(&Secret::new(url), crate::MIGRATIONS)
             .await
             .expect("sqlite database");
-        SqlOrderStore::with_changes(db, changes)
+        agora_platform_events::migrate(&db)
+            .await
+            .expect("events tables");
+        SqlOrderStore::with_changes(agora_platform_events::Outbox::new(db), changes)
     }
 
     async fn pending(store: &SqlOrderStore) -> Order {

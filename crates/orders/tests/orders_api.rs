@@ -20,6 +20,7 @@ use agora_proto::orders::v1 as pb;
 use agora_proto::orders::v1::order_service_client::OrderServiceClient;
 use agora_testkit::{Backend, TestEnv, TestServer, backend_tests};
 use anyhow::Context as _;
+use sqlx::Row as _;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
@@ -545,14 +546,77 @@ async fn slow_readers_never_block_writers(backend: Backend) -> anyhow::Result<()
     h.server.stop().await
 }
 
+/// Every change records its event with the order's version after it, in the
+/// same transaction; an idempotent repeat records nothing.
+async fn every_change_records_its_event(backend: Backend) -> anyhow::Result<()> {
+    let h = start(backend).await?;
+    let user = uuid::Uuid::now_v7().to_string();
+    let kept = place(&h.store, &user).await?;
+    h.store.create(new_order(&user, &kept.request_id)).await?;
+    h.store
+        .transition(&kept.id, OrderStatus::Completed, "")
+        .await?;
+    h.store
+        .transition(&kept.id, OrderStatus::Completed, "")
+        .await?;
+    h.store
+        .transition(&kept.id, OrderStatus::Cancelled, "changed my mind")
+        .await?;
+    let failed = place(&h.store, &user).await?;
+    h.store
+        .transition(&failed.id, OrderStatus::Failed, "out of stock")
+        .await?;
+
+    let db = Db::connect(&Secret::new(h.env.database_url().to_owned())).await?;
+    let rows = sqlx::query(
+        "SELECT event_type, aggregate_id, aggregate_version, payload FROM event_outbox ORDER BY id",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    let mut recorded = Vec::new();
+    for row in &rows {
+        let event_type: String = row.try_get("event_type")?;
+        let aggregate: String = row.try_get("aggregate_id")?;
+        let version: i64 = row.try_get("aggregate_version")?;
+        let name = event_type.rsplit('.').next().unwrap_or_default().to_owned();
+        recorded.push((name, aggregate == kept.id, version));
+    }
+    assert_eq!(
+        recorded,
+        [
+            ("OrderPlaced".to_owned(), true, 1),
+            ("OrderCompleted".to_owned(), true, 2),
+            ("OrderCancelled".to_owned(), true, 3),
+            ("OrderPlaced".to_owned(), false, 1),
+            ("OrderFailed".to_owned(), false, 2),
+        ]
+    );
+    let payload: Vec<u8> = rows[4].try_get("payload")?;
+    let event: pb::OrderFailed = prost::Message::decode(payload.as_slice())?;
+    assert_eq!(
+        (
+            event.order_id.as_str(),
+            event.user_id.as_str(),
+            event.reason.as_str()
+        ),
+        (failed.id.as_str(), user.as_str(), "out of stock")
+    );
+    let payload: Vec<u8> = rows[0].try_get("payload")?;
+    let placed: pb::OrderPlaced = prost::Message::decode(payload.as_slice())?;
+    assert_eq!(placed.items.len(), 2);
+    assert_eq!(placed.total, Some(kept.total.to_proto()));
+    h.server.stop().await
+}
+
 /// Another replica's writes send no notice to this process: the periodic
 /// re-check finds them.
 async fn watch_sees_changes_made_by_another_replica(backend: Backend) -> anyhow::Result<()> {
     let mut h = start(backend).await?;
     let ada = shopper(&h.env, "ada@example.com")?;
     let order = place(&h.store, &ada.id).await?;
-    let replica =
-        SqlOrderStore::new(Db::connect(&Secret::new(h.env.database_url().to_owned())).await?);
+    let replica = SqlOrderStore::new(agora_platform_events::Outbox::new(
+        Db::connect(&Secret::new(h.env.database_url().to_owned())).await?,
+    ));
     let mut stream = h
         .client
         .watch_order(watch(&order.id, &ada.token))
@@ -807,6 +871,7 @@ backend_tests!(
     create_get_and_list_pages_through_own_orders,
     same_request_id_never_makes_two_orders,
     lifecycle_is_enforced,
+    every_change_records_its_event,
     watch_streams_current_state_then_changes_and_ends,
     watch_on_a_finished_order_yields_it_once,
     watch_is_for_the_owner_only,

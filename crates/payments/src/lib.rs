@@ -31,6 +31,7 @@ use agora_platform::auth::TokenVerifier;
 use agora_platform::config::Config;
 use agora_platform::db::{Db, Migrations};
 use agora_platform::server::HostedService;
+use agora_platform_events::ServiceEvents;
 use agora_proto::payments::v1::SERVICE_NAME;
 use agora_proto::payments::v1::payment_service_server::PaymentServiceServer;
 
@@ -42,14 +43,17 @@ pub const MIGRATIONS: Migrations = Migrations {
 
 /// Connects to the payments database (migrating it), loads the token
 /// verification key and returns the service ready to host, with its database
-/// as health check.
+/// as health check and the outbox relay publishing `PaymentCaptured` and
+/// `PaymentRefunded`.
 pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
     let db = Db::connect_and_migrate(&config.database_url("payments"), MIGRATIONS).await?;
+    let events = ServiceEvents::start(config, &db, "payments").await?;
     let verifier = TokenVerifier::from_config(&config.auth)?;
     let api = grpc::PaymentApi::new(
-        store::SqlPaymentStore::new(db.clone()),
+        store::SqlPaymentStore::new(events.outbox.clone()),
         processor::CardProcessor,
         verifier,
     );
-    Ok(HostedService::new(SERVICE_NAME, PaymentServiceServer::new(api)).with_check(db))
+    let hosted = HostedService::new(SERVICE_NAME, PaymentServiceServer::new(api)).with_check(db);
+    Ok(events.attach(hosted))
 }

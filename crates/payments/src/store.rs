@@ -18,8 +18,10 @@ use agora_platform::db::{Db, is_unique_violation};
 use agora_platform::error::{Error, ErrorKind, Result};
 use agora_platform::money::Money;
 use agora_platform::time::now_micros;
+use agora_platform_events::{Outbox, UnitOfWork};
+use agora_proto::payments::v1::{PaymentCaptured, PaymentRefunded};
+use sqlx::Row;
 use sqlx::any::AnyRow;
-use sqlx::{Any, Row, Transaction};
 
 use crate::domain::{ChargeAttempt, Payment, PaymentStatus};
 use crate::processor::Authorization;
@@ -95,12 +97,17 @@ pub trait PaymentStore: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct SqlPaymentStore {
     db: Db,
+    outbox: Outbox,
 }
 
 impl SqlPaymentStore {
-    /// A store on a migrated database.
-    pub fn new(db: Db) -> Self {
-        Self { db }
+    /// A store on a migrated database, recording `PaymentCaptured` and
+    /// `PaymentRefunded` in its outbox.
+    pub fn new(outbox: Outbox) -> Self {
+        Self {
+            db: outbox.db().clone(),
+            outbox,
+        }
     }
 }
 
@@ -119,7 +126,7 @@ impl PaymentStore for SqlPaymentStore {
             return retry_outcome(existing, attempt);
         }
 
-        let mut tx = self.db.begin_write().await?;
+        let mut work = self.outbox.begin().await?;
         let now = now_micros();
         let claimed = sqlx::query(
             "INSERT INTO payments (id, user_id, currency_code, amount_minor, status, \
@@ -133,14 +140,14 @@ impl PaymentStore for SqlPaymentStore {
         .bind(PROCESSING)
         .bind(&attempt.card_last4)
         .bind(now)
-        .execute(&mut *tx)
+        .execute(work.tx())
         .await;
         match claimed {
             Ok(_) => {}
             Err(err) if is_unique_violation(&err) => {
                 // Another attempt claimed the id first and has committed its
                 // outcome by now (the insert waited for it): that is ours too.
-                tx.rollback().await?;
+                work.rollback().await?;
                 let existing = self.get(payment_id).await?.ok_or_else(|| {
                     Error::new(
                         ErrorKind::Conflict,
@@ -171,10 +178,10 @@ impl PaymentStore for SqlPaymentStore {
             .bind(status.as_str())
             .bind(&decline_reason)
             .bind(payment_id)
-            .execute(&mut *tx)
+            .execute(work.tx())
             .await?;
         insert_ledger_entry(
-            &mut tx,
+            &mut work,
             payment_id,
             operation,
             &attempt.amount,
@@ -182,7 +189,17 @@ impl PaymentStore for SqlPaymentStore {
             now,
         )
         .await?;
-        tx.commit().await?;
+        if status == PaymentStatus::Succeeded {
+            work.record(&PaymentCaptured {
+                payment_id: payment_id.to_owned(),
+                user_id: attempt.user_id.as_str().to_owned(),
+                amount: Some(attempt.amount.to_proto()),
+                card_last4: attempt.card_last4.clone(),
+                version: 1,
+            })
+            .await?;
+        }
+        work.commit().await?;
         Ok(Payment {
             id: payment_id.to_owned(),
             user_id: attempt.user_id.as_str().to_owned(),
@@ -208,7 +225,7 @@ impl PaymentStore for SqlPaymentStore {
             return not_refundable_now(current);
         }
 
-        let mut tx = self.db.begin_write().await?;
+        let mut work = self.outbox.begin().await?;
         let now = now_micros();
         // The conditional update is the claim: of two concurrent refunds only
         // one changes the row; the other sees zero rows and re-reads.
@@ -219,10 +236,10 @@ impl PaymentStore for SqlPaymentStore {
         .bind(now)
         .bind(payment_id)
         .bind(PaymentStatus::Succeeded.as_str())
-        .execute(&mut *tx)
+        .execute(work.tx())
         .await?;
         if claimed.rows_affected() != 1 {
-            tx.rollback().await?;
+            work.rollback().await?;
             let current = self
                 .get(payment_id)
                 .await?
@@ -231,13 +248,13 @@ impl PaymentStore for SqlPaymentStore {
         }
         let refunded = sqlx::query(SELECT_PAYMENT)
             .bind(payment_id)
-            .fetch_one(&mut *tx)
+            .fetch_one(work.tx())
             .await
             .map_err(|err| Error::internal("re-reading a refunded payment", err))
             .and_then(|row| payment_from_row(&row))?;
         let reference = refund(&refunded);
         insert_ledger_entry(
-            &mut tx,
+            &mut work,
             payment_id,
             LedgerOperation::Refund,
             &refunded.amount,
@@ -245,7 +262,14 @@ impl PaymentStore for SqlPaymentStore {
             now,
         )
         .await?;
-        tx.commit().await?;
+        work.record(&PaymentRefunded {
+            payment_id: payment_id.to_owned(),
+            user_id: refunded.user_id.clone(),
+            amount: Some(refunded.amount.to_proto()),
+            version: 2,
+        })
+        .await?;
+        work.commit().await?;
         Ok(refunded)
     }
 
@@ -312,7 +336,7 @@ fn not_refundable_now(payment: Payment) -> Result<Payment> {
 }
 
 async fn insert_ledger_entry(
-    tx: &mut Transaction<'static, Any>,
+    work: &mut UnitOfWork,
     payment_id: &str,
     operation: LedgerOperation,
     amount: &Money,
@@ -330,7 +354,7 @@ async fn insert_ledger_entry(
     .bind(amount.amount_minor)
     .bind(reference)
     .bind(occurred_at)
-    .execute(&mut **tx)
+    .execute(work.tx())
     .await
     .map_err(|err| {
         if is_unique_violation(&err) {

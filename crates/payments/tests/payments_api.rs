@@ -34,7 +34,7 @@ async fn start(backend: Backend) -> anyhow::Result<Harness> {
     let db = Db::connect(&Secret::new(env.database_url().to_owned())).await?;
     let service = env.service_token("orders")?;
     Ok(Harness {
-        store: SqlPaymentStore::new(db.clone()),
+        store: SqlPaymentStore::new(agora_platform_events::Outbox::new(db.clone())),
         db,
         service,
         env,
@@ -476,6 +476,53 @@ async fn refund_transitions_and_is_idempotent(backend: Backend) -> anyhow::Resul
     h.server.stop().await
 }
 
+/// A capture and a refund each record their event with the state change;
+/// a decline and a repeated refund record nothing.
+async fn captures_and_refunds_record_their_events(backend: Backend) -> anyhow::Result<()> {
+    let mut h = start(backend).await?;
+    let user_id = new_user_id();
+    h.charge(charge_request("p-events", &user_id, SUCCEEDING_CARD))
+        .await?;
+    h.charge(charge_request("p-events", &user_id, SUCCEEDING_CARD))
+        .await?;
+    let declined = h
+        .charge(charge_request("p-declined", &user_id, DECLINED_CARD))
+        .await;
+    assert!(declined.is_err());
+    h.refund("p-events").await?;
+    h.refund("p-events").await?;
+    let recorded: Vec<(String, String, i64)> = sqlx::query(
+        "SELECT event_type, aggregate_id, aggregate_version FROM event_outbox ORDER BY id",
+    )
+    .fetch_all(h.db.pool())
+    .await?
+    .iter()
+    .map(|row| {
+        Ok((
+            row.try_get("event_type")?,
+            row.try_get("aggregate_id")?,
+            row.try_get("aggregate_version")?,
+        ))
+    })
+    .collect::<anyhow::Result<_>>()?;
+    assert_eq!(
+        recorded,
+        [
+            (
+                "agora.payments.v1.PaymentCaptured".to_owned(),
+                "p-events".to_owned(),
+                1
+            ),
+            (
+                "agora.payments.v1.PaymentRefunded".to_owned(),
+                "p-events".to_owned(),
+                2
+            ),
+        ]
+    );
+    h.server.stop().await
+}
+
 /// Every column of every table of the service's database, as text, with
 /// where it came from: `(table.column, value)`.
 async fn every_stored_value(db: &Db) -> anyhow::Result<Vec<(String, String)>> {
@@ -701,6 +748,7 @@ backend_tests!(
     same_id_for_another_charge_is_already_exists,
     invalid_input_names_every_bad_field,
     refund_transitions_and_is_idempotent,
+    captures_and_refunds_record_their_events,
     card_numbers_are_stored_nowhere,
     charge_and_refund_are_for_services_only,
     payments_are_read_by_the_payer_and_admins,

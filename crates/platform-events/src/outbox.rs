@@ -118,6 +118,13 @@ impl UnitOfWork {
         Ok(event_id)
     }
 
+    /// Rolls back the state change and its events (dropping the unit of
+    /// work does too; this waits for it and reports errors).
+    pub async fn rollback(self) -> Result<()> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+
     /// Commits the state change and its events, then wakes the relay.
     pub async fn commit(self) -> Result<()> {
         self.tx.commit().await?;

@@ -174,11 +174,18 @@ impl OutboxRelay {
     pub async fn run(self, stop: CancellationToken) {
         let committed = self.outbox.committed_signal();
         let mut backoff: Option<Duration> = None;
+        // Whether the last pass failed: an outage is logged when it starts
+        // and when it ends, not at every retry.
+        let mut failing = false;
         let mut next_housekeeping = Instant::now();
         tracing::info!(source = self.source, "outbox relay started");
         while !stop.is_cancelled() {
             let wait = match self.publish_pending(Marking::Mark).await {
                 Ok(pass) => {
+                    if failing {
+                        tracing::info!(source = self.source, "outbox relay publishing again");
+                        failing = false;
+                    }
                     backoff = None;
                     if pass.full && pass.failed == 0 {
                         continue;
@@ -191,12 +198,16 @@ impl OutboxRelay {
                 }
                 Err(err) => {
                     let wait = self.next_backoff(&mut backoff);
-                    tracing::warn!(
-                        source = self.source,
-                        error = %err,
-                        retry_in = ?wait,
-                        "outbox relay cannot publish now"
-                    );
+                    if failing {
+                        tracing::debug!(source = self.source, error = %err, retry_in = ?wait, "outbox relay still cannot publish");
+                    } else {
+                        tracing::warn!(
+                            source = self.source,
+                            error = %err,
+                            "outbox relay cannot publish now; events wait in the outbox"
+                        );
+                        failing = true;
+                    }
                     Some(wait)
                 }
             };

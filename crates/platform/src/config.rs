@@ -258,7 +258,7 @@ pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Config, Co
                 // Only variables that name a configuration key: other AGORA_*
                 // variables (AGORA_CONFIG, the test kit's) are not config.
                 // Typos below a known key are still rejected by name.
-                .filter(|key| TOP_LEVEL_KEYS.contains(&top_level(key.as_str()).as_str()))
+                .filter(|key| top_level_keys().contains(&top_level(key.as_str())))
                 .split("__"),
         )
         .merge(Serialized::defaults(overrides))
@@ -266,21 +266,15 @@ pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Config, Co
         .map_err(|err| ConfigError(err.to_string()))
 }
 
-/// The keys of [`Config`]: `AGORA_<KEY>` or `AGORA_<KEY>__<NESTED>`.
-const TOP_LEVEL_KEYS: &[&str] = &[
-    "data_dir",
-    "log_format",
-    "nats_url",
-    "smtp_url",
-    "mail_from",
-    "auth",
-    "users",
-    "catalog",
-    "inventory",
-    "payments",
-    "orders",
-    "notifications",
-];
+/// The keys of [`Config`] (`AGORA_<KEY>` or `AGORA_<KEY>__<NESTED>`), read
+/// off its serialized defaults so that a new field needs no second list.
+fn top_level_keys() -> &'static [String] {
+    static KEYS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(fields)) => fields.keys().cloned().collect(),
+        _ => Vec::new(),
+    })
+}
 
 fn top_level(env_key: &str) -> String {
     env_key
@@ -355,8 +349,10 @@ mod tests {
                 r#"["admin@agora.localhost", "b@x.io"]"#,
             );
             jail.set_env("AGORA_SMTP_URL", "smtp://127.0.0.1:2525");
+            jail.set_env("AGORA_EVENTS__DEAD_LETTER_AFTER", "2");
             let config = load(None, serde_json::json!({}))
                 .map_err(|e| figment::Error::from(e.to_string()))?;
+            assert_eq!(config.events.dead_letter_after, 2);
             assert_eq!(
                 config.auth.admin_emails,
                 ["admin@agora.localhost", "b@x.io"]

@@ -117,6 +117,7 @@ pub fn current_trace_headers() -> std::collections::HashMap<String, String> {
     opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.inject_context(&context, &mut headers);
     });
+    headers.retain(|_, value| !value.is_empty());
     headers
 }
 
