@@ -6,6 +6,9 @@
 # .tools/. No system database or broker is needed, or used.
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
+# Recipe arguments reach the shell as "$@", quoted as typed: a subject like
+# 'agora.orders.>' must not become a redirection.
+set positional-arguments
 
 nats_server_version := "2.15.1"
 grpcurl_version := "1.8.6.post2"
@@ -21,11 +24,11 @@ default:
 
 # Run all six services in the foreground, seeded with demo data (SQLite under .data/). `just up mono`: one process; `just up pg`: on a private PostgreSQL under .data/pg/ (both combine); DATABASE_URL: an existing server. Ctrl-C stops.
 up *options: tools build
-    scripts/up.sh "{{agora}}" {{options}}
+    scripts/up.sh "{{agora}}" "$@"
 
 # Domain events of the running mesh: `just events tail [SUBJECT]`, `just events dlq list`, `just events dlq replay --id SEQ|--all`.
 events *args: build
-    NATS_URL="${NATS_URL:-$(cat "${AGORA_DATA_DIR:-.data}/run/nats.url" 2>/dev/null || echo nats://127.0.0.1:14222)}" "{{agora}}" events {{args}}
+    NATS_URL="${NATS_URL:-$(cat "${AGORA_DATA_DIR:-.data}/run/nats.url" 2>/dev/null || echo nats://127.0.0.1:14222)}" "{{agora}}" events "$@"
 
 # Stop a mesh started by `just up` in another terminal.
 down:
@@ -38,7 +41,7 @@ status: build
 # Run every test (unit and integration, PostgreSQL and SQLite) and the proto lint, on a throwaway PostgreSQL (or AGORA_TEST_POSTGRES_URL); extra arguments go to cargo test.
 test *args: tools
     "{{buf}}" lint
-    scripts/pg.sh with-test-cluster cargo test --workspace --all-targets --locked {{args}}
+    scripts/pg.sh with-test-cluster cargo test --workspace --all-targets --locked "$@"
 
 # Lint everything: buf lint, buf breaking and append-only migrations against the previous commit, rustfmt, clippy.
 lint: tools

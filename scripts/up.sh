@@ -110,6 +110,7 @@ stop() {
         kill -TERM "$nats_pid" 2>/dev/null || true
         wait "$nats_pid" 2>/dev/null || true
     fi
+    rm -f "$run/nats.url"
     if [ -n "$postgres" ]; then
         scripts/pg.sh stop "$data/pg" fast || echo "PostgreSQL did not stop cleanly; see $data/pg/data/server.log" >&2
     fi
@@ -146,15 +147,24 @@ NATS
     nats_pid=$!
     echo "$nats_pid" > "$run/nats.pid"
     pidfiles+=("$run/nats.pid")
+    # Ready when *our* server says so: a port that answers may belong to
+    # another process (then ours has exited with "address already in use").
+    ready=
     for _ in $(seq 100); do
-        (echo > "/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
         if ! kill -0 "$nats_pid" 2>/dev/null; then
-            tail -n 20 "$logs/nats.log" >&2
-            echo "nats-server did not start (is port $nats_port taken? set AGORA_NATS_PORT, or NATS_URL to use a running server)" >&2
-            exit 1
+            break
+        fi
+        if grep -q "Server is ready" "$logs/nats.log" 2>/dev/null; then
+            ready=1
+            break
         fi
         sleep 0.1
     done
+    if [ -z "$ready" ]; then
+        tail -n 20 "$logs/nats.log" >&2 || true
+        echo "nats-server did not start (is port $nats_port taken? set AGORA_NATS_PORT, or NATS_URL to use a running server)" >&2
+        exit 1
+    fi
 fi
 
 start() { # name, targets...
@@ -216,7 +226,8 @@ INFO
 
 # Stay in the foreground until Ctrl-C or until a service exits on its own.
 set +e
-wait -n "${pids[@]}"
+# nats-server too: a mesh whose broker died is not what `just up` promised.
+wait -n "${pids[@]}" ${nats_pid:+"$nats_pid"}
 code=$?
 echo "a service exited on its own (status $code); stopping the others" >&2
 exit $((code == 0 ? 1 : code))

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agora_platform::config;
-use agora_platform_events::{EventBus, StreamSettings, dead_letters};
+use agora_platform_events::bus::redact_url;
+use agora_platform_events::{EventBus, dead_letters};
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use prost_reflect::{DescriptorPool, DynamicMessage};
@@ -83,10 +84,11 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         overrides.insert("nats_url".into(), json!(url));
     }
     let config = config::load(args.config.as_deref(), Value::Object(overrides))?;
-    let bus = EventBus::connect(&config.nats_url, "agora-cli", StreamSettings::default()).await?;
+    // A tool: it reads and publishes, it never creates or resizes streams.
+    let bus = EventBus::connect_as_tool(&config.nats_url, "agora-cli").await?;
     tokio::time::timeout(Duration::from_secs(10), bus.wait_ready())
         .await
-        .with_context(|| format!("NATS at {} is not reachable", config.nats_url))?;
+        .with_context(|| format!("NATS at {} is not reachable", redact_url(&config.nats_url)))?;
     match args.command {
         EventsCommand::Tail { subject, count } => {
             tail(&bus, subject.as_deref().unwrap_or("agora.>"), count).await
@@ -98,6 +100,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
                 let mut line = describe(&letter.subject, &letter.headers, &letter.payload);
                 line.insert("seq".into(), json!(letter.sequence));
                 line.insert("consumer".into(), json!(letter.consumer));
+                line.insert("durable".into(), json!(letter.durable));
                 line.insert("deliveries".into(), json!(letter.deliveries));
                 line.insert("reason".into(), json!(letter.reason));
                 line.insert("origin".into(), json!(letter.origin));
@@ -108,19 +111,17 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         EventsCommand::Dlq {
             command: DlqCommand::Replay { id, all },
         } => {
-            let letters =
-                dead_letters::list(&bus, if all { REPLAY_ALL_LIMIT } else { usize::MAX }).await?;
-            let chosen: Vec<_> = letters
-                .iter()
-                .filter(|l| all || Some(l.sequence) == id)
-                .collect();
-            if chosen.is_empty() {
-                bail!(
-                    "no dead letter {}",
-                    id.map_or("at all".into(), |id| id.to_string())
-                );
+            let letters = match id {
+                Some(id) if !all => match dead_letters::get(&bus, id).await? {
+                    Some(letter) => vec![letter],
+                    None => bail!("no dead letter {id} (see `agora events dlq list`)"),
+                },
+                _ => dead_letters::list(&bus, REPLAY_ALL_LIMIT).await?,
+            };
+            if letters.is_empty() {
+                println!("no dead letters");
             }
-            for letter in chosen {
+            for letter in &letters {
                 dead_letters::replay(&bus, letter).await?;
                 println!(
                     "replayed dead letter {} ({} {}) on {}",
@@ -161,9 +162,10 @@ fn describe(subject: &str, headers: &async_nats::HeaderMap, payload: &[u8]) -> M
     for (name, values) in headers.iter() {
         let name: &str = name.as_ref();
         let value = values
-            .first()
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
+            .iter()
+            .map(|v| v.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         header_map.insert(name.to_owned(), json!(value));
     }
     let event_type = headers

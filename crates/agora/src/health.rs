@@ -95,12 +95,12 @@ fn parse_targets(endpoints: &[String]) -> anyhow::Result<Vec<(String, String, St
         .collect()
 }
 
-/// The status of the service's event bus: `connected`, `DISCONNECTED`, or
+/// The status of the service's event bus: `connected`, `NOT READY`, or
 /// `-` when the server does not report one.
 async fn events_status(addr: &str, grpc_service: &str) -> String {
     match check(addr, &format!("{grpc_service}/nats")).await.as_str() {
         "SERVING" => "connected".to_owned(),
-        "NOT_SERVING" => "DISCONNECTED (events wait in the outbox)".to_owned(),
+        "NOT_SERVING" => "NOT READY (events wait in the outbox)".to_owned(),
         _ => "-".to_owned(),
     }
 }

@@ -20,24 +20,27 @@ pub struct Recipient {
     pub version: i64,
 }
 
-/// Records `email` (and `name`, when given) for `user_id` at `version`,
-/// unless a newer version is already recorded: events of one user applied
-/// out of order never leave the older address. Returns whether it changed
-/// anything.
+/// Records `email` (and `name`, when given) for `user_id` at `version`.
+/// Events of one user may be applied out of order (a retried one comes
+/// later): the address of the newest version wins, and a name fills in
+/// whenever it is first known (only `UserCreated` carries it).
 pub async fn record(
     conn: &mut AnyConnection,
     user_id: &str,
     email: &str,
     name: Option<&str>,
     version: i64,
-) -> Result<bool> {
-    let changed = sqlx::query(
+) -> Result<()> {
+    sqlx::query(
         "INSERT INTO recipients (user_id, email, name, version, updated_at) \
          VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (user_id) DO UPDATE SET email = EXCLUDED.email, \
-         name = COALESCE(EXCLUDED.name, recipients.name), version = EXCLUDED.version, \
-         updated_at = EXCLUDED.updated_at \
-         WHERE recipients.version < EXCLUDED.version",
+                  ON CONFLICT (user_id) DO UPDATE SET \
+         email = CASE WHEN EXCLUDED.version > recipients.version \
+             THEN EXCLUDED.email ELSE recipients.email END, \
+         name = COALESCE(recipients.name, EXCLUDED.name), \
+         version = CASE WHEN EXCLUDED.version > recipients.version \
+             THEN EXCLUDED.version ELSE recipients.version END, \
+         updated_at = EXCLUDED.updated_at",
     )
     .bind(user_id)
     .bind(email)
@@ -45,9 +48,8 @@ pub async fn record(
     .bind(version)
     .bind(now_micros())
     .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    Ok(changed > 0)
+    .await?;
+    Ok(())
 }
 
 /// The recipient `user_id`, if known.

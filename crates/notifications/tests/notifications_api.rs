@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use agora_notifications::directory;
 use agora_notifications::domain::NotificationStatus;
 use agora_notifications::store::{NotificationStore, SqlNotificationStore};
 use agora_notifications::{NotificationRequest, Notifier, TemplateData};
@@ -951,7 +952,35 @@ async fn hosted_service_reports_serving(backend: Backend) -> anyhow::Result<()> 
     server.stop().await
 }
 
+/// Events of one user applied out of order (a retried `UserCreated` after
+/// the `UserEmailUpdated` that followed it) leave the newest address, and
+/// the name once it is known.
+async fn the_directory_keeps_the_newest_address_whatever_the_order(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = start(backend).await?;
+    let db = agora_platform::db::Db::connect(&Secret::new(h.env.database_url().to_owned())).await?;
+    let mut conn = db.pool().acquire().await?;
+    let user = user_id();
+    directory::record(&mut conn, &user, "second@example.com", None, 2).await?;
+    directory::record(&mut conn, &user, "first@example.com", Some("Ada"), 1).await?;
+    let found = directory::find(&mut conn, &user).await?.expect("recorded");
+    assert_eq!(
+        (found.email.as_str(), found.name.as_deref(), found.version),
+        ("second@example.com", Some("Ada"), 2)
+    );
+    directory::record(&mut conn, &user, "third@example.com", None, 3).await?;
+    let found = directory::find(&mut conn, &user).await?.expect("recorded");
+    assert_eq!(
+        (found.email.as_str(), found.name.as_deref(), found.version),
+        ("third@example.com", Some("Ada"), 3)
+    );
+    drop(conn);
+    h.server.stop().await
+}
+
 backend_tests!(
+    the_directory_keeps_the_newest_address_whatever_the_order,
     smtp_delivers_both_parts_to_the_recipient,
     file_mode_writes_a_parseable_eml_in_the_mail_folder,
     the_same_event_twice_sends_one_email_and_keeps_one_row,

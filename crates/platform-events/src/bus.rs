@@ -17,6 +17,7 @@ use futures::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::backoff::{Backoff, exponential};
 use crate::streams::{StreamSettings, ensure_streams};
 
 /// A NATS client, its JetStream context, and whether the streams are ready.
@@ -48,8 +49,25 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl EventBus {
     /// Connects to `url` in the background (this returns at once, even when
-    /// NATS is down) as `name` (shown by the server, e.g. `agora-users`).
+    /// NATS is down) as `name` (shown by the server, e.g. `agora-users`), and
+    /// creates or updates the streams to `settings` whenever it connects:
+    /// for the services, which own the streams.
     pub async fn connect(url: &str, name: &str, settings: StreamSettings) -> Result<Self, Error> {
+        Self::connect_with(url, name, Some(settings)).await
+    }
+
+    /// Connects like [`Self::connect`] but never creates or changes a
+    /// stream: for tools (`agora events`), which must not resize production
+    /// streams or create them on someone else's server.
+    pub async fn connect_as_tool(url: &str, name: &str) -> Result<Self, Error> {
+        Self::connect_with(url, name, None).await
+    }
+
+    async fn connect_with(
+        url: &str,
+        name: &str,
+        settings: Option<StreamSettings>,
+    ) -> Result<Self, Error> {
         let reconnected = Arc::new(Notify::new());
         let on_event = Arc::clone(&reconnected);
         let client = async_nats::ConnectOptions::new()
@@ -60,8 +78,8 @@ impl EventBus {
             // Come back quickly after a broker restart, but do not hammer a
             // broker that stays down.
             .reconnect_delay_callback(|attempts| {
-                let exponent = u32::try_from(attempts.min(5)).unwrap_or(5);
-                Duration::from_millis(100 * 2u64.pow(exponent)).min(Duration::from_secs(2))
+                let attempt = u32::try_from(attempts).unwrap_or(u32::MAX);
+                exponential(attempt, Duration::from_millis(100), Duration::from_secs(2))
             })
             .event_callback(move |event| {
                 let on_event = Arc::clone(&on_event);
@@ -81,24 +99,30 @@ impl EventBus {
             .connect(url)
             .await
             .map_err(|err| {
-                Error::new(ErrorKind::InvalidArgument, format!("bad NATS url {url:?}"))
-                    .with_source(err)
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("bad NATS url {:?}", redact_url(url)),
+                )
+                .with_source(err)
             })?;
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(REQUEST_TIMEOUT)
             .build(client.clone());
-        let streams_ready = Arc::new(AtomicBool::new(false));
+        // A tool does not look after streams: connected is ready.
+        let streams_ready = Arc::new(AtomicBool::new(settings.is_none()));
         let ready_changed = Arc::new(Notify::new());
         let stop = CancellationToken::new();
-        tokio::spawn(keep_streams(
-            client.clone(),
-            jetstream.clone(),
-            settings,
-            Arc::clone(&streams_ready),
-            Arc::clone(&ready_changed),
-            reconnected,
-            stop.clone(),
-        ));
+        if let Some(settings) = settings {
+            tokio::spawn(keep_streams(
+                client.clone(),
+                jetstream.clone(),
+                settings,
+                Arc::clone(&streams_ready),
+                Arc::clone(&ready_changed),
+                reconnected,
+                stop.clone(),
+            ));
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -150,14 +174,14 @@ async fn keep_streams(
     reconnected: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         if client.connection_state() == State::Connected {
             match ensure_streams(&jetstream, &settings).await {
                 Ok(()) => {
                     ready.store(true, Ordering::Release);
                     ready_changed.notify_waiters();
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     tokio::select! {
                         () = reconnected.notified() => {}
                         () = stop.cancelled() => return,
@@ -170,11 +194,10 @@ async fn keep_streams(
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(backoff.next_delay()) => {}
             () = reconnected.notified() => {}
             () = stop.cancelled() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -196,5 +219,48 @@ impl HealthCheck for EventBus {
                 _ => Err(Error::new(ErrorKind::Unavailable, "NATS is unreachable")),
             }
         })
+    }
+}
+
+/// `url` without a password (`nats://user:pass@host` becomes
+/// `nats://user:***@host`), for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(a, p)| (a, Some(p)));
+    let Some((credentials, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = credentials.split(':').next().unwrap_or_default();
+    let redacted = if credentials.contains(':') || !user.is_empty() {
+        format!("{user}:***@{host}")
+    } else {
+        host.to_owned()
+    };
+    match path {
+        Some(path) => format!("{scheme}://{redacted}/{path}"),
+        None => format!("{scheme}://{redacted}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_credentials() {
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            redact_url("nats://app:s3cret@nats:4222"),
+            "nats://app:***@nats:4222"
+        );
+        assert_eq!(
+            redact_url("nats://token@nats:4222"),
+            "nats://token:***@nats:4222"
+        );
+        assert_eq!(redact_url("tls://a:b@h:1/x"), "tls://a:***@h:1/x");
     }
 }

@@ -5,11 +5,17 @@
 //! handler apply the event in the same transaction, commit, and only then
 //! ack. A crash before the commit leaves nothing applied (redelivered after
 //! `ack_wait`); a crash after the commit and before the ack is redelivered
-//! and skipped by the inbox. A failing event is retried with
-//! `Nak(delay)` (a growing delay; JetStream's own `backoff` applies to ack
-//! timeouts only); after [`ConsumerSettings::dead_letter_after`] deliveries
-//! it is copied to the dead-letter stream with its headers, stream and
-//! sequence, then terminated, so the events behind it keep flowing.
+//! and skipped by the inbox. A failing event is retried with `Nak(delay)` (a
+//! growing delay; JetStream's own `backoff` applies to ack timeouts only).
+//! How long depends on the error: an event that cannot be applied as it is
+//! (it does not decode, it is invalid: a *permanent* error) goes to the
+//! dead-letter stream after [`ConsumerSettings::dead_letter_after`]
+//! deliveries; one that failed because something it needs is unavailable
+//! right now (a database, an SMTP server, an event it depends on: a
+//! *transient* error) keeps being retried for
+//! [`ConsumerSettings::retry_transient_for`] before it is dead-lettered. A
+//! dead letter is a copy with the event's headers, stream and sequence; the
+//! event is then terminated, so the events behind it keep flowing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,12 +27,15 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pu
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
+use futures::FutureExt as _;
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
+use std::panic::AssertUnwindSafe;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::backoff::Backoff;
 use crate::bus::EventBus;
 use crate::dead_letters::dead_letter_subject;
 use crate::envelope::{DomainEvent, header};
@@ -79,6 +88,8 @@ pub struct Delivery {
     pub stream_sequence: u64,
     /// How often it has been delivered to this consumer, this time included.
     pub delivered: i64,
+    /// When JetStream stored it.
+    pub published: time::OffsetDateTime,
     /// All headers as published.
     pub headers: HeaderMap,
 }
@@ -106,9 +117,16 @@ impl Delivery {
             stream: info.stream.to_owned(),
             stream_sequence: info.stream_sequence,
             delivered: info.delivered,
+            published: info.published,
             headers,
         };
         Ok(delivery)
+    }
+
+    /// How long ago JetStream stored it.
+    pub fn age(&self) -> Duration {
+        let now = time::OffsetDateTime::now_utc();
+        Duration::try_from(now - self.published).unwrap_or_default()
     }
 
     /// The payload as `E`. INVALID_ARGUMENT when the event is of another
@@ -133,8 +151,13 @@ impl Delivery {
 /// How a consumer retries and when it gives up on an event.
 #[derive(Clone, Debug)]
 pub struct ConsumerSettings {
-    /// Deliveries after which a failing event goes to the dead-letter stream.
+    /// Deliveries after which an event failing with a permanent error
+    /// (invalid, undecodable, a bug) goes to the dead-letter stream.
     pub dead_letter_after: i64,
+    /// How long after its publication an event failing with a transient
+    /// error (UNAVAILABLE, a conflict: something that heals by itself) is
+    /// still retried before it goes to the dead-letter stream.
+    pub retry_transient_for: Duration,
     /// The delay before the second delivery of a failed event; it doubles
     /// with each further delivery, up to `retry_max`.
     pub retry_base: Duration,
@@ -157,6 +180,7 @@ impl Default for ConsumerSettings {
     fn default() -> Self {
         Self {
             dead_letter_after: 5,
+            retry_transient_for: Duration::from_secs(24 * 3600),
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             ack_wait: Duration::from_secs(30),
@@ -170,12 +194,35 @@ impl Default for ConsumerSettings {
 impl ConsumerSettings {
     /// The delay before delivery number `delivered + 1`.
     fn retry_delay(&self, delivered: i64) -> Duration {
-        let exponent = u32::try_from((delivered - 1).clamp(0, 16)).unwrap_or(16);
-        self.retry_base
-            .saturating_mul(2u32.saturating_pow(exponent))
-            .min(self.retry_max)
+        let attempt = u32::try_from((delivered - 1).max(0)).unwrap_or(u32::MAX);
+        crate::backoff::exponential(attempt, self.retry_base, self.retry_max)
+    }
+
+    /// Whether an event that failed with `err` at delivery `delivered`,
+    /// published `age` ago, has had its chances.
+    fn gives_up(&self, err: &Error, delivered: i64, age: Duration) -> bool {
+        if is_transient(err) {
+            age >= self.retry_transient_for
+        } else {
+            delivered >= self.dead_letter_after
+        }
     }
 }
+
+/// Errors that heal by themselves: worth retrying for a long time.
+fn is_transient(err: &Error) -> bool {
+    matches!(err.kind(), ErrorKind::Unavailable | ErrorKind::Conflict)
+}
+
+/// Header naming the one consumer a replayed dead letter is for; the other
+/// consumers of its subject acknowledge and skip it.
+pub const REPLAY_FOR_HEADER: &str = "agora-replay-for";
+
+/// How many messages a pull brings at once. Each waits for those before it,
+/// so the batch must be processed well within `ack_wait`.
+const PULL_BATCH: usize = 16;
+/// ... and at most this many bytes of them.
+const PULL_BATCH_BYTES: usize = 4 << 20;
 
 /// A named consumer of some subjects: one durable JetStream consumer per
 /// stream those subjects live in, all applying through one handler.
@@ -190,6 +237,16 @@ struct Inner {
     bus: EventBus,
     handler: Box<dyn EventHandler>,
     settings: ConsumerSettings,
+}
+
+/// The error of a handler that panicked.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> Error {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    Error::new(ErrorKind::Internal, format!("the handler panicked: {what}"))
 }
 
 /// What became of one delivery.
@@ -229,7 +286,8 @@ impl EventConsumer {
         self
     }
 
-    /// Consumes until `stop` is cancelled: one task per stream.
+    /// Consumes until `stop` is cancelled: one task per stream, each
+    /// restarted if it ever ends early (a panic outside a handler, say).
     pub async fn run(self, stop: CancellationToken) {
         let mut by_stream: Vec<(&'static str, Vec<String>)> = Vec::new();
         for subject in &self.inner.subjects {
@@ -245,7 +303,16 @@ impl EventConsumer {
         let mut tasks = tokio::task::JoinSet::new();
         for (stream, subjects) in by_stream {
             let inner = Arc::clone(&self.inner);
-            tasks.spawn(inner.consume_stream(stream, subjects, stop.clone()));
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                while !stop.is_cancelled() {
+                    let run = Arc::clone(&inner).consume_stream(stream, subjects.clone(), stop.clone());
+                    if let Err(panic) = tokio::spawn(run).await {
+                        tracing::error!(consumer = inner.name, stream, error = %panic, "consumer task died; restarting it");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            });
         }
         let housekeeping = Arc::clone(&self.inner);
         tasks.spawn(async move { housekeeping.prune_inbox_until(stop).await });
@@ -268,7 +335,7 @@ impl Inner {
         stop: CancellationToken,
     ) {
         let durable = self.durable(stream);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !stop.is_cancelled() {
             tokio::select! {
                 () = self.bus.wait_ready() => {}
@@ -277,16 +344,16 @@ impl Inner {
             let messages = match self.open(stream, &durable, &subjects).await {
                 Ok(messages) => messages,
                 Err(err) => {
-                    tracing::warn!(consumer = %durable, error = %err, retry_in = ?backoff, "cannot open the consumer");
+                    let wait = backoff.next_delay();
+                    tracing::warn!(consumer = %durable, error = %err, retry_in = ?wait, "cannot open the consumer");
                     tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(wait) => {}
                         () = stop.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
-            backoff = Duration::from_millis(100);
+            backoff.reset();
             tracing::info!(consumer = %durable, stream, "consuming");
             let mut messages = std::pin::pin!(messages);
             loop {
@@ -294,13 +361,31 @@ impl Inner {
                     next = messages.next() => next,
                     () = stop.cancelled() => return,
                 };
-                match next {
-                    Some(Ok(message)) => self.process(&durable, message).await,
+                let mut batch = match next {
+                    Some(Ok(message)) => vec![message],
                     Some(Err(err)) => {
                         tracing::warn!(consumer = %durable, error = %err, "consumer stream failed; recreating it");
                         break;
                     }
                     None => break,
+                };
+                // Whatever else has already arrived joins the batch; nothing
+                // waits for more.
+                let mut failed = None;
+                while batch.len() < PULL_BATCH {
+                    match messages.next().now_or_never() {
+                        Some(Some(Ok(message))) => batch.push(message),
+                        Some(Some(Err(err))) => {
+                            failed = Some(err);
+                            break;
+                        }
+                        Some(None) | None => break,
+                    }
+                }
+                self.process_batch(&durable, batch).await;
+                if let Some(err) = failed {
+                    tracing::warn!(consumer = %durable, error = %err, "consumer stream failed; recreating it");
+                    break;
                 }
             }
         }
@@ -325,22 +410,92 @@ impl Inner {
             max_ack_pending: self.settings.max_ack_pending,
             ..Default::default()
         };
-        let consumer: PullConsumer = self
-            .bus
-            .jetstream()
-            .get_stream(stream)
-            .await?
-            .get_or_create_consumer(durable, config)
+        let stream = self.bus.jetstream().get_stream(stream).await?;
+        let mut consumer: PullConsumer = stream
+            .get_or_create_consumer(durable, config.clone())
             .await?;
+        // An existing durable keeps the configuration it was created with:
+        // bring it up to date (a subject added to `SUBJECTS`, a new ack wait).
+        let current = consumer.info().await?.config.clone();
+        if current.filter_subjects != config.filter_subjects
+            || current.ack_wait != config.ack_wait
+            || current.max_ack_pending != config.max_ack_pending
+            || current.max_deliver != config.max_deliver
+        {
+            tracing::info!(consumer = durable, "updating the consumer's configuration");
+            consumer = stream.update_consumer(config).await?;
+        }
         Ok(consumer
             .stream()
-            .max_messages_per_batch(64)
+            .max_messages_per_batch(PULL_BATCH)
+            .max_bytes_per_batch(PULL_BATCH_BYTES)
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
             .await?)
     }
 
+    /// Applies a pulled batch: the deliveries ready now go through one unit
+    /// of work (one commit for all of them: a consumer's cost is its
+    /// transactions), then each gets its follow-up and its ack. If anything in
+    /// the batch fails, none of it is kept and each delivery is processed on
+    /// its own, so that a failing event stays isolated and the others apply.
+    async fn process_batch(&self, durable: &str, messages: Vec<Message>) {
+        let mut batch = Vec::with_capacity(messages.len());
+        if messages.len() > 1 && !self.settings.crash_before_ack {
+            for message in &messages {
+                match Delivery::from_message(message) {
+                    Ok(delivery)
+                        if !delivery.event_id.is_empty()
+                            && delivery.headers.get(REPLAY_FOR_HEADER).is_none() =>
+                    {
+                        let span = self.span_for(durable, &delivery);
+                        batch.push((delivery, span));
+                    }
+                    _ => {
+                        batch.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        if batch.is_empty() {
+            for message in messages {
+                self.process(durable, message).await;
+            }
+            return;
+        }
+        let applied = AssertUnwindSafe(self.apply_many(&batch))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(panicked(panic.as_ref())));
+        let outcomes = match applied {
+            Ok(outcomes) => outcomes,
+            Err(err) => {
+                tracing::debug!(consumer = durable, error = %err, size = messages.len(), "batch failed; applying its events one by one");
+                for message in messages {
+                    self.process(durable, message).await;
+                }
+                return;
+            }
+        };
+        for ((message, (delivery, span)), outcome) in messages.into_iter().zip(&batch).zip(outcomes)
+        {
+            async {
+                let followed = AssertUnwindSafe(self.follow_up(&message, delivery))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| Err(panicked(panic.as_ref())))
+                    .map(|()| outcome);
+                self.settle(durable, &message, delivery, followed).await;
+            }
+            .instrument(span.clone())
+            .await;
+        }
+    }
+
+    /// Applies one delivery on its own: inbox row, handler, commit, follow-up,
+    /// ack (or retry, or dead letter).
     async fn process(&self, durable: &str, message: Message) {
         let delivery = match Delivery::from_message(&message) {
             Ok(delivery) => delivery,
@@ -352,6 +507,41 @@ impl Inner {
                 return;
             }
         };
+        // A replayed dead letter is for the consumer that gave up on it only.
+        if let Some(target) = delivery.headers.get(REPLAY_FOR_HEADER)
+            && target.as_str() != self.name
+        {
+            let _ = message.ack().await;
+            return;
+        }
+        let span = self.span_for(durable, &delivery);
+        async {
+            let applied = if delivery.event_id.is_empty() {
+                Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "the event has no ce-id header",
+                ))
+            } else {
+                // A panicking handler fails this event (and, after a few
+                // deliveries, dead-letters it) instead of the whole consumer.
+                AssertUnwindSafe(async {
+                    let outcome = self.apply(&delivery).await?;
+                    self.follow_up(&message, &delivery).await?;
+                    Ok(outcome)
+                })
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(panicked(panic.as_ref())))
+            };
+            self.settle(durable, &message, &delivery, applied).await;
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// The span of one delivery, continuing the trace of the change that
+    /// published it.
+    fn span_for(&self, durable: &str, delivery: &Delivery) -> tracing::Span {
         let parent = agora_platform::telemetry::context_from_trace_headers(
             delivery
                 .headers
@@ -372,44 +562,72 @@ impl Inner {
             delivered = delivery.delivered,
         );
         let _ = span.set_parent(parent);
-        async {
-            let applied = if delivery.event_id.is_empty() {
-                Err(Error::new(
-                    ErrorKind::InvalidArgument,
-                    "the event has no ce-id header",
-                ))
-            } else {
-                match self.apply(&delivery).await {
-                    // At every delivery, not only the first: the side effect
-                    // outside the database may not have happened yet.
-                    Ok(outcome) => self.handler.after_commit(&delivery).await.map(|()| outcome),
-                    Err(err) => Err(err),
-                }
-            };
-            let acked = match applied {
-                Ok(Outcome::Applied) if self.settings.crash_before_ack => Ok(()),
-                Ok(Outcome::Applied) => message.ack().await,
-                Ok(Outcome::Duplicate) => {
-                    tracing::debug!(event_id = %delivery.event_id, "already applied; skipped");
-                    message.ack().await
-                }
-                Err(err) => {
-                    tracing::Span::current().record("otel.status_code", "ERROR");
-                    self.failed(durable, &message, &delivery, &err).await
-                }
-            };
-            if let Err(err) = acked {
-                // The event is redelivered after ack_wait; the inbox skips it.
-                tracing::warn!(error = %err, "could not acknowledge a delivery");
+        span
+    }
+
+    /// Acknowledges what was applied, retries or dead-letters what failed.
+    async fn settle(
+        &self,
+        durable: &str,
+        message: &Message,
+        delivery: &Delivery,
+        applied: Result<Outcome>,
+    ) {
+        let acked = match applied {
+            Ok(Outcome::Applied) if self.settings.crash_before_ack => Ok(()),
+            Ok(Outcome::Applied) => message.ack().await,
+            Ok(Outcome::Duplicate) => {
+                tracing::debug!(event_id = %delivery.event_id, "already applied; skipped");
+                message.ack().await
             }
+            Err(err) => {
+                tracing::Span::current().record("otel.status_code", "ERROR");
+                self.failed(durable, message, delivery, &err).await
+            }
+        };
+        if let Err(err) = acked {
+            // The event is redelivered after ack_wait; the inbox skips it.
+            tracing::warn!(error = %err, "could not acknowledge a delivery");
         }
-        .instrument(span)
-        .await;
+    }
+
+    /// The handler's side effect outside the database, after the commit: at
+    /// every delivery, not only the first, since it may not have happened
+    /// yet. It may be slow (SMTP): JetStream is told the delivery is still
+    /// being worked on.
+    async fn follow_up(&self, message: &Message, delivery: &Delivery) -> Result<()> {
+        let _ = message.ack_with(AckKind::Progress).await;
+        self.handler.after_commit(delivery).await
+    }
+
+    /// Inbox rows and side effects of several deliveries in one unit of work:
+    /// all or nothing.
+    async fn apply_many(&self, batch: &[(Delivery, tracing::Span)]) -> Result<Vec<Outcome>> {
+        let mut work = self.outbox.begin().await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (delivery, span) in batch {
+            let outcome = self
+                .apply_in(&mut work, delivery)
+                .instrument(span.clone())
+                .await?;
+            outcomes.push(outcome);
+        }
+        work.commit().await?;
+        Ok(outcomes)
     }
 
     /// Inbox row, side effect, commit: all or nothing.
     async fn apply(&self, delivery: &Delivery) -> Result<Outcome> {
         let mut work = self.outbox.begin().await?;
+        let outcome = self.apply_in(&mut work, delivery).await?;
+        if outcome == Outcome::Applied {
+            work.commit().await?;
+        }
+        Ok(outcome)
+    }
+
+    /// The inbox row and, unless it was there already, the handler's work.
+    async fn apply_in(&self, work: &mut UnitOfWork, delivery: &Delivery) -> Result<Outcome> {
         let inserted = sqlx::query(
             "INSERT INTO event_inbox (consumer, event_id, subject, received_at) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, event_id) DO NOTHING",
@@ -424,8 +642,7 @@ impl Inner {
         if inserted == 0 {
             return Ok(Outcome::Duplicate);
         }
-        self.handler.handle(delivery, &mut work).await?;
-        work.commit().await?;
+        self.handler.handle(delivery, work).await?;
         Ok(Outcome::Applied)
     }
 
@@ -437,11 +654,15 @@ impl Inner {
         delivery: &Delivery,
         err: &Error,
     ) -> std::result::Result<(), async_nats::Error> {
-        if delivery.delivered < self.settings.dead_letter_after {
+        if !self
+            .settings
+            .gives_up(err, delivery.delivered, delivery.age())
+        {
             let delay = self.settings.retry_delay(delivery.delivered);
             tracing::warn!(
                 event_id = %delivery.event_id,
                 delivered = delivery.delivered,
+                transient = is_transient(err),
                 retry_in = ?delay,
                 error = %err,
                 "event failed; will retry"
@@ -456,6 +677,20 @@ impl Inner {
                     error = %err,
                     dead_letters = DEAD_LETTERS.name,
                     "event failed too often; moved to the dead-letter stream"
+                );
+                message.ack_with(AckKind::Term).await
+            }
+            // The dead-letter stream refuses it (full, or the copy is too
+            // large) for the tenth time: stop redelivering it for ever. It
+            // stays in its own stream, where this log line finds it.
+            Err(dlq) if delivery.delivered >= self.settings.dead_letter_after + 10 => {
+                tracing::error!(
+                    event_id = %delivery.event_id,
+                    stream = %delivery.stream,
+                    stream_sequence = delivery.stream_sequence,
+                    error = %dlq,
+                    last_failure = %err,
+                    "cannot dead-letter an event; giving up on it (it stays in its stream)"
                 );
                 message.ack_with(AckKind::Term).await
             }
@@ -488,8 +723,8 @@ impl Inner {
             crate::dead_letters::header::SEQUENCE,
             delivery.stream_sequence.to_string().as_str(),
         );
-        headers.insert(crate::dead_letters::header::CONSUMER, durable);
-        headers.insert(crate::dead_letters::header::CONSUMER_NAME, self.name);
+        headers.insert(crate::dead_letters::header::DURABLE, durable);
+        headers.insert(crate::dead_letters::header::CONSUMER, self.name);
         headers.insert(
             crate::dead_letters::header::DELIVERIES,
             delivery.delivered.to_string().as_str(),
@@ -521,17 +756,26 @@ impl Inner {
             let cutoff = now_micros().saturating_sub(
                 i64::try_from(self.settings.inbox_retention.as_micros()).unwrap_or(i64::MAX),
             );
+            // Bounded batches, so that no write transaction holds SQLite's
+            // one write lock for long.
             let pruned = async {
-                let mut work = self.outbox.begin().await?;
-                let deleted =
-                    sqlx::query("DELETE FROM event_inbox WHERE consumer = $1 AND received_at < $2")
-                        .bind(self.name)
-                        .bind(cutoff)
-                        .execute(work.tx())
-                        .await?
-                        .rows_affected();
-                work.commit().await?;
-                Ok::<_, Error>(deleted)
+                loop {
+                    let mut work = self.outbox.begin().await?;
+                    let deleted = sqlx::query(
+                        "DELETE FROM event_inbox WHERE consumer = $1 AND event_id IN \
+                         (SELECT event_id FROM event_inbox WHERE consumer = $1 \
+                         AND received_at < $2 LIMIT 1000)",
+                    )
+                    .bind(self.name)
+                    .bind(cutoff)
+                    .execute(work.tx())
+                    .await?
+                    .rows_affected();
+                    work.commit().await?;
+                    if deleted < 1000 || stop.is_cancelled() {
+                        return Ok::<_, Error>(());
+                    }
+                }
             }
             .await;
             if let Err(err) = pruned {
@@ -548,6 +792,21 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn permanent_errors_give_up_after_a_few_deliveries_transient_ones_after_a_day() {
+        let settings = ConsumerSettings::default();
+        let invalid = Error::new(ErrorKind::InvalidArgument, "does not decode");
+        let down = Error::new(ErrorKind::Unavailable, "smtp down");
+        let minute = Duration::from_secs(60);
+        assert!(!settings.gives_up(&invalid, 4, minute));
+        assert!(settings.gives_up(&invalid, 5, minute));
+        assert!(!settings.gives_up(&down, 500, Duration::from_secs(3600)));
+        assert!(settings.gives_up(&down, 2, Duration::from_secs(25 * 3600)));
+        let panicked = panicked(&"boom");
+        assert_eq!(panicked.kind(), ErrorKind::Internal);
+        assert!(settings.gives_up(&panicked, 5, minute));
+    }
 
     #[test]
     fn retry_delays_double_up_to_the_maximum() {

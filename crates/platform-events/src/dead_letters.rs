@@ -4,8 +4,9 @@
 //! `agora.dlq.<consumer>` with `agora-dlq-*` headers saying where it came
 //! from and why it failed. Replaying publishes it again on its original
 //! subject (with a new `Nats-Msg-Id`, so JetStream's duplicate window does
-//! not drop it; the `ce-id` stays, so consumers that did apply it skip it)
-//! and then deletes it from the dead-letter stream.
+//! not drop it) with an `agora-replay-for` header naming the consumer that
+//! gave up: the other consumers of the subject acknowledge and skip it. Then
+//! it is deleted from the dead-letter stream.
 
 use agora_platform::error::{Error, ErrorKind, Result};
 use async_nats::HeaderMap;
@@ -24,10 +25,10 @@ pub mod header {
     pub const STREAM: &str = "agora-dlq-stream";
     /// Its sequence number in that stream.
     pub const SEQUENCE: &str = "agora-dlq-sequence";
-    /// The durable consumer that gave up.
+    /// The durable JetStream consumer that gave up (`<consumer>-<stream>`).
+    pub const DURABLE: &str = "agora-dlq-durable";
+    /// The consumer's name (its inbox key): a replay goes to it alone.
     pub const CONSUMER: &str = "agora-dlq-consumer";
-    /// The consumer's name (the inbox key).
-    pub const CONSUMER_NAME: &str = "agora-dlq-consumer-name";
     /// How often it was delivered.
     pub const DELIVERIES: &str = "agora-dlq-deliveries";
     /// The last error.
@@ -50,8 +51,10 @@ pub struct DeadLetter {
     pub event_id: String,
     /// The original event's `ce-type`.
     pub event_type: String,
-    /// The consumer that gave up on it.
+    /// The consumer that gave up on it (its name, the inbox key).
     pub consumer: String,
+    /// The durable JetStream consumer that gave up on it.
+    pub durable: String,
     /// Deliveries before it gave up.
     pub deliveries: String,
     /// The last error.
@@ -90,13 +93,35 @@ pub async fn list(bus: &EventBus, limit: usize) -> Result<Vec<DeadLetter>> {
             Err(err) => return Err(unavailable(err)),
         };
         next = message.sequence + 1;
+        letters.push(DeadLetter::from_message(&message));
+    }
+    Ok(letters)
+}
+
+/// The dead letter with sequence `sequence`, if there is one.
+pub async fn get(bus: &EventBus, sequence: u64) -> Result<Option<DeadLetter>> {
+    let stream = bus
+        .jetstream()
+        .get_stream(DEAD_LETTERS.name)
+        .await
+        .map_err(unavailable)?;
+    match stream.direct_get(sequence).await {
+        Ok(message) => Ok(Some(DeadLetter::from_message(&message))),
+        Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(err) => Err(unavailable(err)),
+    }
+}
+
+impl DeadLetter {
+    fn from_message(message: &async_nats::jetstream::message::StreamMessage) -> Self {
         let headers = message.headers.clone();
-        letters.push(DeadLetter {
+        Self {
             sequence: message.sequence,
             subject: text(&headers, header::SUBJECT),
             event_id: text(&headers, event_header::CE_ID),
             event_type: text(&headers, event_header::CE_TYPE),
             consumer: text(&headers, header::CONSUMER),
+            durable: text(&headers, header::DURABLE),
             deliveries: text(&headers, header::DELIVERIES),
             reason: text(&headers, header::REASON),
             origin: format!(
@@ -106,9 +131,8 @@ pub async fn list(bus: &EventBus, limit: usize) -> Result<Vec<DeadLetter>> {
             ),
             headers,
             payload: message.payload.clone(),
-        });
+        }
     }
-    Ok(letters)
 }
 
 /// Publishes dead letter `letter` again on its original subject and removes
@@ -123,12 +147,18 @@ pub async fn replay(bus: &EventBus, letter: &DeadLetter) -> Result<()> {
     let mut headers = HeaderMap::new();
     for (name, values) in letter.headers.iter() {
         let name: &str = name.as_ref();
-        if name.starts_with("agora-dlq-") || name.eq_ignore_ascii_case("Nats-Msg-Id") {
+        if name.starts_with("agora-dlq-")
+            || name.eq_ignore_ascii_case("Nats-Msg-Id")
+            || name == crate::consumer::REPLAY_FOR_HEADER
+        {
             continue;
         }
         for value in values {
             headers.append(name, value.as_str());
         }
+    }
+    if !letter.consumer.is_empty() {
+        headers.insert(crate::consumer::REPLAY_FOR_HEADER, letter.consumer.as_str());
     }
     bus.jetstream()
         .send_publish(

@@ -27,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod bus;
 pub mod consumer;
 pub mod dead_letters;

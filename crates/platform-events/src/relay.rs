@@ -22,11 +22,12 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
-use tokio::time::Instant;
+
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::backoff::Backoff;
 use crate::bus::EventBus;
 use crate::envelope::header;
 use crate::outbox::Outbox;
@@ -111,6 +112,9 @@ pub struct OutboxRelay {
     metrics: Arc<RelayMetrics>,
 }
 
+/// The longest the last pass at shutdown may take.
+const FINAL_PASS_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Key of the PostgreSQL advisory lock that makes one relay per database
 /// the publisher at a time ("agora-ob" in ASCII).
 const LEASE_KEY: i64 = 0x6167_6f72_612d_6f62;
@@ -173,48 +177,59 @@ impl OutboxRelay {
     /// NATS is unreachable.
     pub async fn run(self, stop: CancellationToken) {
         let committed = self.outbox.committed_signal();
-        let mut backoff: Option<Duration> = None;
-        // Whether the last pass failed: an outage is logged when it starts
-        // and when it ends, not at every retry.
-        let mut failing = false;
-        let mut next_housekeeping = Instant::now();
+        // Grows while passes fail (NATS down, or JetStream refusing rows: a
+        // full stream, a cluster without quorum) and resets on a clean pass.
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.settings.max_backoff);
+        // Housekeeping runs on its own clock, however busy the relay is.
+        let housekeeping = {
+            let relay = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(relay.settings.lag_interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = ticker.tick() => relay.housekeeping().await,
+                        () = stop.cancelled() => return,
+                    }
+                }
+            })
+        };
         tracing::info!(source = self.source, "outbox relay started");
         while !stop.is_cancelled() {
-            let wait = match self.publish_pending(Marking::Mark).await {
-                Ok(pass) => {
-                    if failing {
+            let failure = match self.publish_pending(Marking::Mark).await {
+                Ok(pass) if pass.failed == 0 => {
+                    if backoff.is_failing() {
                         tracing::info!(source = self.source, "outbox relay publishing again");
-                        failing = false;
                     }
-                    backoff = None;
-                    if pass.full && pass.failed == 0 {
+                    backoff.reset();
+                    if pass.full {
                         continue;
                     }
-                    if pass.failed > 0 {
-                        Some(self.next_backoff(&mut backoff))
-                    } else {
-                        None
-                    }
+                    None
                 }
-                Err(err) => {
-                    let wait = self.next_backoff(&mut backoff);
-                    if failing {
-                        tracing::debug!(source = self.source, error = %err, retry_in = ?wait, "outbox relay still cannot publish");
-                    } else {
-                        tracing::warn!(
-                            source = self.source,
-                            error = %err,
-                            "outbox relay cannot publish now; events wait in the outbox"
-                        );
-                        failing = true;
-                    }
-                    Some(wait)
-                }
+                Ok(pass) => Some(format!(
+                    "{} of {} events refused by JetStream",
+                    pass.failed,
+                    pass.failed + pass.published
+                )),
+                Err(err) => Some(err.to_string()),
             };
-            if Instant::now() >= next_housekeeping {
-                self.housekeeping().await;
-                next_housekeeping = Instant::now() + self.settings.lag_interval;
-            }
+            let wait = failure.map(|reason| {
+                // An outage is logged when it starts, not at every retry.
+                let first = !backoff.is_failing();
+                let wait = backoff.next_delay();
+                if first {
+                    tracing::warn!(
+                        source = self.source,
+                        reason,
+                        "outbox relay cannot publish now; events wait in the outbox"
+                    );
+                } else {
+                    tracing::debug!(source = self.source, reason, retry_in = ?wait, "outbox relay still cannot publish");
+                }
+                wait
+            });
             match wait {
                 // Healthy: sleep until a commit signals or the poll interval.
                 None => tokio::select! {
@@ -230,14 +245,21 @@ impl OutboxRelay {
                 },
             }
         }
+        housekeeping.abort();
+        // One last pass, bounded: events committed by the calls the server
+        // drained before stopping us go out now rather than at the next start.
+        match tokio::time::timeout(FINAL_PASS_TIMEOUT, self.publish_pending(Marking::Mark)).await {
+            Ok(Ok(pass)) if pass.published > 0 => tracing::info!(
+                source = self.source,
+                published = pass.published,
+                "published the last events before stopping"
+            ),
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "no last pass: events stay in the outbox");
+            }
+            _ => {}
+        }
         tracing::info!(source = self.source, "outbox relay stopped");
-    }
-
-    fn next_backoff(&self, backoff: &mut Option<Duration>) -> Duration {
-        let next = backoff.map_or(Duration::from_millis(100), |b| b * 2);
-        let next = next.min(self.settings.max_backoff);
-        *backoff = Some(next);
-        next
     }
 
     /// One pass: publishes up to a batch of unpublished rows and (with
@@ -344,10 +366,10 @@ impl OutboxRelay {
         let mut failed = Vec::new();
         for (ok, failure) in futures::future::join_all(chains).await {
             published.extend(ok);
-            if let Some((id, err)) = failure {
-                tracing::warn!(source = self.source, outbox_id = id, error = %err, "publish failed; will retry");
-                failed.push((id, err));
-            }
+            failed.extend(failure);
+        }
+        if let Some((id, err)) = failed.first() {
+            tracing::debug!(source = self.source, failed = failed.len(), first_outbox_id = id, error = %err, "publishes failed; will retry");
         }
         (published, failed)
     }
@@ -416,12 +438,16 @@ impl OutboxRelay {
                 self.metrics
                     .oldest_unpublished_ms
                     .store(age_ms, Ordering::Relaxed);
+                let published = self.metrics.published.load(Ordering::Relaxed);
+                let failures = self.metrics.failures.load(Ordering::Relaxed);
                 if backlog > 0 {
                     if age_ms > 60_000 {
                         tracing::warn!(
                             source = self.source,
                             backlog,
                             oldest_unpublished_ms = age_ms,
+                            published,
+                            failures,
                             "outbox lagging"
                         );
                     } else {
@@ -429,6 +455,8 @@ impl OutboxRelay {
                             source = self.source,
                             backlog,
                             oldest_unpublished_ms = age_ms,
+                            published,
+                            failures,
                             "outbox backlog"
                         );
                     }
@@ -461,17 +489,25 @@ impl OutboxRelay {
     async fn prune(&self) -> Result<u64> {
         let cutoff = now_micros()
             .saturating_sub(i64::try_from(self.settings.retention.as_micros()).unwrap_or(i64::MAX));
-        let mut tx = self.outbox.db().begin_write().await?;
-        let deleted = sqlx::query(
-            "DELETE FROM event_outbox WHERE id IN (SELECT id FROM event_outbox \
-             WHERE published_at IS NOT NULL AND published_at < $1 ORDER BY published_at LIMIT 5000)",
-        )
-        .bind(cutoff)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(deleted)
+        // Bounded batches (a short write transaction each, SQLite has one
+        // writer), until the backlog of prunable rows is gone.
+        let mut total = 0;
+        loop {
+            let mut tx = self.outbox.db().begin_write().await?;
+            let deleted = sqlx::query(
+                "DELETE FROM event_outbox WHERE id IN (SELECT id FROM event_outbox \
+                 WHERE published_at IS NOT NULL AND published_at < $1 ORDER BY published_at LIMIT 5000)",
+            )
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            total += deleted;
+            if deleted < 5000 {
+                return Ok(total);
+            }
+        }
     }
 }
 
@@ -489,14 +525,25 @@ async fn mark(tx: &mut AnyConnection, published: &[i64], failed: &[(i64, String)
         }
         query.execute(&mut *tx).await?;
     }
-    for (id, error) in failed {
-        sqlx::query(
-            "UPDATE event_outbox SET attempts = attempts + 1, last_error = $1 WHERE id = $2",
-        )
-        .bind(error.chars().take(500).collect::<String>())
-        .bind(*id)
-        .execute(&mut *tx)
-        .await?;
+    // One statement for the failures of a pass, with the first error: they
+    // share their cause (NATS, the stream) nearly always.
+    if let Some((_, error)) = failed.first() {
+        for chunk in failed.chunks(500) {
+            let placeholders = (2..chunk.len() + 2)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "UPDATE event_outbox SET attempts = attempts + 1, last_error = $1 \
+                 WHERE id IN ({placeholders})"
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(error.chars().take(500).collect::<String>());
+            for (id, _) in chunk {
+                query = query.bind(*id);
+            }
+            query.execute(&mut *tx).await?;
+        }
     }
     Ok(())
 }

@@ -18,7 +18,8 @@ pub struct StreamSpec {
 }
 
 /// The stream of dead letters: copies of events a consumer gave up on, under
-/// `agora.dlq.<consumer>`, with their original headers.
+/// `agora.dlq.<consumer>`, with their original headers. Kept until replayed
+/// (no age limit, unlike the domain streams), bounded by size only.
 pub const DEAD_LETTERS: StreamSpec = StreamSpec {
     name: "DEAD_LETTERS",
     subjects: "agora.dlq.>",
@@ -95,7 +96,12 @@ fn config(spec: &StreamSpec, settings: &StreamSettings) -> stream::Config {
         retention: stream::RetentionPolicy::Limits,
         max_bytes: settings.max_bytes,
         max_messages: -1,
-        max_age: settings.max_age,
+        // A dead letter waits for an operator however long that takes.
+        max_age: if spec.deletable {
+            Duration::ZERO
+        } else {
+            settings.max_age
+        },
         duplicate_window: settings.duplicate_window,
         num_replicas: settings.replicas,
         // Fixed at creation: the history is append-only. Dead letters can be
@@ -179,7 +185,11 @@ mod tests {
             assert_eq!(config.discard, stream::DiscardPolicy::New);
             assert_eq!(config.storage, stream::StorageType::File);
             assert_eq!(config.deny_delete, spec.name != DEAD_LETTERS.name);
-            assert!(config.duplicate_window <= config.max_age);
+            if spec.name == DEAD_LETTERS.name {
+                assert_eq!(config.max_age, Duration::ZERO, "dead letters never expire");
+            } else {
+                assert!(config.duplicate_window <= config.max_age);
+            }
         }
     }
 }

@@ -31,16 +31,32 @@ impl NatsServer {
     /// Starts a server with JetStream (file store in a temp folder, fsync on
     /// every write: `sync_interval: always`) and waits until it accepts clients.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Fsync::Always).await
+    }
+
+    /// For benchmarks only: the default fsync policy, which Jepsen showed
+    /// loses acknowledged writes (the store is flushed every two minutes, so
+    /// a crash or power loss drops what was acked since). Tests and every
+    /// other use take [`NatsServer::start`].
+    pub async fn start_with_default_sync() -> anyhow::Result<Self> {
+        Self::start_with(Fsync::Default).await
+    }
+
+    async fn start_with(sync: Fsync) -> anyhow::Result<Self> {
         let binary = Self::binary();
         check_version(&binary).await?;
         let dir = tempfile::tempdir()?;
         let port = crate::free_port()?;
         let config = dir.path().join("nats.conf");
+        let sync_interval = match sync {
+            Fsync::Always => "  sync_interval: always\n",
+            Fsync::Default => "",
+        };
         std::fs::write(
             &config,
             format!(
                 "listen: 127.0.0.1:{port}\n\
-                 jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+                 jetstream {{\n  store_dir: \"{}\"\n{sync_interval}}}\n",
                 dir.path().join("jetstream").display()
             ),
         )?;
@@ -97,6 +113,15 @@ impl NatsServer {
         self.child.kill().await?;
         Ok(())
     }
+}
+
+/// When JetStream flushes its file store to disk.
+#[derive(Clone, Copy)]
+enum Fsync {
+    /// After every write (`sync_interval: always`).
+    Always,
+    /// The server's default (every two minutes).
+    Default,
 }
 
 fn spawn(config: &std::path::Path) -> anyhow::Result<Child> {
