@@ -62,7 +62,8 @@ bench which="rpc": tools
         events) package=agora-platform-events ;;
         *) echo "just bench: unknown benchmark {{which}} (rpc or events)" >&2; exit 2 ;;
     esac
-    scripts/pg.sh with-test-cluster cargo bench -p "$package" --bench "{{which}}" --locked
+    # fsync on, as a real server: figures must not flatter PostgreSQL.
+    scripts/pg.sh with-test-cluster --durable cargo bench -p "$package" --bench "{{which}}" --locked
 
 # Format the Rust code.
 fmt:

@@ -7,8 +7,10 @@
 #   scripts/pg.sh bin                          print the directory of initdb, pg_ctl, postgres
 #   scripts/pg.sh start DIR PORT [--throwaway] create the cluster in DIR/data if missing, start it
 #   scripts/pg.sh stop DIR [fast|immediate]    stop it (immediate = like a crash)
-#   scripts/pg.sh with-test-cluster CMD...     run CMD with AGORA_TEST_POSTGRES_URL pointing at a
-#                                              throwaway cluster (unless already set), delete it after
+#   scripts/pg.sh with-test-cluster [--durable] CMD...
+#                                              run CMD with AGORA_TEST_POSTGRES_URL pointing at a
+#                                              throwaway cluster (unless already set), delete it after;
+#                                              --durable keeps fsync on (benchmarks)
 #
 # PostgreSQL refuses to run as root: as root, the cluster runs as the `postgres`
 # user when there is one, else `nobody` (override with AGORA_PG_USER). The
@@ -141,6 +143,12 @@ free_port() {
 }
 
 with_test_cluster() {
+    # --durable: keep fsync on (benchmarks compare against a real server).
+    local mode=--throwaway
+    if [ "${1:-}" = --durable ]; then
+        mode=
+        shift
+    fi
     if [ -n "${AGORA_TEST_POSTGRES_URL:-}" ]; then
         echo "tests use the PostgreSQL server at AGORA_TEST_POSTGRES_URL"
         exec "$@"
@@ -159,7 +167,7 @@ with_test_cluster() {
     trap 'exit 130' INT
     trap 'exit 143' TERM
     echo "starting a throwaway PostgreSQL $("$(bin_dir)/postgres" --version | awk '{print $NF}') on 127.0.0.1:$port for the tests ..."
-    start "$dir" "$port" --throwaway
+    start "$dir" "$port" $mode
     export AGORA_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres"
     set +e
     "$@"

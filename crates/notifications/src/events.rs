@@ -18,6 +18,7 @@ use agora_proto::users::v1 as users;
 use crate::directory;
 use crate::domain::NotificationStatus;
 use crate::notifier::{NotificationRequest, Notifier};
+use crate::templates::TemplateData;
 
 /// The consumer's name: its durable consumers are `notifications-users` and
 /// `notifications-orders`, its inbox rows are keyed by it.
@@ -79,12 +80,21 @@ impl Emailed {
     /// The request for the email to `recipient`.
     fn request(&self, event: &Delivery, recipient: &str) -> NotificationRequest {
         let (kind, id) = (event.event_type.as_str(), event.event_id.as_str());
-        match self {
-            Self::Welcome(e) => NotificationRequest::user_created(kind, id, e, recipient),
-            Self::OrderCompleted(e) => NotificationRequest::order_completed(kind, id, e, recipient),
-            Self::OrderCancelled(e) => NotificationRequest::order_cancelled(kind, id, e, recipient),
-            Self::OrderFailed(e) => NotificationRequest::order_failed(kind, id, e, recipient),
-        }
+        let template = match self {
+            Self::Welcome(e) => return NotificationRequest::user_created(kind, id, e, recipient),
+            Self::OrderCompleted(e) => {
+                return NotificationRequest::order_completed(kind, id, e, recipient);
+            }
+            Self::OrderCancelled(e) => TemplateData::OrderCancelled {
+                order_id: e.order_id.clone(),
+                reason: e.reason.clone(),
+            },
+            Self::OrderFailed(e) => TemplateData::OrderFailed {
+                order_id: e.order_id.clone(),
+                reason: e.reason.clone(),
+            },
+        };
+        NotificationRequest::for_event(kind, id, self.user_id(), recipient, template)
     }
 }
 

@@ -45,23 +45,42 @@ pub struct NotificationRequest {
 }
 
 impl NotificationRequest {
-    /// The welcome email for a `UserCreated` event, to `recipient` (the
-    /// user's current address, from the directory).
+    /// The email of event `source_event_id` (of type `source_event_type`)
+    /// for user `user_id`, to `recipient` (the user's current address, from
+    /// the directory).
+    pub fn for_event(
+        source_event_type: impl Into<String>,
+        source_event_id: impl Into<String>,
+        user_id: &str,
+        recipient: &str,
+        template: TemplateData,
+    ) -> Self {
+        Self {
+            source_event_type: source_event_type.into(),
+            source_event_id: source_event_id.into(),
+            user_id: user_id.to_owned(),
+            recipient: recipient.to_owned(),
+            template,
+        }
+    }
+
+    /// The welcome email for a `UserCreated` event.
     pub fn user_created(
         source_event_type: impl Into<String>,
         source_event_id: impl Into<String>,
         event: &users::UserCreated,
         recipient: &str,
     ) -> Self {
-        Self {
-            source_event_type: source_event_type.into(),
-            source_event_id: source_event_id.into(),
-            user_id: event.user_id.clone(),
-            recipient: recipient.to_owned(),
-            template: TemplateData::Welcome {
-                name: event.name.clone(),
-            },
-        }
+        let template = TemplateData::Welcome {
+            name: event.name.clone(),
+        };
+        Self::for_event(
+            source_event_type,
+            source_event_id,
+            &event.user_id,
+            recipient,
+            template,
+        )
     }
 
     /// The confirmation email for an `OrderCompleted` event. A missing total
@@ -72,55 +91,18 @@ impl NotificationRequest {
         event: &orders::OrderCompleted,
         recipient: &str,
     ) -> Self {
-        Self {
-            source_event_type: source_event_type.into(),
-            source_event_id: source_event_id.into(),
-            user_id: event.user_id.clone(),
-            recipient: recipient.to_owned(),
-            template: TemplateData::OrderCompleted {
-                order_id: event.order_id.clone(),
-                // An empty code fails validation, naming the field.
-                total: event.total.clone().unwrap_or_default(),
-            },
-        }
-    }
-
-    /// The cancellation email for an `OrderCancelled` event.
-    pub fn order_cancelled(
-        source_event_type: impl Into<String>,
-        source_event_id: impl Into<String>,
-        event: &orders::OrderCancelled,
-        recipient: &str,
-    ) -> Self {
-        Self {
-            source_event_type: source_event_type.into(),
-            source_event_id: source_event_id.into(),
-            user_id: event.user_id.clone(),
-            recipient: recipient.to_owned(),
-            template: TemplateData::OrderCancelled {
-                order_id: event.order_id.clone(),
-                reason: event.reason.clone(),
-            },
-        }
-    }
-
-    /// The failure notice for an `OrderFailed` event.
-    pub fn order_failed(
-        source_event_type: impl Into<String>,
-        source_event_id: impl Into<String>,
-        event: &orders::OrderFailed,
-        recipient: &str,
-    ) -> Self {
-        Self {
-            source_event_type: source_event_type.into(),
-            source_event_id: source_event_id.into(),
-            user_id: event.user_id.clone(),
-            recipient: recipient.to_owned(),
-            template: TemplateData::OrderFailed {
-                order_id: event.order_id.clone(),
-                reason: event.reason.clone(),
-            },
-        }
+        let template = TemplateData::OrderCompleted {
+            order_id: event.order_id.clone(),
+            // An empty code fails validation, naming the field.
+            total: event.total.clone().unwrap_or_default(),
+        };
+        Self::for_event(
+            source_event_type,
+            source_event_id,
+            &event.user_id,
+            recipient,
+            template,
+        )
     }
 }
 

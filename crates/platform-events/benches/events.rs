@@ -671,7 +671,8 @@ fn print(plan: &Plan, results: &Results) {
         (DEFAULT, raw_default, &results.raw_default),
     ] {
         println!(
-            "| raw JetStream publish, batches of 256 | {fsync} | {raw:.0} | {} | 1.00 |",
+            "| raw JetStream publish, batches of {} (the relay's) | {fsync} | {raw:.0} | {} | 1.00 |",
+            agora_platform_events::RelaySettings::default().batch_size,
             runs.list(0)
         );
         for (backend, _, runs, raw) in pipelines.iter().filter(|p| p.1 == fsync) {

@@ -20,6 +20,7 @@
 //! - [`consumer`]: [`EventConsumer`] and the [`EventHandler`] a service
 //!   implements: durable pull consumers with inbox, retry and dead letters.
 //! - [`dead_letters`]: listing and replaying dead letters.
+//! - [`backoff`]: the one retry schedule all of the above use.
 //!
 //! Every service that publishes or consumes applies this crate's migrations
 //! to its database ([`migrate`]): the outbox and inbox tables, tracked apart

@@ -8,8 +8,10 @@
 //!   when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and W3C `traceparent`
 //!   propagation through gRPC metadata.
 //! - [`server`]: the gRPC server builder every service uses: health driven by
-//!   real dependency checks, reflection v1 and v1alpha, one tracing span per RPC,
-//!   graceful shutdown that drains in-flight calls.
+//!   real dependency checks (and degraded-only ones, reported on their own),
+//!   reflection v1 and v1alpha, one tracing span per RPC, background workers
+//!   (an outbox relay, an event consumer) stopped after the drain, graceful
+//!   shutdown that drains in-flight calls.
 //! - [`error`]: the one table from domain error kinds to `tonic::Code`, with
 //!   `google.rpc.BadRequest` field violations for invalid input.
 //! - [`db`]: a sqlx pool over PostgreSQL or SQLite, chosen by the URL scheme,
