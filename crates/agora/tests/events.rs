@@ -342,3 +342,51 @@ async fn the_cli_tails_events_and_lists_and_replays_dead_letters() -> anyhow::Re
     drop(agora);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_backlog_is_exported_as_metrics_while_nats_is_down() -> anyhow::Result<()> {
+    let collector = OtlpCollector::start().await?;
+    let endpoint = collector.endpoint();
+    // No NATS: the sign-ups' events wait in the outbox, and the backlog shows.
+    let agora = tokio::task::spawn_blocking(move || {
+        AgoraProcess::start(
+            &["users"],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+            ],
+        )
+    })
+    .await??;
+    let mut users = UserServiceClient::connect(format!("http://{}", agora.addr("users"))).await?;
+    users.create_user(sign_up("queued-1@example.com")).await?;
+    users.create_user(sign_up("queued-2@example.com")).await?;
+    let mut seen = None;
+    for _ in 0..100 {
+        seen = collector
+            .metrics()
+            .into_iter()
+            .rfind(|m| m.name == "agora.outbox.backlog");
+        if seen.as_ref().is_some_and(|m| m.value >= 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let backlog = seen.ok_or_else(|| {
+        anyhow::anyhow!("no agora.outbox.backlog among {:?}", collector.metrics())
+    })?;
+    assert_eq!(backlog.value, 2, "{backlog:?}");
+    assert_eq!(backlog.service_name, "agora-users");
+    assert_eq!(
+        backlog.attributes.get("agora.source").map(String::as_str),
+        Some("users")
+    );
+    let age = collector
+        .metrics()
+        .into_iter()
+        .rfind(|m| m.name == "agora.outbox.oldest_unpublished_age")
+        .ok_or_else(|| anyhow::anyhow!("no age metric"))?;
+    assert!(age.value >= 0, "{age:?}");
+    drop(agora);
+    Ok(())
+}

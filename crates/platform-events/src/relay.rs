@@ -47,8 +47,12 @@ pub struct RelaySettings {
     pub max_backoff: Duration,
     /// How long published rows are kept (for inspection) before pruning.
     pub retention: Duration,
-    /// How often the backlog is measured and logged.
+    /// How often the backlog is measured (and exported as metrics).
     pub lag_interval: Duration,
+    /// How often a backlog is logged while there is one.
+    pub lag_log_interval: Duration,
+    /// How often published rows past the retention are pruned.
+    pub prune_interval: Duration,
 }
 
 impl Default for RelaySettings {
@@ -58,7 +62,9 @@ impl Default for RelaySettings {
             poll_interval: Duration::from_millis(500),
             max_backoff: Duration::from_secs(10),
             retention: Duration::from_secs(24 * 3600),
-            lag_interval: Duration::from_secs(10),
+            lag_interval: Duration::from_secs(1),
+            lag_log_interval: Duration::from_secs(10),
+            prune_interval: Duration::from_secs(60),
         }
     }
 }
@@ -180,6 +186,8 @@ impl OutboxRelay {
         // Grows while passes fail (NATS down, or JetStream refusing rows: a
         // full stream, a cluster without quorum) and resets on a clean pass.
         let mut backoff = Backoff::new(Duration::from_millis(100), self.settings.max_backoff);
+        // Kept alive while the relay runs: the metrics read `self.metrics`.
+        let _instruments = self.register_metrics();
         // Housekeeping runs on its own clock, however busy the relay is.
         let housekeeping = {
             let relay = self.clone();
@@ -187,10 +195,25 @@ impl OutboxRelay {
             tokio::spawn(async move {
                 let mut ticker = tokio::time::interval(relay.settings.lag_interval);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let (mut last_log, mut last_prune) =
+                    (None::<tokio::time::Instant>, None::<tokio::time::Instant>);
                 loop {
                     tokio::select! {
-                        _ = ticker.tick() => relay.housekeeping().await,
+                        _ = ticker.tick() => {}
                         () = stop.cancelled() => return,
+                    }
+                    let due = |last: Option<tokio::time::Instant>, every: Duration| {
+                        last.is_none_or(|at| at.elapsed() >= every)
+                    };
+                    let log = due(last_log, relay.settings.lag_log_interval);
+                    if relay.measure_lag(log).await && log {
+                        last_log = Some(tokio::time::Instant::now());
+                    }
+                    if due(last_prune, relay.settings.prune_interval) {
+                        last_prune = Some(tokio::time::Instant::now());
+                        if let Err(err) = relay.prune().await {
+                            tracing::warn!(error = %err, "cannot prune the outbox");
+                        }
                     }
                 }
             })
@@ -429,44 +452,101 @@ impl OutboxRelay {
         .await
     }
 
-    /// Measures and logs the backlog; prunes published rows past retention.
-    async fn housekeeping(&self) {
-        match self.lag().await {
-            Ok((backlog, oldest)) => {
-                self.metrics.backlog.store(backlog, Ordering::Relaxed);
-                let age_ms = oldest.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                self.metrics
-                    .oldest_unpublished_ms
-                    .store(age_ms, Ordering::Relaxed);
-                let published = self.metrics.published.load(Ordering::Relaxed);
-                let failures = self.metrics.failures.load(Ordering::Relaxed);
-                if backlog > 0 {
-                    if age_ms > 60_000 {
-                        tracing::warn!(
-                            source = self.source,
-                            backlog,
-                            oldest_unpublished_ms = age_ms,
-                            published,
-                            failures,
-                            "outbox lagging"
-                        );
-                    } else {
-                        tracing::info!(
-                            source = self.source,
-                            backlog,
-                            oldest_unpublished_ms = age_ms,
-                            published,
-                            failures,
-                            "outbox backlog"
-                        );
-                    }
-                }
+    /// Measures the backlog into the metrics; with `log`, logs it when there
+    /// is one. Returns whether it logged.
+    async fn measure_lag(&self, log: bool) -> bool {
+        let (backlog, oldest) = match self.lag().await {
+            Ok(lag) => lag,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot measure the outbox backlog");
+                return false;
             }
-            Err(err) => tracing::warn!(error = %err, "cannot measure the outbox backlog"),
+        };
+        self.metrics.backlog.store(backlog, Ordering::Relaxed);
+        let age_ms = oldest.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        self.metrics
+            .oldest_unpublished_ms
+            .store(age_ms, Ordering::Relaxed);
+        if !log || backlog == 0 {
+            return false;
         }
-        if let Err(err) = self.prune().await {
-            tracing::warn!(error = %err, "cannot prune the outbox");
+        let published = self.metrics.published.load(Ordering::Relaxed);
+        let failures = self.metrics.failures.load(Ordering::Relaxed);
+        if age_ms > 60_000 {
+            tracing::warn!(
+                source = self.source,
+                backlog,
+                oldest_unpublished_ms = age_ms,
+                published,
+                failures,
+                "outbox lagging"
+            );
+        } else {
+            tracing::info!(
+                source = self.source,
+                backlog,
+                oldest_unpublished_ms = age_ms,
+                published,
+                failures,
+                "outbox backlog"
+            );
         }
+        true
+    }
+
+    /// OpenTelemetry instruments reading [`RelayMetrics`], labelled with the
+    /// service (`agora.source`): exported when the process exports metrics.
+    fn register_metrics(&self) -> impl Sized + use<> {
+        let meter = opentelemetry::global::meter("agora.events");
+        let source = [opentelemetry::KeyValue::new("agora.source", self.source)];
+        let gauge = |name: &'static str,
+                     description: &'static str,
+                     unit: &'static str,
+                     read: fn(&RelayMetrics) -> i64| {
+            let metrics = Arc::clone(&self.metrics);
+            let attributes = source.clone();
+            meter
+                .i64_observable_gauge(name)
+                .with_description(description)
+                .with_unit(unit)
+                .with_callback(move |observer| observer.observe(read(&metrics), &attributes))
+                .build()
+        };
+        let counter =
+            |name: &'static str, description: &'static str, read: fn(&RelayMetrics) -> u64| {
+                let metrics = Arc::clone(&self.metrics);
+                let attributes = source.clone();
+                meter
+                    .u64_observable_counter(name)
+                    .with_description(description)
+                    .with_unit("{event}")
+                    .with_callback(move |observer| observer.observe(read(&metrics), &attributes))
+                    .build()
+            };
+        (
+            gauge(
+                "agora.outbox.backlog",
+                "events recorded and not yet published",
+                "{event}",
+                |m| m.backlog.load(Ordering::Relaxed),
+            ),
+            gauge(
+                "agora.outbox.oldest_unpublished_age",
+                "age of the oldest unpublished event",
+                "ms",
+                |m| m.oldest_unpublished_ms.load(Ordering::Relaxed),
+            ),
+            counter(
+                "agora.outbox.published",
+                "events published since start",
+                |m| m.published.load(Ordering::Relaxed),
+            ),
+            counter(
+                "agora.outbox.publish_failures",
+                "failed publish attempts since start",
+                |m| m.failures.load(Ordering::Relaxed),
+            ),
+        )
     }
 
     /// Unpublished rows and the age of the oldest.

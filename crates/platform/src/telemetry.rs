@@ -3,8 +3,8 @@
 //! [`init`] installs a tracing subscriber that writes pretty or JSON logs to
 //! stderr (level from `RUST_LOG`, default `info`) and feeds every span to
 //! OpenTelemetry (filtered separately by `AGORA_TRACE_FILTER`, default
-//! `info`). Spans are exported over OTLP/gRPC only when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set; without it trace context still flows
+//! `info`). Spans and metrics (through the global meter provider) are
+//! exported over OTLP/gRPC only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; without it trace context still flows
 //! through the process, so a `traceparent` arriving at a service leaves it on
 //! every call and event the service makes.
 //!
@@ -17,6 +17,7 @@ use std::io::IsTerminal as _;
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -30,12 +31,19 @@ use crate::config::LogFormat;
 #[must_use = "dropping the guard shuts telemetry down"]
 pub struct TelemetryGuard {
     provider: SdkTracerProvider,
+    /// Set when metrics are exported (OTLP endpoint configured).
+    meters: Option<SdkMeterProvider>,
 }
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         if let Err(err) = self.provider.shutdown() {
             eprintln!("telemetry shutdown: {err}");
+        }
+        if let Some(meters) = self.meters.take()
+            && let Err(err) = meters.shutdown()
+        {
+            eprintln!("metrics shutdown: {err}");
         }
     }
 }
@@ -49,14 +57,26 @@ pub fn init(service: &str, format: LogFormat) -> anyhow::Result<TelemetryGuard> 
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service_name)
         .build();
-    let mut provider = SdkTracerProvider::builder().with_resource(resource);
+    let mut provider = SdkTracerProvider::builder().with_resource(resource.clone());
     let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    let mut meters = None;
     if exporting {
         // Reads the endpoint, headers and timeout from the standard OTEL_* variables.
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .build()?;
         provider = provider.with_batch_exporter(exporter);
+        // Metrics (the outbox backlog, ...) go the same way, every
+        // OTEL_METRIC_EXPORT_INTERVAL milliseconds (default 60 s).
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .build()?;
+        let meter_provider = SdkMeterProvider::builder()
+            .with_resource(resource)
+            .with_periodic_exporter(exporter)
+            .build();
+        opentelemetry::global::set_meter_provider(meter_provider.clone());
+        meters = Some(meter_provider);
     }
     let provider = provider.build();
     opentelemetry::global::set_tracer_provider(provider.clone());
@@ -90,7 +110,7 @@ pub fn init(service: &str, format: LogFormat) -> anyhow::Result<TelemetryGuard> 
     if exporting {
         tracing::info!("exporting traces over OTLP");
     }
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { provider, meters })
 }
 
 /// The remote parent context carried by request headers, if any.

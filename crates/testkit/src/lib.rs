@@ -11,8 +11,8 @@
 //! - [`TestServer`]: hosts services on port 0 and hands back a channel.
 //! - [`NatsServer`]: a private `nats-server` with JetStream (`sync_interval:
 //!   always`) on a free port, from the pinned binary the justfile installs.
-//! - [`OtlpCollector`]: an OTLP/gRPC trace receiver that keeps the spans a
-//!   process exports, for tracing tests.
+//! - [`OtlpCollector`]: an OTLP/gRPC receiver that keeps the spans and metric
+//!   points a process exports, for tracing and metrics tests.
 //! - [`SmtpServer`]: a real SMTP server (aiosmtpd) delivering into a Maildir.
 //! - [`PrivatePostgres`]: a PostgreSQL cluster of the test's own (started by
 //!   `scripts/pg.sh`), for fault tests that stop the database.
@@ -32,7 +32,7 @@ mod smtp;
 
 pub use database::{Backend, TestDatabase};
 pub use nats::NatsServer;
-pub use otlp::{OtlpCollector, ReceivedSpan};
+pub use otlp::{OtlpCollector, ReceivedMetric, ReceivedSpan};
 pub use postgres::PrivatePostgres;
 pub use server::{SERVICES, TestEnv, TestServer, UNREACHABLE_NATS};
 pub use smtp::SmtpServer;

@@ -1,10 +1,16 @@
-//! A minimal OTLP/gRPC trace collector that keeps what it receives, so tests
-//! can assert on the spans a real process exported.
+//! A minimal OTLP/gRPC collector that keeps the spans and metric points it
+//! receives, so tests can assert on what a real process exported.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -13,6 +19,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as PointValue;
 use tokio_util::sync::CancellationToken;
 
 /// One received span, flattened for assertions.
@@ -32,10 +40,24 @@ pub struct ReceivedSpan {
     pub attributes: BTreeMap<String, String>,
 }
 
-/// An OTLP trace receiver on 127.0.0.1, stopped when dropped.
+/// One received point of a gauge or a sum, flattened for assertions.
+#[derive(Clone, Debug)]
+pub struct ReceivedMetric {
+    /// The resource's `service.name`.
+    pub service_name: String,
+    /// Metric name.
+    pub name: String,
+    /// The point's value (integers as they are, doubles rounded down).
+    pub value: i64,
+    /// The point's attributes, as text.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// An OTLP trace and metrics receiver on 127.0.0.1, stopped when dropped.
 pub struct OtlpCollector {
     addr: SocketAddr,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    metrics: Arc<Mutex<Vec<ReceivedMetric>>>,
     stop: CancellationToken,
 }
 
@@ -45,19 +67,29 @@ impl OtlpCollector {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let spans = Arc::new(Mutex::new(Vec::new()));
+        let metrics = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
         let service = TraceServiceServer::new(Receiver {
             spans: spans.clone(),
+        });
+        let metrics_service = MetricsServiceServer::new(MetricsReceiver {
+            metrics: metrics.clone(),
         });
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let shutdown = stop.clone();
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(metrics_service)
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await;
         });
-        Ok(Self { addr, spans, stop })
+        Ok(Self {
+            addr,
+            spans,
+            metrics,
+            stop,
+        })
     }
 
     /// `http://127.0.0.1:<port>`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
@@ -68,6 +100,11 @@ impl OtlpCollector {
     /// Every span received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.spans.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Every metric point received so far, oldest first.
+    pub fn metrics(&self) -> Vec<ReceivedMetric> {
+        self.metrics.lock().map(|m| m.clone()).unwrap_or_default()
     }
 }
 
@@ -111,6 +148,53 @@ impl TraceService for Receiver {
             spans.extend(received);
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+struct MetricsReceiver {
+    metrics: Arc<Mutex<Vec<ReceivedMetric>>>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for MetricsReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let mut received = Vec::new();
+        for resource_metrics in request.into_inner().resource_metrics {
+            let resource = resource_metrics
+                .resource
+                .map(|r| attributes(&r.attributes))
+                .unwrap_or_default();
+            let service_name = resource.get("service.name").cloned().unwrap_or_default();
+            for scope in resource_metrics.scope_metrics {
+                for metric in scope.metrics {
+                    let points = match metric.data {
+                        Some(Data::Gauge(gauge)) => gauge.data_points,
+                        Some(Data::Sum(sum)) => sum.data_points,
+                        _ => Vec::new(),
+                    };
+                    for point in points {
+                        let value = match point.value {
+                            Some(PointValue::AsInt(i)) => i,
+                            Some(PointValue::AsDouble(d)) => d as i64,
+                            None => continue,
+                        };
+                        received.push(ReceivedMetric {
+                            service_name: service_name.clone(),
+                            name: metric.name.clone(),
+                            value,
+                            attributes: attributes(&point.attributes),
+                        });
+                    }
+                }
+            }
+        }
+        if let Ok(mut metrics) = self.metrics.lock() {
+            metrics.extend(received);
+        }
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
 }
 
