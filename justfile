@@ -43,7 +43,7 @@ test *args: tools
     "{{buf}}" lint
     scripts/pg.sh with-test-cluster cargo test --workspace --all-targets --locked "$@"
 
-# Lint everything: buf lint, buf breaking and append-only migrations against the previous commit, rustfmt, clippy.
+# Lint everything: buf lint, buf breaking against the previous commit, append-only migrations (scripts/check-migrations.sh), rustfmt, clippy.
 lint: tools
     "{{buf}}" lint
     if git rev-parse --verify --quiet HEAD~1 >/dev/null && git cat-file -e HEAD~1:proto 2>/dev/null; then \

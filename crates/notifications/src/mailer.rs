@@ -34,6 +34,9 @@ const MAX_REASON_CHARS: usize = 500;
 #[error("{0}")]
 pub struct MailError(String);
 
+/// The prefix of a failure reason that retrying will not fix.
+pub const PERMANENT_SMTP: &str = "smtp (permanent)";
+
 impl MailError {
     /// A failure with this reason (trimmed to a storable length).
     pub fn new(reason: impl fmt::Display) -> Self {
@@ -101,7 +104,16 @@ impl Mailer for SmtpMailer {
                 .send(message.clone())
                 .await
                 .map(|_| ())
-                .map_err(|err| MailError::new(format_args!("smtp: {err}")))
+                .map_err(|err| {
+                    // A permanent rejection (a 5xx: no such mailbox) will not
+                    // go through on a retry; the consumer gives up sooner.
+                    let kind = if err.is_permanent() {
+                        PERMANENT_SMTP
+                    } else {
+                        "smtp"
+                    };
+                    MailError::new(format_args!("{kind}: {err}"))
+                })
         })
     }
 }

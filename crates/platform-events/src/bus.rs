@@ -70,7 +70,16 @@ impl EventBus {
     ) -> Result<Self, Error> {
         let reconnected = Arc::new(Notify::new());
         let on_event = Arc::clone(&reconnected);
-        let client = async_nats::ConnectOptions::new()
+        let (address, credentials) = split_credentials(url);
+        let mut options = async_nats::ConnectOptions::new();
+        options = match credentials {
+            Some(Credentials::UserPassword(user, password)) => {
+                options.user_and_password(user, password)
+            }
+            Some(Credentials::Token(token)) => options.token(token),
+            None => options,
+        };
+        let client = options
             .name(name)
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -96,7 +105,7 @@ impl EventBus {
                     }
                 }
             })
-            .connect(url)
+            .connect(address.as_str())
             .await
             .map_err(|err| {
                 Error::new(
@@ -222,27 +231,44 @@ impl HealthCheck for EventBus {
     }
 }
 
-/// `url` without a password (`nats://user:pass@host` becomes
-/// `nats://user:***@host`), for messages and logs.
-pub fn redact_url(url: &str) -> String {
+/// `url` split into the address and its credentials: async-nats does not
+/// read `user:password@` or `token@` from a URL, so they are passed as
+/// options.
+fn split_credentials(url: &str) -> (String, Option<Credentials>) {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return (url.to_owned(), None);
     };
-    let (authority, path) = rest
-        .split_once('/')
-        .map_or((rest, None), |(a, p)| (a, Some(p)));
-    let Some((credentials, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some((userinfo, host)) = rest[..authority_end].rsplit_once('@') else {
+        return (url.to_owned(), None);
     };
-    let user = credentials.split(':').next().unwrap_or_default();
-    let redacted = if credentials.contains(':') || !user.is_empty() {
-        format!("{user}:***@{host}")
-    } else {
-        host.to_owned()
+    let address = format!("{scheme}://{host}{}", &rest[authority_end..]);
+    let credentials = match userinfo.split_once(':') {
+        Some((user, password)) => Credentials::UserPassword(user.to_owned(), password.to_owned()),
+        None => Credentials::Token(userinfo.to_owned()),
     };
-    match path {
-        Some(path) => format!("{scheme}://{redacted}/{path}"),
-        None => format!("{scheme}://{redacted}"),
+    (address, Some(credentials))
+}
+
+/// What a NATS URL may carry to log in with.
+enum Credentials {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// `url` without its secret (`nats://user:pass@host` becomes
+/// `nats://user:***@host`, `nats://token@host` becomes `nats://***@host`),
+/// for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match split_credentials(url) {
+        (address, Some(credentials)) => {
+            let shown = match credentials {
+                Credentials::UserPassword(user, _) => format!("{user}:***@"),
+                Credentials::Token(_) => "***@".to_owned(),
+            };
+            address.replacen("://", &format!("://{shown}"), 1)
+        }
+        (address, None) => address,
     }
 }
 
@@ -258,8 +284,8 @@ mod tests {
             "nats://app:***@nats:4222"
         );
         assert_eq!(
-            redact_url("nats://token@nats:4222"),
-            "nats://token:***@nats:4222"
+            redact_url("nats://s3cr3t-token@nats:4222"),
+            "nats://***@nats:4222"
         );
         assert_eq!(redact_url("tls://a:b@h:1/x"), "tls://a:***@h:1/x");
     }

@@ -42,9 +42,11 @@ use crate::envelope::{DomainEvent, header};
 use crate::outbox::{Outbox, UnitOfWork};
 use crate::streams::{DEAD_LETTERS, stream_of_subject};
 
-/// Applies events. [`EventHandler::handle`] is called once per event id and
-/// consumer (the inbox sees to that), inside the unit of work that commits
-/// with the inbox row.
+/// Applies events. [`EventHandler::handle`] runs inside the unit of work
+/// that commits with the inbox row, so its effects are kept once per event
+/// id and consumer (the inbox sees to that). It may run more than once for
+/// an event whose transaction was rolled back (a batch-mate failed): it must
+/// only touch the database, through the unit of work.
 pub trait EventHandler: Send + Sync + 'static {
     /// Applies `event`. An error rolls everything back and the event is
     /// delivered again later (or, after too many deliveries, dead-lettered).
@@ -123,12 +125,6 @@ impl Delivery {
         Ok(delivery)
     }
 
-    /// How long ago JetStream stored it.
-    pub fn age(&self) -> Duration {
-        let now = time::OffsetDateTime::now_utc();
-        Duration::try_from(now - self.published).unwrap_or_default()
-    }
-
     /// The payload as `E`. INVALID_ARGUMENT when the event is of another
     /// type or does not decode.
     pub fn decode<E: DomainEvent>(&self) -> Result<E> {
@@ -154,9 +150,10 @@ pub struct ConsumerSettings {
     /// Deliveries after which an event failing with a permanent error
     /// (invalid, undecodable, a bug) goes to the dead-letter stream.
     pub dead_letter_after: i64,
-    /// How long after its publication an event failing with a transient
-    /// error (UNAVAILABLE, a conflict: something that heals by itself) is
-    /// still retried before it goes to the dead-letter stream.
+    /// How long an event failing with a transient error (UNAVAILABLE, a
+    /// conflict: something that heals by itself) is retried, counted in the
+    /// retry delays from its first failure, before it goes to the
+    /// dead-letter stream.
     pub retry_transient_for: Duration,
     /// The delay before the second delivery of a failed event; it doubles
     /// with each further delivery, up to `retry_max`.
@@ -198,14 +195,26 @@ impl ConsumerSettings {
         crate::backoff::exponential(attempt, self.retry_base, self.retry_max)
     }
 
-    /// Whether an event that failed with `err` at delivery `delivered`,
-    /// published `age` ago, has had its chances.
-    fn gives_up(&self, err: &Error, delivered: i64, age: Duration) -> bool {
+    /// Whether an event that failed with `err` at delivery `delivered` has
+    /// had its chances. Counted in deliveries, so from the event's first
+    /// failure: an old event replayed from the stream gets the same chances.
+    fn gives_up(&self, err: &Error, delivered: i64) -> bool {
         if is_transient(err) {
-            age >= self.retry_transient_for
+            delivered >= self.transient_deliveries()
         } else {
             delivered >= self.dead_letter_after
         }
+    }
+
+    /// The deliveries whose retry delays add up to `retry_transient_for`.
+    fn transient_deliveries(&self) -> i64 {
+        let mut waited = Duration::ZERO;
+        let mut delivered = 1;
+        while waited < self.retry_transient_for && delivered < 1_000_000 {
+            waited += self.retry_delay(delivered);
+            delivered += 1;
+        }
+        delivered.max(self.dead_letter_after)
     }
 }
 
@@ -238,6 +247,25 @@ struct Inner {
     handler: Box<dyn EventHandler>,
     settings: ConsumerSettings,
 }
+
+/// A dead-letter copy that can never be published: too large for the server.
+#[derive(Debug)]
+struct TooLargeToDeadLetter {
+    size: usize,
+    max_payload: usize,
+}
+
+impl std::fmt::Display for TooLargeToDeadLetter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the dead-letter copy needs {} bytes, the server takes {}",
+            self.size, self.max_payload
+        )
+    }
+}
+
+impl std::error::Error for TooLargeToDeadLetter {}
 
 /// The error of a handler that panicked.
 fn panicked(panic: &(dyn std::any::Any + Send)) -> Error {
@@ -479,6 +507,11 @@ impl Inner {
                 return;
             }
         };
+        // The follow-ups run one after the other and may be slow (SMTP): tell
+        // JetStream that every delivery of the batch is being worked on.
+        for message in &messages {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
         for ((message, (delivery, span)), outcome) in messages.into_iter().zip(&batch).zip(outcomes)
         {
             async {
@@ -654,10 +687,7 @@ impl Inner {
         delivery: &Delivery,
         err: &Error,
     ) -> std::result::Result<(), async_nats::Error> {
-        if !self
-            .settings
-            .gives_up(err, delivery.delivered, delivery.age())
-        {
+        if !self.settings.gives_up(err, delivery.delivered) {
             let delay = self.settings.retry_delay(delivery.delivered);
             tracing::warn!(
                 event_id = %delivery.event_id,
@@ -680,10 +710,11 @@ impl Inner {
                 );
                 message.ack_with(AckKind::Term).await
             }
-            // The dead-letter stream refuses it (full, or the copy is too
-            // large) for the tenth time: stop redelivering it for ever. It
-            // stays in its own stream, where this log line finds it.
-            Err(dlq) if delivery.delivered >= self.settings.dead_letter_after + 10 => {
+            // The copy can never fit in a message (the event plus the
+            // dead-letter headers exceed the server's max_payload): stop
+            // redelivering it for ever. It stays in its own stream, where
+            // this log line finds it. Any other failure is retried.
+            Err(dlq) if dlq.is::<TooLargeToDeadLetter>() => {
                 tracing::error!(
                     event_id = %delivery.event_id,
                     stream = %delivery.stream,
@@ -734,6 +765,22 @@ impl Inner {
             crate::dead_letters::header::REASON,
             reason.replace(['\r', '\n'], " ").as_str(),
         );
+        let size = message.payload.len()
+            + headers
+                .iter()
+                .flat_map(|(name, values)| {
+                    let name: &str = name.as_ref();
+                    values
+                        .iter()
+                        .map(move |v| name.len() + v.as_str().len() + 4)
+                })
+                .sum::<usize>()
+            + 64;
+        // 0 until the server said (never the case while a message is here).
+        let max_payload = self.bus.client().server_info().max_payload;
+        if max_payload > 0 && size > max_payload {
+            return Err(Box::new(TooLargeToDeadLetter { size, max_payload }));
+        }
         self.bus
             .jetstream()
             .send_publish(
@@ -798,14 +845,17 @@ mod tests {
         let settings = ConsumerSettings::default();
         let invalid = Error::new(ErrorKind::InvalidArgument, "does not decode");
         let down = Error::new(ErrorKind::Unavailable, "smtp down");
-        let minute = Duration::from_secs(60);
-        assert!(!settings.gives_up(&invalid, 4, minute));
-        assert!(settings.gives_up(&invalid, 5, minute));
-        assert!(!settings.gives_up(&down, 500, Duration::from_secs(3600)));
-        assert!(settings.gives_up(&down, 2, Duration::from_secs(25 * 3600)));
+        assert!(!settings.gives_up(&invalid, 4));
+        assert!(settings.gives_up(&invalid, 5));
+        // 1, 2, 4 ... 32 s, then a minute each: a day is 1446 deliveries.
+        let day = settings.transient_deliveries();
+        assert_eq!(day, 1446);
+        assert!(!settings.gives_up(&down, 500));
+        assert!(!settings.gives_up(&down, day - 1));
+        assert!(settings.gives_up(&down, day));
         let panicked = panicked(&"boom");
         assert_eq!(panicked.kind(), ErrorKind::Internal);
-        assert!(settings.gives_up(&panicked, 5, minute));
+        assert!(settings.gives_up(&panicked, 5));
     }
 
     #[test]

@@ -186,8 +186,9 @@ impl OutboxRelay {
         // Grows while passes fail (NATS down, or JetStream refusing rows: a
         // full stream, a cluster without quorum) and resets on a clean pass.
         let mut backoff = Backoff::new(Duration::from_millis(100), self.settings.max_backoff);
-        // Kept alive while the relay runs: the metrics read `self.metrics`.
-        let _instruments = self.register_metrics();
+        // The callbacks read `self.metrics` until the meter provider shuts
+        // down (at process exit).
+        self.register_metrics();
         // Housekeeping runs on its own clock, however busy the relay is.
         let housekeeping = {
             let relay = self.clone();
@@ -221,7 +222,9 @@ impl OutboxRelay {
         tracing::info!(source = self.source, "outbox relay started");
         while !stop.is_cancelled() {
             let failure = match self.publish_pending(Marking::Mark).await {
-                Ok(pass) if pass.failed == 0 => {
+                // Progress, even if some rows failed (one too large, say):
+                // the others must not wait behind a backoff.
+                Ok(pass) if pass.failed == 0 || pass.published > 0 => {
                     if backoff.is_failing() {
                         tracing::info!(source = self.source, "outbox relay publishing again");
                     }
@@ -496,7 +499,7 @@ impl OutboxRelay {
 
     /// OpenTelemetry instruments reading [`RelayMetrics`], labelled with the
     /// service (`agora.source`): exported when the process exports metrics.
-    fn register_metrics(&self) -> impl Sized + use<> {
+    fn register_metrics(&self) {
         let meter = opentelemetry::global::meter("agora.events");
         let source = [opentelemetry::KeyValue::new("agora.source", self.source)];
         let gauge = |name: &'static str,
@@ -523,7 +526,7 @@ impl OutboxRelay {
                     .with_callback(move |observer| observer.observe(read(&metrics), &attributes))
                     .build()
             };
-        (
+        let _instruments = (
             gauge(
                 "agora.outbox.backlog",
                 "events recorded and not yet published",
@@ -546,19 +549,24 @@ impl OutboxRelay {
                 "failed publish attempts since start",
                 |m| m.failures.load(Ordering::Relaxed),
             ),
-        )
+        );
     }
 
     /// Unpublished rows and the age of the oldest.
     pub async fn lag(&self) -> Result<(i64, Option<Duration>)> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS backlog, MIN(occurred_at) AS oldest FROM event_outbox \
-             WHERE published_at IS NULL",
+        // Both read the partial index of unpublished rows; the count stops
+        // at a million, so a long outage does not make it a full scan a second.
+        let backlog: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM event_outbox \
+             WHERE published_at IS NULL LIMIT 1000000) unpublished",
         )
         .fetch_one(self.outbox.db().pool())
         .await?;
-        let backlog: i64 = row.try_get("backlog")?;
-        let oldest: Option<i64> = row.try_get("oldest")?;
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT occurred_at FROM event_outbox WHERE published_at IS NULL ORDER BY id LIMIT 1",
+        )
+        .fetch_optional(self.outbox.db().pool())
+        .await?;
         let age = oldest.map(|at| {
             Duration::from_micros(u64::try_from(now_micros().saturating_sub(at)).unwrap_or(0))
         });

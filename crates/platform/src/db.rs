@@ -109,6 +109,25 @@ impl Db {
                 });
             }
         }
+        // SQLite: `mode=rwc` creates the file, once. The pool's connections
+        // must not: a connection opened after the file was deleted would
+        // silently start an empty database (and hide the loss from health).
+        let pool_url = if backend == Backend::Sqlite && url.contains("mode=rwc") {
+            use sqlx::Connection as _;
+            sqlx::AnyConnection::connect(url)
+                .await
+                .map_err(|err| {
+                    Error::new(ErrorKind::Unavailable, "cannot create the database")
+                        .with_source(err)
+                })?
+                .close()
+                .await
+                .map_err(|err| Error::internal("closing the first connection", err))?;
+            url.replacen("mode=rwc", "mode=rw", 1)
+        } else {
+            url.to_owned()
+        };
+        let url = pool_url.as_str();
         let pool = match options.clone().connect(url).await {
             // A service owns its database: on a fresh PostgreSQL server it
             // creates it (given the privilege) rather than failing.

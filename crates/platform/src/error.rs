@@ -196,6 +196,15 @@ impl From<sqlx::Error> for Error {
             {
                 Error::new(ErrorKind::Unavailable, "database unavailable").with_source(err)
             }
+            // PostgreSQL: a serialization failure or a deadlock (40001,
+            // 40P01): the transaction lost a race, trying again helps.
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|code| code == "40001" || code == "40P01") =>
+            {
+                Error::new(ErrorKind::Conflict, "concurrent update: retry").with_source(err)
+            }
             sqlx::Error::RowNotFound => Error::new(ErrorKind::NotFound, "not found"),
             _ => Error::internal("database error", err),
         }

@@ -54,8 +54,21 @@ pub fn init(service: &str, format: LogFormat) -> anyhow::Result<TelemetryGuard> 
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 
     let service_name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+    // Replicas of a service export the same series; the instance id keeps
+    // them apart (a counter of one is not the reset of another's).
+    let instance = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .map_or_else(
+            || format!("{}-{}", uuid::Uuid::new_v4().simple(), std::process::id()),
+            |host| format!("{host}-{}", std::process::id()),
+        );
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service_name)
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.instance.id",
+            instance,
+        ))
         .build();
     let mut provider = SdkTracerProvider::builder().with_resource(resource.clone());
     let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
@@ -108,7 +121,7 @@ pub fn init(service: &str, format: LogFormat) -> anyhow::Result<TelemetryGuard> 
         .with(otel_layer)
         .try_init()?;
     if exporting {
-        tracing::info!("exporting traces over OTLP");
+        tracing::info!("exporting traces and metrics over OTLP");
     }
     Ok(TelemetryGuard { provider, meters })
 }
