@@ -210,6 +210,12 @@ echo
 echo "seeding demo data ..."
 "$agora" seed --admin-email "$admin_email"
 
+# The event buses report ready at their first health tick after connecting:
+# give them a few seconds rather than print a table of NOT READY.
+for _ in $(seq 20); do
+    "$agora" health "${endpoints[@]}" 2>/dev/null | grep -q "NOT READY" || break
+    sleep 0.5
+done
 echo
 "$agora" health "${endpoints[@]}"
 cat <<INFO
@@ -229,5 +235,5 @@ set +e
 # nats-server too: a mesh whose broker died is not what `just up` promised.
 wait -n "${pids[@]}" ${nats_pid:+"$nats_pid"}
 code=$?
-echo "a service exited on its own (status $code); stopping the others" >&2
+echo "a service or the nats-server exited on its own (status $code); stopping the others (see $logs/)" >&2
 exit $((code == 0 ? 1 : code))

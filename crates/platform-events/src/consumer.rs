@@ -337,7 +337,10 @@ impl EventConsumer {
                     let run = Arc::clone(&inner).consume_stream(stream, subjects.clone(), stop.clone());
                     if let Err(panic) = tokio::spawn(run).await {
                         tracing::error!(consumer = inner.name, stream, error = %panic, "consumer task died; restarting it");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = stop.cancelled() => {}
+                        }
                     }
                 }
             });
