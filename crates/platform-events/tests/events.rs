@@ -39,6 +39,32 @@ async fn database(backend: Backend) -> anyhow::Result<(TestDatabase, Db)> {
     Ok((database, db))
 }
 
+/// What most tests start with: a private nats-server, a fresh database with
+/// the events tables, a bus on the one and an outbox in the other.
+struct Fixture {
+    nats: NatsServer,
+    database: TestDatabase,
+    db: Db,
+    bus: EventBus,
+    outbox: Outbox,
+}
+
+impl Fixture {
+    async fn start(backend: Backend) -> anyhow::Result<Self> {
+        let nats = NatsServer::start().await?;
+        let (database, db) = database(backend).await?;
+        let bus = bus(&nats).await?;
+        let outbox = Outbox::new(db.clone());
+        Ok(Self {
+            nats,
+            database,
+            db,
+            bus,
+            outbox,
+        })
+    }
+}
+
 async fn bus(nats: &NatsServer) -> anyhow::Result<EventBus> {
     let bus = EventBus::connect(nats.url(), "agora-test", StreamSettings::default()).await?;
     tokio::time::timeout(Duration::from_secs(10), bus.wait_ready()).await?;
@@ -188,10 +214,13 @@ async fn the_same_message_id_twice_is_stored_once(_backend: Backend) -> anyhow::
 async fn a_relay_killed_after_publishing_and_before_marking_publishes_once(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_database, db) = database(backend).await?;
-    let bus = bus(&nats).await?;
-    let outbox = Outbox::new(db.clone());
+    let Fixture {
+        nats: _nats,
+        database: _database,
+        db,
+        bus,
+        outbox,
+    } = Fixture::start(backend).await?;
     for version in 1..=3 {
         record(&outbox, &event("agg", version, "x")).await?;
     }
@@ -218,10 +247,13 @@ async fn a_relay_killed_after_publishing_and_before_marking_publishes_once(
 async fn a_consumer_killed_after_commit_and_before_ack_applies_once(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_database, db) = database(backend).await?;
-    let bus = bus(&nats).await?;
-    let outbox = Outbox::new(db.clone());
+    let Fixture {
+        nats: _nats,
+        database: _database,
+        db,
+        bus,
+        outbox,
+    } = Fixture::start(backend).await?;
     record(&outbox, &event("agg", 1, "x")).await?;
     OutboxRelay::new(outbox.clone(), bus.clone(), "test")
         .publish_pending(Marking::Mark)
@@ -286,10 +318,13 @@ async fn a_consumer_killed_after_commit_and_before_ack_applies_once(
 async fn a_poison_event_goes_to_the_dead_letters_and_replays(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_database, db) = database(backend).await?;
-    let bus = bus(&nats).await?;
-    let outbox = Outbox::new(db.clone());
+    let Fixture {
+        nats: _nats,
+        database: _database,
+        db,
+        bus,
+        outbox,
+    } = Fixture::start(backend).await?;
     record(&outbox, &event("poisoned", 1, "poison")).await?;
     for i in 0..5 {
         record(&outbox, &event(&format!("good-{i}"), 1, "fine")).await?;
@@ -346,10 +381,13 @@ async fn a_poison_event_goes_to_the_dead_letters_and_replays(
 }
 
 async fn a_deleted_consumer_is_recreated(backend: Backend) -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_database, db) = database(backend).await?;
-    let bus = bus(&nats).await?;
-    let outbox = Outbox::new(db.clone());
+    let Fixture {
+        nats: _nats,
+        database: _database,
+        db,
+        bus,
+        outbox,
+    } = Fixture::start(backend).await?;
     let relay = OutboxRelay::new(outbox.clone(), bus.clone(), "test");
     record(&outbox, &event("a", 1, "x")).await?;
     relay.publish_pending(Marking::Mark).await?;
@@ -391,10 +429,13 @@ async fn nothing_is_lost_or_applied_twice_when_nats_is_killed_under_load(
     backend: Backend,
 ) -> anyhow::Result<()> {
     const EVENTS: i64 = 300;
-    let mut nats = NatsServer::start().await?;
-    let (_database, db) = database(backend).await?;
-    let bus = bus(&nats).await?;
-    let outbox = Outbox::new(db.clone());
+    let Fixture {
+        mut nats,
+        database: _database,
+        db,
+        bus,
+        outbox,
+    } = Fixture::start(backend).await?;
     let stop = CancellationToken::new();
     let relay = OutboxRelay::new(outbox.clone(), bus.clone(), "test");
     let relay_task = tokio::spawn(relay.run(stop.clone()));
@@ -472,11 +513,14 @@ backend_tests!(
 /// first statement, so a later transaction cannot commit first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_whose_transaction_commits_late_is_still_published() -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let (_database, db) = database(Backend::Postgres).await?;
+    let Fixture {
+        nats: _nats,
+        database: _database,
+        db,
+        bus,
+        outbox,
+    } = Fixture::start(Backend::Postgres).await?;
     assert_eq!(db.backend(), DbBackend::Postgres);
-    let bus = bus(&nats).await?;
-    let outbox = Outbox::new(db.clone());
     let relay = OutboxRelay::new(outbox.clone(), bus.clone(), "test");
 
     // A takes the lower id, B the higher; B commits first and is published.
@@ -503,10 +547,13 @@ async fn two_relays_on_one_database_publish_everything_in_order_per_aggregate() 
 {
     const AGGREGATES: i64 = 5;
     const VERSIONS: i64 = 40;
-    let nats = NatsServer::start().await?;
-    let (database, db) = database(Backend::Postgres).await?;
-    let bus = bus(&nats).await?;
-    let outbox = Outbox::new(db.clone());
+    let Fixture {
+        nats,
+        database,
+        db,
+        bus,
+        outbox,
+    } = Fixture::start(Backend::Postgres).await?;
     // The second replica: its own pool, its own NATS connection.
     let other_db = Db::connect(&Secret::new(database.url().to_owned())).await?;
     let other_bus = self::bus(&nats).await?;
