@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -38,12 +38,20 @@ pub async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
     let rows = loop {
         let mut rows = Vec::new();
         for (name, addr, grpc_service) in &targets {
+            // One connection per service for both questions.
+            let (status, events) = match connect(addr).await {
+                Ok(channel) => (
+                    check(&channel, grpc_service).await,
+                    events_status(&channel, grpc_service).await,
+                ),
+                Err(down) => (down, "-".to_owned()),
+            };
             rows.push(Row {
                 name: name.clone(),
                 addr: addr.clone(),
                 grpc_service: grpc_service.clone(),
-                status: check(addr, grpc_service).await,
-                events: events_status(addr, grpc_service).await,
+                status,
+                events,
             });
         }
         let all_serving = rows.iter().all(|r| r.status == "SERVING");
@@ -97,30 +105,35 @@ fn parse_targets(endpoints: &[String]) -> anyhow::Result<Vec<(String, String, St
 
 /// The status of the service's event bus: `connected`, `NOT READY`, or
 /// `-` when the server does not report one.
-async fn events_status(addr: &str, grpc_service: &str) -> String {
-    match check(addr, &format!("{grpc_service}/nats")).await.as_str() {
+async fn events_status(channel: &Channel, grpc_service: &str) -> String {
+    match check(channel, &format!("{grpc_service}/nats"))
+        .await
+        .as_str()
+    {
         "SERVING" => "connected".to_owned(),
         "NOT_SERVING" => "NOT READY (events wait in the outbox)".to_owned(),
         _ => "-".to_owned(),
     }
 }
 
+/// A channel to `addr`, or the status to show when there is none.
+async fn connect(addr: &str) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|err| format!("bad address: {err}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(2));
+    endpoint
+        .connect()
+        .await
+        .map_err(|_| "DOWN (connection refused)".to_owned())
+}
+
 /// The status of one service, or why it could not be read.
-async fn check(addr: &str, service: &str) -> String {
-    let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
-        Ok(endpoint) => endpoint
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(2)),
-        Err(err) => return format!("bad address: {err}"),
-    };
-    let channel = match endpoint.connect().await {
-        Ok(channel) => channel,
-        Err(_) => return "DOWN (connection refused)".to_owned(),
-    };
+async fn check(channel: &Channel, service: &str) -> String {
     let request = HealthCheckRequest {
         service: service.to_owned(),
     };
-    match HealthClient::new(channel).check(request).await {
+    match HealthClient::new(channel.clone()).check(request).await {
         Ok(response) => match response.into_inner().status() {
             ServingStatus::Serving => "SERVING".to_owned(),
             ServingStatus::NotServing => "NOT_SERVING".to_owned(),

@@ -38,7 +38,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::backoff::Backoff;
 use crate::bus::EventBus;
 use crate::dead_letters::dead_letter_subject;
-use crate::envelope::{DomainEvent, header};
+use crate::envelope::{DomainEvent, header, header_text};
 use crate::outbox::{Outbox, UnitOfWork};
 use crate::streams::{DEAD_LETTERS, stream_of_subject};
 
@@ -90,8 +90,7 @@ pub struct Delivery {
     pub stream_sequence: u64,
     /// How often it has been delivered to this consumer, this time included.
     pub delivered: i64,
-    /// When JetStream stored it.
-    pub published: time::OffsetDateTime,
+
     /// All headers as published.
     pub headers: HeaderMap,
 }
@@ -102,12 +101,7 @@ impl Delivery {
             .info()
             .map_err(|err| Error::internal("reading JetStream delivery info", err))?;
         let headers = message.headers.clone().unwrap_or_default();
-        let get = |name: &str| {
-            headers
-                .get(name)
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default()
-        };
+        let get = |name: &str| header_text(&headers, name);
         let delivery = Self {
             subject: message.subject.to_string(),
             event_id: get(header::CE_ID),
@@ -119,7 +113,7 @@ impl Delivery {
             stream: info.stream.to_owned(),
             stream_sequence: info.stream_sequence,
             delivered: info.delivered,
-            published: info.published,
+
             headers,
         };
         Ok(delivery)

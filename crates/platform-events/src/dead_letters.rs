@@ -14,7 +14,7 @@ use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::stream::DirectGetErrorKind;
 
 use crate::bus::EventBus;
-use crate::envelope::header as event_header;
+use crate::envelope::{header as event_header, header_text};
 use crate::streams::DEAD_LETTERS;
 
 /// Headers added to a dead letter.
@@ -67,13 +67,6 @@ pub struct DeadLetter {
     pub payload: bytes::Bytes,
 }
 
-fn text(headers: &HeaderMap, name: &str) -> String {
-    headers
-        .get(name)
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default()
-}
-
 /// The dead letters, oldest first, at most `limit`.
 pub async fn list(bus: &EventBus, limit: usize) -> Result<Vec<DeadLetter>> {
     let stream = bus
@@ -117,17 +110,17 @@ impl DeadLetter {
         let headers = message.headers.clone();
         Self {
             sequence: message.sequence,
-            subject: text(&headers, header::SUBJECT),
-            event_id: text(&headers, event_header::CE_ID),
-            event_type: text(&headers, event_header::CE_TYPE),
-            consumer: text(&headers, header::CONSUMER),
-            durable: text(&headers, header::DURABLE),
-            deliveries: text(&headers, header::DELIVERIES),
-            reason: text(&headers, header::REASON),
+            subject: header_text(&headers, header::SUBJECT),
+            event_id: header_text(&headers, event_header::CE_ID),
+            event_type: header_text(&headers, event_header::CE_TYPE),
+            consumer: header_text(&headers, header::CONSUMER),
+            durable: header_text(&headers, header::DURABLE),
+            deliveries: header_text(&headers, header::DELIVERIES),
+            reason: header_text(&headers, header::REASON),
             origin: format!(
                 "{}#{}",
-                text(&headers, header::STREAM),
-                text(&headers, header::SEQUENCE)
+                header_text(&headers, header::STREAM),
+                header_text(&headers, header::SEQUENCE)
             ),
             headers,
             payload: message.payload.clone(),

@@ -85,9 +85,12 @@ domain_events! {
     payments::v1::PaymentRefunded => "agora.payments.v1.PaymentRefunded" on "agora.payments.payment_refunded", aggregate payment_id;
 }
 
-/// The event type published on `subject`, if the contract has one.
-pub fn event_type_of_subject(subject: &str) -> Option<&'static EventType> {
-    EVENT_TYPES.iter().find(|t| t.subject == subject)
+/// The value of header `name` as text, empty when absent.
+pub fn header_text(headers: &async_nats::HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

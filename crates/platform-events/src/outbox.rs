@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use agora_platform::db::{Backend, Db};
+use agora_platform::db::Db;
 use agora_platform::error::{Error, Result};
 use agora_platform::time::now_micros;
 use sqlx::{Any, AnyConnection, Transaction};
@@ -48,7 +48,6 @@ impl Outbox {
     pub async fn begin(&self) -> Result<UnitOfWork> {
         Ok(UnitOfWork {
             tx: self.db.begin_write().await?,
-            backend: self.db.backend(),
             committed: Arc::clone(&self.committed),
             recorded: 0,
         })
@@ -64,7 +63,6 @@ impl Outbox {
 /// events commit together, or neither does (dropping it rolls back).
 pub struct UnitOfWork {
     tx: Transaction<'static, Any>,
-    backend: Backend,
     committed: Arc<Notify>,
     recorded: usize,
 }
@@ -81,11 +79,6 @@ impl UnitOfWork {
     /// The connection, for the state change's queries.
     pub fn tx(&mut self) -> &mut AnyConnection {
         &mut self.tx
-    }
-
-    /// Which backend the transaction runs on.
-    pub fn backend(&self) -> Backend {
-        self.backend
     }
 
     /// Records `event` to be published once this transaction commits. Call it

@@ -103,8 +103,6 @@ pub struct Pass {
     pub failed: usize,
     /// Whether the batch was full (more rows are probably waiting).
     pub full: bool,
-    /// False when another replica held the lease.
-    pub leader: bool,
 }
 
 /// Publishes a service's outbox to JetStream.
@@ -318,10 +316,7 @@ impl OutboxRelay {
         .collect::<Result<Vec<_>>>()?;
         let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= self.settings.batch_size;
         if rows.is_empty() {
-            return Ok(Pass {
-                leader: true,
-                ..Pass::default()
-            });
+            return Ok(Pass::default());
         }
         // SQLite: publishing must not hold the one write lock; the read
         // transaction is only a snapshot, end it. (PostgreSQL keeps its
@@ -357,7 +352,6 @@ impl OutboxRelay {
             published: published.len(),
             failed: failed.len(),
             full,
-            leader: true,
         })
     }
 
@@ -600,38 +594,34 @@ impl OutboxRelay {
 }
 
 async fn mark(tx: &mut AnyConnection, published: &[i64], failed: &[(i64, String)]) -> Result<()> {
-    let now = now_micros();
-    for chunk in published.chunks(500) {
+    update_rows(tx, "published_at = $1", now_micros(), published).await?;
+    // One statement for the failures of a pass, with the first error: they
+    // share their cause (NATS, the stream) nearly always.
+    if let Some((_, error)) = failed.first() {
+        let ids: Vec<i64> = failed.iter().map(|(id, _)| *id).collect();
+        let error: String = error.chars().take(500).collect();
+        update_rows(tx, "attempts = attempts + 1, last_error = $1", error, &ids).await?;
+    }
+    Ok(())
+}
+
+/// `UPDATE event_outbox SET <set> WHERE id IN (<ids>)`, with `value` bound
+/// to `$1`, in statements of at most 500 ids.
+async fn update_rows<V>(tx: &mut AnyConnection, set: &str, value: V, ids: &[i64]) -> Result<()>
+where
+    V: for<'q> sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Clone + Send + 'static,
+{
+    for chunk in ids.chunks(500) {
         let placeholders = (2..chunk.len() + 2)
             .map(|i| format!("${i}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!("UPDATE event_outbox SET published_at = $1 WHERE id IN ({placeholders})");
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+        let sql = format!("UPDATE event_outbox SET {set} WHERE id IN ({placeholders})");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(value.clone());
         for id in chunk {
             query = query.bind(*id);
         }
         query.execute(&mut *tx).await?;
-    }
-    // One statement for the failures of a pass, with the first error: they
-    // share their cause (NATS, the stream) nearly always.
-    if let Some((_, error)) = failed.first() {
-        for chunk in failed.chunks(500) {
-            let placeholders = (2..chunk.len() + 2)
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "UPDATE event_outbox SET attempts = attempts + 1, last_error = $1 \
-                 WHERE id IN ({placeholders})"
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(error.chars().take(500).collect::<String>());
-            for (id, _) in chunk {
-                query = query.bind(*id);
-            }
-            query.execute(&mut *tx).await?;
-        }
     }
     Ok(())
 }
