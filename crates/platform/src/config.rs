@@ -66,6 +66,8 @@ pub struct Config {
     pub nats_url: String,
     /// Domain events: streams, retries, retention.
     pub events: EventsConfig,
+    /// The checkout saga: deadlines, leases, reservation expiry.
+    pub checkout: CheckoutConfig,
     /// SMTP server for the notifications service (`smtp://host:port`,
     /// `smtps://user:pass@host`); unset writes `.eml` files under
     /// `<data_dir>/mail/` instead. May hold a password, hence secret.
@@ -108,6 +110,41 @@ impl Default for EventsConfig {
             stream_replicas: 1,
             dead_letter_after: 5,
             outbox_retention_hours: 24,
+        }
+    }
+}
+
+/// Checkout saga settings (orders drives the saga, inventory expires the
+/// reservations it leaves behind, payments settles interrupted charges).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckoutConfig {
+    /// Deadline of one saga step (one call to inventory or payments,
+    /// retries included), in milliseconds.
+    pub step_timeout_ms: u64,
+    /// Deadline of a whole checkout, in milliseconds: a saga still running
+    /// after it compensates instead of going on.
+    pub saga_timeout_ms: u64,
+    /// How long `PlaceOrder` waits for its saga to finish before it returns
+    /// the order as PENDING (the client can then `WatchOrder`).
+    pub place_order_wait_ms: u64,
+    /// How long a replica's claim on a saga lasts without renewal; a dead
+    /// replica's sagas are taken over after it.
+    pub lease_ms: u64,
+    /// Seconds a stock reservation holds its units unless committed; then
+    /// inventory releases it, so stock held by a saga that never finishes
+    /// comes back. Well above `saga_timeout_ms`.
+    pub reservation_ttl_secs: u64,
+}
+
+impl Default for CheckoutConfig {
+    fn default() -> Self {
+        Self {
+            step_timeout_ms: 5_000,
+            saga_timeout_ms: 30_000,
+            place_order_wait_ms: 10_000,
+            lease_ms: 10_000,
+            reservation_ttl_secs: 900,
         }
     }
 }
@@ -178,6 +215,7 @@ impl Default for Config {
             log_format: LogFormat::Pretty,
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             events: EventsConfig::default(),
+            checkout: CheckoutConfig::default(),
             smtp_url: None,
             mail_from: "Agora <no-reply@agora.localhost>".to_owned(),
             auth: AuthConfig::default(),

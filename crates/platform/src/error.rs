@@ -59,7 +59,22 @@ pub struct Error {
     kind: ErrorKind,
     message: String,
     violations: Vec<(String, String)>,
+    /// A stable, machine-readable reason (`google.rpc.ErrorInfo.reason`).
+    reason: Option<&'static str>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// The `google.rpc.ErrorInfo` domain of every Agora error reason.
+pub const ERROR_DOMAIN: &str = "agora.dev";
+
+/// The `ErrorInfo` reason of a status, when it carries one from
+/// [`ERROR_DOMAIN`]: how a caller tells `CARD_DECLINED` from
+/// `INSUFFICIENT_STOCK` without parsing messages.
+pub fn reason_of(status: &Status) -> Option<String> {
+    status
+        .get_details_error_info()
+        .filter(|info| info.domain == ERROR_DOMAIN)
+        .map(|info| info.reason)
 }
 
 /// Result with [`Error`].
@@ -72,8 +87,22 @@ impl Error {
             kind,
             message: message.into(),
             violations: Vec::new(),
+            reason: None,
             source: None,
         }
+    }
+
+    /// Attaches a stable reason (UPPER_SNAKE_CASE, for example
+    /// `CARD_DECLINED`), sent as `google.rpc.ErrorInfo` so that programs can
+    /// branch on it.
+    pub fn with_reason(mut self, reason: &'static str) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+
+    /// The stable reason, if one was attached.
+    pub fn reason(&self) -> Option<&'static str> {
+        self.reason
     }
 
     /// INVALID_ARGUMENT naming one bad field.
@@ -127,6 +156,7 @@ impl fmt::Debug for Error {
             .field("kind", &self.kind)
             .field("message", &self.message)
             .field("violations", &self.violations)
+            .field("reason", &self.reason)
             .field("source", &self.source)
             .finish()
     }
@@ -161,7 +191,7 @@ impl From<Error> for Status {
             }
             ErrorKind::Unavailable => {
                 tracing::warn!(error = %err, "dependency unavailable");
-                Status::unavailable(err.message)
+                with_reason(Status::unavailable(&err.message), err.reason)
             }
             ErrorKind::InvalidArgument if !err.violations.is_empty() => {
                 let violations = err
@@ -175,8 +205,24 @@ impl From<Error> for Status {
                     ErrorDetails::with_bad_request(violations),
                 )
             }
-            _ => Status::new(code, err.message),
+            _ => with_reason(Status::new(code, err.message), err.reason),
         }
+    }
+}
+
+/// `status` with `reason` as its `google.rpc.ErrorInfo`, when there is one.
+fn with_reason(status: Status, reason: Option<&'static str>) -> Status {
+    match reason {
+        Some(reason) => Status::with_error_details(
+            status.code(),
+            status.message(),
+            ErrorDetails::with_error_info(
+                reason,
+                ERROR_DOMAIN,
+                std::collections::HashMap::<String, String>::new(),
+            ),
+        ),
+        None => status,
     }
 }
 
@@ -280,6 +326,7 @@ impl Violations {
             kind: ErrorKind::InvalidArgument,
             message: format!("invalid {fields}"),
             violations: self.0,
+            reason: None,
             source: None,
         }
     }
@@ -350,6 +397,16 @@ mod tests {
                 ("size".to_owned(), "too big".to_owned())
             ]
         );
+    }
+
+    #[test]
+    fn reasons_travel_as_error_info() {
+        let err =
+            Error::new(ErrorKind::FailedPrecondition, "card declined").with_reason("CARD_DECLINED");
+        let status = Status::from(err);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(reason_of(&status).as_deref(), Some("CARD_DECLINED"));
+        assert_eq!(reason_of(&Status::unavailable("x")), None);
     }
 
     #[test]
