@@ -53,14 +53,16 @@ lint: tools
     cargo fmt --all --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
 
-# Measure, in a release build, on PostgreSQL and SQLite side by side: RPC latency (`just bench`), or domain events throughput and latency (`just bench events`); see BENCHMARKS.md.
-bench which="rpc": tools
+# Measure, in a release build, on PostgreSQL and SQLite side by side: RPC latency (`just bench`), domain events throughput and latency (`just bench events`), or checkouts/s of the monolith under `agora loadgen` (`just bench checkout [CONCURRENCY [SECONDS]]`); see BENCHMARKS.md.
+bench which="rpc" *args: tools
     #!/usr/bin/env bash
     set -euo pipefail
     case "{{which}}" in
         rpc) package=agora ;;
         events) package=agora-platform-events ;;
-        *) echo "just bench: unknown benchmark {{which}} (rpc or events)" >&2; exit 2 ;;
+        # A script of its own: it runs the real binary, not a cargo bench.
+        checkout) shift; exec scripts/bench-checkout.sh "$@" ;;
+        *) echo "just bench: unknown benchmark {{which}} (rpc, events or checkout)" >&2; exit 2 ;;
     esac
     # fsync on, as a real server: figures must not flatter PostgreSQL.
     scripts/pg.sh with-test-cluster --durable cargo bench -p "$package" --bench "{{which}}" --locked

@@ -49,6 +49,10 @@ for pidfile in "$run"/*.pid; do
     rm -f "$pidfile"
 done
 
+# Token keys: the user-token pair and one pair per service (pairs missing from
+# an older $data/keys are added). Each `agora serve` below takes from there
+# every public key but only the private keys of the services it runs, so in
+# the mesh only the users process holds the user-token key; `mono` holds all.
 "$agora" keygen --dir "$data/keys" >/dev/null
 
 # With `pg`: our own cluster, kept under $data/pg, on a fixed port so that the

@@ -2,10 +2,12 @@
 //!
 //! `agora serve <target>...` runs one service per process (production, one
 //! target per pod), several, or `all` of them in one process (monolith mode
-//! for a laptop), each on its own port. `agora keygen` makes a development
-//! token-signing key pair; `agora health` prints the health of running
+//! for a laptop), each on its own port. `agora keygen` makes development
+//! token-signing key pairs (the user-token pair and one per service); `agora
+//! health` prints the health of running
 //! services; `agora seed` adds a demo catalog and an admin account; `agora
-//! events` tails domain events and lists or replays dead letters.
+//! events` tails domain events and lists or replays dead letters; `agora
+//! sagas` lists checkout sagas and shows one's steps.
 //!
 //! # Layout
 //! - [`Cli`]: the command line.
@@ -13,15 +15,22 @@
 //! - [`health`]: the health table printed by `agora health` and `just status`.
 //! - [`seed`]: the demo data `just up` loads.
 //! - [`events`]: `agora events tail | dlq list | dlq replay`.
+//! - [`registry`]: `agora registry`, the instances registered for discovery,
+//!   and the registration `agora serve` keeps with `clients.discovery = "nats"`.
+//! - [`sagas`]: `agora sagas list [--stuck] | show ID`.
+//! - [`loadgen`]: `agora loadgen`, shoppers browsing and checking out, with latency percentiles.
 
 #![forbid(unsafe_code)]
 
 pub mod events;
 pub mod health;
+pub mod registry;
+pub mod loadgen;
+pub mod sagas;
 pub mod seed;
 pub mod serve;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -41,7 +50,7 @@ pub enum Command {
     /// Run one or more services until SIGTERM or Ctrl-C.
     #[command(after_long_help = serve::AFTER_HELP)]
     Serve(serve::ServeArgs),
-    /// Write a development Ed25519 key pair for signing access tokens.
+    /// Write development Ed25519 key pairs: one for user tokens, one per service for service tokens.
     Keygen(KeygenArgs),
     /// Print the gRPC health of running services; exits non-zero unless all serve.
     Health(health::HealthArgs),
@@ -49,6 +58,12 @@ pub enum Command {
     Seed(seed::SeedArgs),
     /// Watch domain events on NATS; list and replay dead letters.
     Events(events::EventsArgs),
+    /// List the service instances registered in NATS for discovery.
+    Registry(registry::RegistryArgs),
+    /// List checkout sagas (`--stuck` for those that stopped moving) and show one's steps.
+    Sagas(sagas::SagasArgs),
+    /// Drive running services with virtual users browsing and checking out; print latency percentiles.
+    Loadgen(loadgen::LoadgenArgs),
 }
 
 /// A service `agora serve` can run.
@@ -137,10 +152,13 @@ impl Target {
 /// Arguments of `agora keygen`.
 #[derive(Debug, clap::Args)]
 pub struct KeygenArgs {
-    /// Folder for `jwt_ed25519.pem` (private) and `jwt_ed25519.pub.pem` (public).
+    /// Folder for the user-token pair, `jwt_ed25519.pem` (private) and
+    /// `jwt_ed25519.pub.pem` (public), and for one service-token pair per
+    /// service, `services/<service>.pem` and `services/<service>.pub.pem`.
     #[arg(long, default_value = ".data/keys")]
     pub dir: PathBuf,
-    /// Replace an existing pair (every issued token becomes invalid).
+    /// Replace existing pairs (every issued token becomes invalid); without
+    /// it, only missing pairs are written.
     #[arg(long)]
     pub force: bool,
 }
@@ -153,29 +171,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Health(args) => health::run(args).await,
         Command::Seed(args) => seed::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Events(args) => events::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Registry(args) => registry::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Sagas(args) => sagas::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Loadgen(args) => loadgen::run(args).await,
     }
 }
 
 fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
-    let private = args.dir.join(agora_platform::config::PRIVATE_KEY_FILE);
-    let public = args.dir.join(agora_platform::config::PUBLIC_KEY_FILE);
-    if private.exists() && !args.force {
+    use agora_platform::config::{
+        PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, SERVICE_KEYS_DIR, service_private_key_file,
+        service_public_key_file,
+    };
+    // The service pairs first: whoever waits for the user-token public key
+    // (deploy/compose.yaml) then finds every key in place.
+    let services = args.dir.join(SERVICE_KEYS_DIR);
+    std::fs::create_dir_all(&services)?;
+    for service in SERVICES {
+        let name = service.name();
+        write_pair(
+            &services.join(service_private_key_file(name)),
+            &services.join(service_public_key_file(name)),
+            args.force,
+        )?;
+    }
+    write_pair(
+        &args.dir.join(PRIVATE_KEY_FILE),
+        &args.dir.join(PUBLIC_KEY_FILE),
+        args.force,
+    )
+}
+
+/// Writes a new key pair unless its private key exists (or `force`).
+fn write_pair(private: &Path, public: &Path, force: bool) -> anyhow::Result<()> {
+    if private.exists() && !force {
         println!(
             "key pair exists: {} (use --force to replace it)",
             private.display()
         );
         return Ok(());
     }
-    std::fs::create_dir_all(&args.dir)?;
     let (private_pem, public_pem) = agora_platform::auth::generate_keypair_pem()?;
-    write_private(&private, private_pem.expose())?;
-    std::fs::write(&public, public_pem)?;
+    write_private(private, private_pem.expose())?;
+    std::fs::write(public, public_pem)?;
     println!("wrote {} and {}", private.display(), public.display());
     Ok(())
 }
 
 /// Writes the private key readable by its owner only.
-fn write_private(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

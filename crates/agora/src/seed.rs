@@ -2,7 +2,7 @@
 //! services' public gRPC APIs. Safe to run again: an existing admin account
 //! and a non-empty catalog are left alone.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use agora_platform::auth::TokenIssuer;
 use agora_platform::config;
@@ -15,6 +15,7 @@ use agora_proto::users::v1 as users;
 use agora_proto::users::v1::user_service_client::UserServiceClient;
 use anyhow::Context as _;
 use tonic::Request;
+use tonic::transport::Channel;
 
 /// The admin account `just up` creates (listed in `auth.admin_emails`).
 pub const DEFAULT_ADMIN_EMAIL: &str = "admin@agora.localhost";
@@ -122,22 +123,56 @@ const DEMO_CATALOG: &[DemoProduct] = &[
 
 /// Runs the seed against running services.
 pub async fn run(args: SeedArgs) -> anyhow::Result<()> {
-    let mut overrides = serde_json::Map::new();
-    if let Some(dir) = &args.data_dir {
-        overrides.insert("data_dir".into(), serde_json::json!(dir));
-    }
-    let mut config = config::load(args.config.as_deref(), serde_json::Value::Object(overrides))?;
-    config.use_default_key_files();
     // The seed is an operator tool holding the signing key: it acts as admin
     // directly rather than logging in with a password it does not know.
-    let issuer = TokenIssuer::from_config(&config.auth).context("loading the signing key")?;
-    let admin_token = issuer
-        .issue_user_token("agora-seed", &args.admin_email, &["admin".to_owned()])?
-        .token;
+    let admin_token = operator_admin_token(
+        args.config.as_deref(),
+        args.data_dir.as_deref(),
+        &args.admin_email,
+        "agora-seed",
+    )?;
 
     seed_admin(&args).await?;
     seed_catalog(&args, &admin_token).await?;
     Ok(())
+}
+
+/// An admin access token signed with the user-token key of the configuration
+/// (`config_file`, else `AGORA_*`; the key files under `data_dir/keys`), as
+/// the users service would issue it. For operator tools on the machine that
+/// holds the key (`agora seed`, `agora loadgen`): they need no admin password.
+/// `subject` names the tool in the services' logs.
+pub(crate) fn operator_admin_token(
+    config_file: Option<&Path>,
+    data_dir: Option<&Path>,
+    admin_email: &str,
+    subject: &str,
+) -> anyhow::Result<String> {
+    let mut overrides = serde_json::Map::new();
+    if let Some(dir) = data_dir {
+        overrides.insert("data_dir".into(), serde_json::json!(dir));
+    }
+    let mut config = config::load(config_file, serde_json::Value::Object(overrides))?;
+    // The user-token key, as the users service holds it.
+    config.use_default_key_files(&["users"]);
+    let issuer = TokenIssuer::from_config(&config.auth).context("loading the signing key")?;
+    Ok(issuer
+        .issue_user_token(subject, admin_email, &["admin".to_owned()])?
+        .token)
+}
+
+/// Signs a user up (`CreateUser`); the status as the service returned it, so
+/// that callers can tell an existing account (ALREADY_EXISTS) from a failure.
+pub(crate) async fn sign_up(
+    users: &mut UserServiceClient<Channel>,
+    request: Request<users::CreateUserRequest>,
+) -> Result<users::User, tonic::Status> {
+    Ok(users
+        .create_user(request)
+        .await?
+        .into_inner()
+        .user
+        .unwrap_or_default())
 }
 
 async fn seed_admin(args: &SeedArgs) -> anyhow::Result<()> {
@@ -150,9 +185,8 @@ async fn seed_admin(args: &SeedArgs) -> anyhow::Result<()> {
         name: "Agora Admin".into(),
         password: password.clone(),
     };
-    match users.create_user(request).await {
-        Ok(response) => {
-            let user = response.into_inner().user.unwrap_or_default();
+    match sign_up(&mut users, Request::new(request)).await {
+        Ok(user) => {
             if !user.roles.iter().any(|r| r == "admin") {
                 eprintln!(
                     "warning: {} was created without the admin role: add it to auth.admin_emails",
@@ -174,7 +208,8 @@ async fn seed_admin(args: &SeedArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn with_token<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
+/// `message` with `authorization: Bearer <token>`.
+pub(crate) fn with_token<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
     let mut request = Request::new(message);
     request
         .metadata_mut()

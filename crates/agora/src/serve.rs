@@ -118,8 +118,11 @@ impl ServeArgs {
 /// runs until SIGTERM/SIGINT; a server that fails stops the others.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = config::load(args.config.as_deref(), args.overrides()?)?;
-    config.use_default_key_files();
     let services = args.services();
+    // Only the private keys of the services run here: in the mesh no process
+    // holds another service's signing key, and only users' the user-token key.
+    let names: Vec<&str> = services.iter().map(|service| service.name()).collect();
+    config.use_default_key_files(&names);
     let label = match services.as_slice() {
         [single] => format!("agora-{}", single.name()),
         _ => "agora".to_owned(),
@@ -127,6 +130,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _telemetry = telemetry::init(&label, config.log_format)?;
     let stop = shutdown::on_signal();
 
+    // With `clients.discovery = "nats"`, each service is registered once
+    // bound and deregistered before its server drains.
+    let registrar = crate::registry::Registrar::connect(&config, &label).await?;
     let mut servers = JoinSet::new();
     for service in services {
         let hosted = hosted(service, &config)
@@ -138,7 +144,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .context("no configuration for the service")?;
         let app = Server::new().host(hosted).bind(addr).await?;
         tracing::info!(service = service.name(), addr = %app.local_addr(), "listening");
-        servers.spawn(app.run_until_stopped(stop.child_token()));
+        let server_stop = match &registrar {
+            Some(registrar) => registrar.register(service, &config, app.local_addr(), &stop)?,
+            None => stop.child_token(),
+        };
+        servers.spawn(app.run_until_stopped(server_stop));
     }
 
     let mut failure = None;

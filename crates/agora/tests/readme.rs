@@ -87,6 +87,10 @@ fn readme_walkthrough_runs_as_written_against_the_seeded_monolith() -> anyhow::R
         "Ferris Mug",
         "\"available\"",
         "nextPageToken",
+        "\"status\": \"ORDER_STATUS_COMPLETED\"",
+        "CARD_DECLINED",
+        "\"status\": \"ORDER_STATUS_FAILED\"",
+        "\"failureCode\": \"CARD_DECLINED\"",
         "Welcome to Agora, Ada Lovelace",
     ] {
         assert!(

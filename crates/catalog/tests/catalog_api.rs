@@ -905,7 +905,7 @@ async fn access_rules_per_caller(backend: Backend) -> anyhow::Result<()> {
     let user = h
         .env
         .user_token(&uuid::Uuid::now_v7().to_string(), "ada@example.com", &[])?;
-    let service = h.env.service_token("orders")?;
+    let service = h.env.service_token("orders", "catalog")?;
     let forged = "eyJhbGciOiJFZERTQSJ9.e30.AAAA";
     let product = create(&mut h, new_product("MUG", "Mug", "", &[])).await?;
 

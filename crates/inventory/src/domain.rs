@@ -8,6 +8,24 @@ use std::fmt;
 
 use agora_platform::error::{Error, ErrorKind, Result};
 
+/// The `google.rpc.ErrorInfo` reasons the inventory service answers with, so
+/// that callers (the checkout saga) branch on them rather than on messages.
+pub mod reason {
+    /// FAILED_PRECONDITION from ReserveStock: a product has fewer units
+    /// available than asked for.
+    pub const INSUFFICIENT_STOCK: &str = "INSUFFICIENT_STOCK";
+    /// FAILED_PRECONDITION from ReserveStock: no stock was ever set for a
+    /// product (inventory does not know it).
+    pub const UNKNOWN_PRODUCT: &str = "UNKNOWN_PRODUCT";
+    /// FAILED_PRECONDITION from CommitReservation: the reservation expired
+    /// (its units went back to stock) and they are no longer all available.
+    pub const RESERVATION_EXPIRED: &str = "RESERVATION_EXPIRED";
+    /// FAILED_PRECONDITION: the reservation was released by
+    /// ReleaseReservation (or before it was made) and cannot be committed
+    /// or reserved again.
+    pub const RESERVATION_RELEASED: &str = "RESERVATION_RELEASED";
+}
+
 /// The most units one stock level or one reservation item may hold. Far above
 /// any real stock, and low enough that summing quantities (merged duplicates,
 /// `reserved + q`) can never overflow a 64-bit integer in either database.
@@ -165,8 +183,10 @@ pub struct StockLevel {
     pub reserved: i64,
 }
 
-/// Where a reservation is in its lifecycle. RESERVED is the only state that
-/// moves: to COMMITTED (units sold) or RELEASED (units returned).
+/// Where a reservation is in its lifecycle. RESERVED moves to COMMITTED
+/// (units sold), RELEASED (units returned on request) or EXPIRED (units
+/// returned by the sweeper); EXPIRED may still move to COMMITTED when a late
+/// commit finds the units available again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReservationStatus {
     /// Units are held.
@@ -175,15 +195,19 @@ pub enum ReservationStatus {
     Committed,
     /// Units were returned to available stock (or never taken: a tombstone).
     Released,
+    /// Not committed in time: the sweeper returned the units to available
+    /// stock. Stored as `released` with `expired_at` set; shown as RELEASED.
+    Expired,
 }
 
 impl ReservationStatus {
-    /// The stored form.
+    /// The stored form (of the `status` column: EXPIRED is `released`, told
+    /// apart by `expired_at`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Reserved => "reserved",
             Self::Committed => "committed",
-            Self::Released => "released",
+            Self::Released | Self::Expired => "released",
         }
     }
 
@@ -211,6 +235,9 @@ pub struct Reservation {
     pub created_at: i64,
     /// When its status last changed, microseconds since the epoch.
     pub updated_at: i64,
+    /// When it expires unless committed, microseconds since the epoch;
+    /// `None` for a tombstone.
+    pub expires_at: Option<i64>,
 }
 
 impl Reservation {
@@ -232,7 +259,8 @@ pub fn check_reserve_retry(existing: &Reservation, requested: &ReservationItems)
                 "reservation {} was released before it was made and cannot be reserved",
                 existing.id
             ),
-        ));
+        )
+        .with_reason(reason::RESERVATION_RELEASED));
     }
     if existing.items != *requested {
         return Err(Error::new(
@@ -243,30 +271,52 @@ pub fn check_reserve_retry(existing: &Reservation, requested: &ReservationItems)
     Ok(())
 }
 
-/// Whether a reservation that is not RESERVED (anymore) may be released: a
-/// repeated release is fine, releasing sold units is not.
+/// Whether a reservation that is not RESERVED or COMMITTED (anymore) may be
+/// released: a repeated release is fine, and so is one after expiry. (A
+/// committed one is released by returning its sold units to stock.)
 pub fn check_release_of(id: &ReservationId, status: ReservationStatus) -> Result<()> {
     match status {
-        ReservationStatus::Reserved | ReservationStatus::Released => Ok(()),
+        ReservationStatus::Reserved | ReservationStatus::Released | ReservationStatus::Expired => {
+            Ok(())
+        }
         ReservationStatus::Committed => Err(Error::new(
-            ErrorKind::FailedPrecondition,
-            format!("reservation {id} is committed and cannot be released"),
+            ErrorKind::Conflict,
+            format!("reservation {id} was committed concurrently: retry"),
         )),
     }
 }
 
 /// Whether a reservation that is not RESERVED (anymore) may be committed: a
-/// repeated commit is fine, committing returned units is not; an unknown
-/// reservation is NOT_FOUND.
+/// repeated commit is fine, committing units returned on request is not; an
+/// unknown reservation is NOT_FOUND. (An EXPIRED one is committed when its
+/// units can be taken again; this is the answer when they cannot.)
 pub fn check_commit_of(id: &ReservationId, status: Option<ReservationStatus>) -> Result<()> {
     match status {
         Some(ReservationStatus::Reserved | ReservationStatus::Committed) => Ok(()),
         Some(ReservationStatus::Released) => Err(Error::new(
             ErrorKind::FailedPrecondition,
             format!("reservation {id} is released and cannot be committed"),
-        )),
+        )
+        .with_reason(reason::RESERVATION_RELEASED)),
+        Some(ReservationStatus::Expired) => Err(expired_and_short(id, &[])),
         None => Err(Error::not_found(format_args!("reservation {id}"))),
     }
+}
+
+/// FAILED_PRECONDITION (`RESERVATION_EXPIRED`) for a commit of an expired
+/// reservation whose units are no longer all available, naming the
+/// `short` products.
+pub fn expired_and_short(id: &ReservationId, short: &[&str]) -> Error {
+    let message = if short.is_empty() {
+        format!("reservation {id} expired before it was committed")
+    } else {
+        format!(
+            "reservation {id} expired before it was committed, and stock is now \
+             insufficient for products {}",
+            short.join(", ")
+        )
+    };
+    Error::new(ErrorKind::FailedPrecondition, message).with_reason(reason::RESERVATION_EXPIRED)
 }
 
 #[cfg(test)]
@@ -287,6 +337,7 @@ mod tests {
             status,
             created_at: 1,
             updated_at: 1,
+            expires_at: Some(2),
         }
     }
 
@@ -390,13 +441,20 @@ mod tests {
         assert!(check_release_of(&id, ReservationStatus::Released).is_ok());
         assert_eq!(
             check_release_of(&id, ReservationStatus::Committed).map_err(|e| e.kind()),
-            Err(ErrorKind::FailedPrecondition)
+            Err(ErrorKind::Conflict)
         );
         assert!(check_commit_of(&id, Some(ReservationStatus::Committed)).is_ok());
-        assert_eq!(
-            check_commit_of(&id, Some(ReservationStatus::Released)).map_err(|e| e.kind()),
-            Err(ErrorKind::FailedPrecondition)
-        );
+        for (status, why) in [
+            (ReservationStatus::Released, reason::RESERVATION_RELEASED),
+            (ReservationStatus::Expired, reason::RESERVATION_EXPIRED),
+        ] {
+            let err = check_commit_of(&id, Some(status)).expect_err("not committable");
+            assert_eq!(
+                (err.kind(), err.reason()),
+                (ErrorKind::FailedPrecondition, Some(why))
+            );
+        }
+        assert!(check_release_of(&id, ReservationStatus::Expired).is_ok());
         assert_eq!(
             check_commit_of(&id, None).map_err(|e| e.kind()),
             Err(ErrorKind::NotFound)

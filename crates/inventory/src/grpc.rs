@@ -23,6 +23,10 @@ use crate::domain::{
 };
 use crate::store::InventoryStore;
 
+/// The services that may reserve, commit and release stock: the checkout
+/// saga runs in orders, and nothing else needs to.
+const RESERVATION_CALLERS: &[&str] = &["orders"];
+
 /// The gRPC service.
 pub struct InventoryApi<S> {
     store: Arc<S>,
@@ -85,7 +89,8 @@ impl<S: InventoryStore> InventoryService for InventoryApi<S> {
         &self,
         request: Request<pb::ReserveStockRequest>,
     ) -> Result<Response<pb::ReserveStockResponse>, Status> {
-        self.caller(&request)?.require_service()?;
+        self.caller(&request)?
+            .require_service_from(RESERVATION_CALLERS)?;
         let req = request.into_inner();
         let (id, items) = parse_reserve_request(&req)?;
         let reservation = self.store.reserve(&id, &items).await?;
@@ -98,7 +103,8 @@ impl<S: InventoryStore> InventoryService for InventoryApi<S> {
         &self,
         request: Request<pb::ReleaseReservationRequest>,
     ) -> Result<Response<pb::ReleaseReservationResponse>, Status> {
-        self.caller(&request)?.require_service()?;
+        self.caller(&request)?
+            .require_service_from(RESERVATION_CALLERS)?;
         let id = parse_reservation_id(&request.get_ref().reservation_id)?;
         self.store.release(&id).await?;
         Ok(Response::new(pb::ReleaseReservationResponse {}))
@@ -108,7 +114,8 @@ impl<S: InventoryStore> InventoryService for InventoryApi<S> {
         &self,
         request: Request<pb::CommitReservationRequest>,
     ) -> Result<Response<pb::CommitReservationResponse>, Status> {
-        self.caller(&request)?.require_service()?;
+        self.caller(&request)?
+            .require_service_from(RESERVATION_CALLERS)?;
         let id = parse_reservation_id(&request.get_ref().reservation_id)?;
         self.store.commit(&id).await?;
         Ok(Response::new(pb::CommitReservationResponse {}))
@@ -171,7 +178,8 @@ fn status_to_proto(status: ReservationStatus) -> pb::ReservationStatus {
     match status {
         ReservationStatus::Reserved => pb::ReservationStatus::Reserved,
         ReservationStatus::Committed => pb::ReservationStatus::Committed,
-        ReservationStatus::Released => pb::ReservationStatus::Released,
+        // The contract knows one way units go back: expiry is a release.
+        ReservationStatus::Released | ReservationStatus::Expired => pb::ReservationStatus::Released,
     }
 }
 

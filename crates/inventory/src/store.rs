@@ -13,10 +13,17 @@
 //!   identical request racing this one waits on its primary key and then
 //!   finds it, instead of reserving a second time.
 //!
+//! Reservations expire: each is made with an `expires_at`, and
+//! [`InventoryStore::release_expired`] (run by the sweeper, on any number of
+//! replicas) releases the RESERVED ones past it with the same conditional
+//! update as a release, so a reservation is released (or committed) once,
+//! whoever gets there first.
+//!
 //! Locks are always taken in the same order (the reservation row, then stock
 //! rows by product id) so that transactions never deadlock on PostgreSQL.
 
 use std::future::Future;
+use std::time::Duration;
 
 use agora_platform::db::{Db, is_unique_violation};
 use agora_platform::error::{Error, ErrorKind, Result};
@@ -26,7 +33,7 @@ use sqlx::{Any, Row, Transaction};
 
 use crate::domain::{
     ProductId, Reservation, ReservationId, ReservationItems, ReservationStatus, StockLevel,
-    check_commit_of, check_release_of, check_reserve_retry,
+    check_commit_of, check_release_of, check_reserve_retry, expired_and_short, reason,
 };
 
 /// How often a write that lost a race (a concurrent insert of the same
@@ -50,11 +57,13 @@ pub trait InventoryStore: Send + Sync + 'static {
         product_id: &ProductId,
     ) -> impl Future<Output = Result<Option<StockLevel>>> + Send;
 
-    /// Reserves every item or none. A reservation already stored under `id`
-    /// is returned unchanged when it has the same items (ALREADY_EXISTS with
-    /// other items, FAILED_PRECONDITION for a tombstone); FAILED_PRECONDITION
+    /// Reserves every item or none, until the store's reservation lifetime
+    /// has passed. A reservation already stored under `id` is returned
+    /// unchanged when it has the same items (ALREADY_EXISTS with other
+    /// items, FAILED_PRECONDITION for a tombstone); FAILED_PRECONDITION
     /// naming the short products when any has fewer units available than
-    /// asked (a product whose stock was never set counts as short).
+    /// asked (reason `INSUFFICIENT_STOCK`), or has no stock level at all
+    /// (reason `UNKNOWN_PRODUCT`, which wins when both happen).
     fn reserve(
         &self,
         id: &ReservationId,
@@ -68,9 +77,17 @@ pub trait InventoryStore: Send + Sync + 'static {
     fn release(&self, id: &ReservationId) -> impl Future<Output = Result<Reservation>> + Send;
 
     /// Turns a RESERVED reservation's units into sold units (they leave
-    /// `reserved`). Committing a COMMITTED one changes nothing; a RELEASED one
-    /// is FAILED_PRECONDITION; an unknown one NOT_FOUND.
+    /// `reserved`). Committing a COMMITTED one changes nothing; an EXPIRED one
+    /// takes its units from available stock again and is committed, or is
+    /// FAILED_PRECONDITION (`RESERVATION_EXPIRED`) when they are not all
+    /// there any more; a RELEASED one is FAILED_PRECONDITION; an unknown one
+    /// NOT_FOUND.
     fn commit(&self, id: &ReservationId) -> impl Future<Output = Result<Reservation>> + Send;
+
+    /// Releases up to `limit` RESERVED reservations whose `expires_at` is at
+    /// or before `now` (microseconds since the epoch), returning their units
+    /// to available stock and marking them EXPIRED; returns how many.
+    fn release_expired(&self, now: i64, limit: i64) -> impl Future<Output = Result<usize>> + Send;
 
     /// A reservation with its items; `None` when the id was never seen.
     fn get_reservation(
@@ -83,12 +100,19 @@ pub trait InventoryStore: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct SqlInventoryStore {
     db: Db,
+    /// How long a reservation holds its units unless committed, in
+    /// microseconds.
+    reservation_ttl: i64,
 }
 
 impl SqlInventoryStore {
-    /// A store on a migrated database.
-    pub fn new(db: Db) -> Self {
-        Self { db }
+    /// A store on a migrated database whose reservations expire
+    /// `reservation_ttl` after they are made unless committed.
+    pub fn new(db: Db, reservation_ttl: Duration) -> Self {
+        Self {
+            db,
+            reservation_ttl: i64::try_from(reservation_ttl.as_micros()).unwrap_or(i64::MAX),
+        }
     }
 }
 
@@ -151,18 +175,7 @@ impl InventoryStore for SqlInventoryStore {
                 let reservation = read_reservation(&mut tx, id).await?.ok_or_else(|| {
                     Error::new(ErrorKind::Internal, "released reservation vanished")
                 })?;
-                for (product_id, quantity) in reservation.items.iter() {
-                    let returned = sqlx::query(
-                        "UPDATE stock SET available = available + $1, reserved = reserved - $1, \
-                         updated_at = $2 WHERE product_id = $3",
-                    )
-                    .bind(quantity)
-                    .bind(now)
-                    .bind(product_id.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-                    expect_one_stock_row(returned.rows_affected(), product_id)?;
-                }
+                return_units(&mut tx, &reservation.items, now).await?;
                 tx.commit().await?;
                 tracing::info!(reservation_id = %id, "reservation released");
                 return Ok(reservation);
@@ -174,6 +187,30 @@ impl InventoryStore for SqlInventoryStore {
                 Some(existing) if existing.status == ReservationStatus::Reserved => {
                     tx.rollback().await?;
                 }
+                // Sold units coming back (the order was cancelled): they
+                // return to available stock, once.
+                Some(existing) if existing.status == ReservationStatus::Committed => {
+                    if mark_from(
+                        &mut tx,
+                        id,
+                        ReservationStatus::Committed,
+                        ReservationStatus::Released,
+                        now,
+                    )
+                    .await?
+                    {
+                        restock(&mut tx, &existing.items, now).await?;
+                        tx.commit().await?;
+                        tracing::info!(reservation_id = %id, "sold units returned to stock");
+                        return Ok(Reservation {
+                            status: ReservationStatus::Released,
+                            updated_at: now,
+                            ..existing
+                        });
+                    }
+                    // Returned by a concurrent release meanwhile: read again.
+                    tx.rollback().await?;
+                }
                 Some(existing) => {
                     tx.rollback().await?;
                     check_release_of(id, existing.status)?;
@@ -182,6 +219,7 @@ impl InventoryStore for SqlInventoryStore {
                 None => {
                     // Released before it was made: remember the id so that
                     // the reservation, arriving late, holds nothing.
+                    // No `expires_at`: a tombstone holds nothing to expire.
                     let inserted = sqlx::query(
                         "INSERT INTO reservations (reservation_id, status, created_at, \
                          updated_at) VALUES ($1, $2, $3, $3) \
@@ -201,6 +239,7 @@ impl InventoryStore for SqlInventoryStore {
                             status: ReservationStatus::Released,
                             created_at: now,
                             updated_at: now,
+                            expires_at: None,
                         });
                     }
                     // A concurrent ReserveStock inserted the id first (our
@@ -242,6 +281,13 @@ impl InventoryStore for SqlInventoryStore {
                 // Committed by a ReserveStock between our update and the
                 // read (see `release`): start over and commit it.
                 Some(existing) if existing.status == ReservationStatus::Reserved => {}
+                Some(existing) if existing.status == ReservationStatus::Expired => {
+                    if let Some(committed) = self.commit_expired(&existing).await? {
+                        return Ok(committed);
+                    }
+                    // Changed under us (committed by a concurrent commit):
+                    // start over and answer from what it is now.
+                }
                 Some(existing) => {
                     check_commit_of(id, Some(existing.status))?;
                     return Ok(existing);
@@ -250,6 +296,50 @@ impl InventoryStore for SqlInventoryStore {
             }
         }
         Err(changed_concurrently(id))
+    }
+
+    async fn release_expired(&self, now: i64, limit: i64) -> Result<usize> {
+        let due = sqlx::query(
+            "SELECT reservation_id FROM reservations \
+             WHERE status = $1 AND expires_at <= $2 ORDER BY expires_at LIMIT $3",
+        )
+        .bind(ReservationStatus::Reserved.as_str())
+        .bind(now)
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut released = 0;
+        for row in &due {
+            let raw: String = row.try_get("reservation_id")?;
+            let id = stored_reservation_id(&raw)?;
+            // One short transaction each: a long batch would hold stock rows
+            // that checkouts are waiting for.
+            let mut tx = self.db.begin_write().await?;
+            // The same guard as a release or a commit: whichever of them, or
+            // of several sweeping replicas, comes first moves the units.
+            let expired = sqlx::query(
+                "UPDATE reservations SET status = $1, expired_at = $2, updated_at = $2 \
+                 WHERE reservation_id = $3 AND status = $4 AND expires_at <= $2",
+            )
+            .bind(ReservationStatus::Expired.as_str())
+            .bind(now)
+            .bind(id.as_str())
+            .bind(ReservationStatus::Reserved.as_str())
+            .execute(&mut *tx)
+            .await?;
+            if expired.rows_affected() != 1 {
+                tx.rollback().await?;
+                continue;
+            }
+            let reservation = read_reservation(&mut tx, &id)
+                .await?
+                .ok_or_else(|| Error::new(ErrorKind::Internal, "expired reservation vanished"))?;
+            return_units(&mut tx, &reservation.items, now).await?;
+            tx.commit().await?;
+            tracing::info!(reservation_id = %id, "expired reservation released");
+            released += 1;
+        }
+        Ok(released)
     }
 
     async fn get_reservation(&self, id: &ReservationId) -> Result<Option<Reservation>> {
@@ -286,13 +376,15 @@ impl SqlInventoryStore {
         let now = now_micros();
         // Inserted first: an identical request racing this one blocks on
         // this row until we commit or roll back, then sees the outcome.
+        let expires_at = now.saturating_add(self.reservation_ttl);
         let inserted = sqlx::query(
-            "INSERT INTO reservations (reservation_id, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $3)",
+            "INSERT INTO reservations (reservation_id, status, created_at, updated_at, \
+             expires_at) VALUES ($1, $2, $3, $3, $4)",
         )
         .bind(id.as_str())
         .bind(ReservationStatus::Reserved.as_str())
         .bind(now)
+        .bind(expires_at)
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -303,7 +395,7 @@ impl SqlInventoryStore {
             }
             Err(err) => return Err(err.into()),
         }
-        let mut short = Vec::new();
+        let (mut short, mut unknown) = (Vec::new(), Vec::new());
         // Product id order (the items' own order) keeps lock order stable.
         for (product_id, quantity) in items.iter() {
             let taken = sqlx::query(
@@ -318,15 +410,16 @@ impl SqlInventoryStore {
             if taken.rows_affected() == 0 {
                 // Keep going so that the answer names every short product;
                 // everything is rolled back below anyway.
-                short.push(product_id.as_str());
+                if stock_exists(&mut tx, product_id).await? {
+                    short.push(product_id.as_str());
+                } else {
+                    unknown.push(product_id.as_str());
+                }
             }
         }
-        if !short.is_empty() {
+        if !short.is_empty() || !unknown.is_empty() {
             tx.rollback().await?;
-            return Err(Error::new(
-                ErrorKind::FailedPrecondition,
-                format!("insufficient stock for products {}", short.join(", ")),
-            ));
+            return Err(not_reservable(&short, &unknown));
         }
         for (product_id, quantity) in items.iter() {
             sqlx::query(
@@ -347,12 +440,141 @@ impl SqlInventoryStore {
             status: ReservationStatus::Reserved,
             created_at: now,
             updated_at: now,
+            expires_at: Some(expires_at),
+        }))
+    }
+
+    /// Commits an EXPIRED reservation by taking its units from available
+    /// stock again (straight to sold: they never re-enter `reserved`), all
+    /// or none. `None` when it was no longer EXPIRED (a concurrent commit
+    /// won); FAILED_PRECONDITION (`RESERVATION_EXPIRED`) naming the short
+    /// products when the units are not all there.
+    async fn commit_expired(&self, expired: &Reservation) -> Result<Option<Reservation>> {
+        let mut tx = self.db.begin_write().await?;
+        let now = now_micros();
+        let claimed = sqlx::query(
+            "UPDATE reservations SET status = $1, updated_at = $2 \
+             WHERE reservation_id = $3 AND status = $4 AND expired_at IS NOT NULL",
+        )
+        .bind(ReservationStatus::Committed.as_str())
+        .bind(now)
+        .bind(expired.id.as_str())
+        .bind(ReservationStatus::Expired.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let mut short = Vec::new();
+        for (product_id, quantity) in expired.items.iter() {
+            let sold = sqlx::query(
+                "UPDATE stock SET available = available - $1, updated_at = $2 \
+                 WHERE product_id = $3 AND available >= $1",
+            )
+            .bind(quantity)
+            .bind(now)
+            .bind(product_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+            if sold.rows_affected() == 0 {
+                short.push(product_id.as_str());
+            }
+        }
+        if !short.is_empty() {
+            tx.rollback().await?;
+            return Err(expired_and_short(&expired.id, &short));
+        }
+        tx.commit().await?;
+        tracing::info!(reservation_id = %expired.id, "expired reservation committed again");
+        Ok(Some(Reservation {
+            status: ReservationStatus::Committed,
+            updated_at: now,
+            ..expired.clone()
         }))
     }
 }
 
-const SELECT_RESERVATION: &str = "SELECT reservation_id, status, created_at, updated_at \
-     FROM reservations WHERE reservation_id = $1";
+/// Returns a reservation's units to available stock (a release or an
+/// expiry), inside the transaction that marked it.
+async fn return_units(
+    tx: &mut Transaction<'static, Any>,
+    items: &ReservationItems,
+    now: i64,
+) -> Result<()> {
+    for (product_id, quantity) in items.iter() {
+        let returned = sqlx::query(
+            "UPDATE stock SET available = available + $1, reserved = reserved - $1, \
+             updated_at = $2 WHERE product_id = $3",
+        )
+        .bind(quantity)
+        .bind(now)
+        .bind(product_id.as_str())
+        .execute(&mut **tx)
+        .await?;
+        expect_one_stock_row(returned.rows_affected(), product_id)?;
+    }
+    Ok(())
+}
+
+/// Puts sold `items` back into available stock (a cancelled sale).
+async fn restock(
+    tx: &mut Transaction<'static, Any>,
+    items: &ReservationItems,
+    now: i64,
+) -> Result<()> {
+    for (product_id, quantity) in items.iter() {
+        let returned = sqlx::query(
+            "UPDATE stock SET available = available + $1, updated_at = $2 WHERE product_id = $3",
+        )
+        .bind(quantity)
+        .bind(now)
+        .bind(product_id.as_str())
+        .execute(&mut **tx)
+        .await?;
+        expect_one_stock_row(returned.rows_affected(), product_id)?;
+    }
+    Ok(())
+}
+
+/// Whether a stock level was ever set for the product.
+async fn stock_exists(tx: &mut Transaction<'static, Any>, product_id: &ProductId) -> Result<bool> {
+    Ok(
+        sqlx::query("SELECT 1 AS found FROM stock WHERE product_id = $1")
+            .bind(product_id.as_str())
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some(),
+    )
+}
+
+/// FAILED_PRECONDITION for a reservation that cannot be made, naming the
+/// products short of stock and those inventory does not know. Unknown
+/// products decide the reason: waiting for stock will not help them.
+fn not_reservable(short: &[&str], unknown: &[&str]) -> Error {
+    let mut parts = Vec::new();
+    if !unknown.is_empty() {
+        parts.push(format!(
+            "no stock was ever set for products {}",
+            unknown.join(", ")
+        ));
+    }
+    if !short.is_empty() {
+        parts.push(format!(
+            "insufficient stock for products {}",
+            short.join(", ")
+        ));
+    }
+    let error = Error::new(ErrorKind::FailedPrecondition, parts.join("; "));
+    if unknown.is_empty() {
+        error.with_reason(reason::INSUFFICIENT_STOCK)
+    } else {
+        error.with_reason(reason::UNKNOWN_PRODUCT)
+    }
+}
+
+const SELECT_RESERVATION: &str = "SELECT reservation_id, status, created_at, updated_at, \
+     expires_at, expired_at FROM reservations WHERE reservation_id = $1";
 
 const SELECT_ITEMS: &str =
     "SELECT product_id, quantity FROM reservation_items WHERE reservation_id = $1";
@@ -366,6 +588,17 @@ async fn mark(
     to: ReservationStatus,
     now: i64,
 ) -> Result<bool> {
+    mark_from(tx, id, ReservationStatus::Reserved, to, now).await
+}
+
+/// Moves reservation `id` from `from` to `to`; whether it was `from`.
+async fn mark_from(
+    tx: &mut Transaction<'static, Any>,
+    id: &ReservationId,
+    from: ReservationStatus,
+    to: ReservationStatus,
+    now: i64,
+) -> Result<bool> {
     let updated = sqlx::query(
         "UPDATE reservations SET status = $1, updated_at = $2 \
          WHERE reservation_id = $3 AND status = $4",
@@ -373,7 +606,7 @@ async fn mark(
     .bind(to.as_str())
     .bind(now)
     .bind(id.as_str())
-    .bind(ReservationStatus::Reserved.as_str())
+    .bind(from.as_str())
     .execute(&mut **tx)
     .await?;
     Ok(updated.rows_affected() == 1)
@@ -436,28 +669,39 @@ fn stored_product_id(row: &AnyRow) -> Result<ProductId> {
     })
 }
 
+fn stored_reservation_id(raw: &str) -> Result<ReservationId> {
+    ReservationId::parse(raw).map_err(|reason| {
+        Error::new(
+            ErrorKind::Internal,
+            format!("stored reservation id {raw:?} {reason}"),
+        )
+    })
+}
+
 fn reservation_from_rows(row: &AnyRow, items: &[AnyRow]) -> Result<Reservation> {
     let id: String = row.try_get("reservation_id")?;
     let status: String = row.try_get("status")?;
+    let expired_at: Option<i64> = row.try_get("expired_at")?;
     let items = items
         .iter()
         .map(|item| Ok((stored_product_id(item)?, item.try_get("quantity")?)))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Reservation {
-        id: ReservationId::parse(&id).map_err(|reason| {
-            Error::new(
-                ErrorKind::Internal,
-                format!("stored reservation id {id:?} {reason}"),
-            )
-        })?,
-        items: ReservationItems::from_stored(items),
-        status: ReservationStatus::parse(&status).ok_or_else(|| {
-            Error::new(
+    let status = match ReservationStatus::parse(&status) {
+        Some(ReservationStatus::Released) if expired_at.is_some() => ReservationStatus::Expired,
+        Some(status) => status,
+        None => {
+            return Err(Error::new(
                 ErrorKind::Internal,
                 format!("unknown stored reservation status {status:?}"),
-            )
-        })?,
+            ));
+        }
+    };
+    Ok(Reservation {
+        id: stored_reservation_id(&id)?,
+        items: ReservationItems::from_stored(items),
+        status,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        expires_at: row.try_get("expires_at")?,
     })
 }

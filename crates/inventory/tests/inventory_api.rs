@@ -1,8 +1,12 @@
 //! The inventory service over real gRPC on loopback, against a fresh database.
 //! Every test runs twice: on PostgreSQL and on SQLite.
 
-use agora_platform::config::Secret;
+use std::time::Duration;
+
+use agora_inventory::domain::reason;
+use agora_platform::config::{Config, Secret};
 use agora_platform::db::Db;
+use agora_platform::error::reason_of;
 use agora_proto::inventory::v1 as pb;
 use agora_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use agora_testkit::bad_fields;
@@ -23,11 +27,17 @@ struct Harness {
 }
 
 async fn start(backend: Backend) -> anyhow::Result<Harness> {
-    let env = TestEnv::new(backend).await?;
+    start_with(backend, |_| {}).await
+}
+
+/// A harness whose configuration `adjust` changed first.
+async fn start_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> anyhow::Result<Harness> {
+    let mut env = TestEnv::new(backend).await?;
+    adjust(&mut env.config);
     let server = TestServer::start(vec![agora_inventory::hosted(&env.config).await?]).await?;
     let client = InventoryServiceClient::new(server.channel()?);
     let admin = env.admin_token()?;
-    let service = env.service_token("orders")?;
+    let service = env.service_token("orders", "inventory")?;
     Ok(Harness {
         env,
         server,
@@ -338,6 +348,10 @@ async fn reserve_moves_units_and_merges_duplicates(backend: Backend) -> anyhow::
         .await
         .expect_err("sold out");
     assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some(reason::INSUFFICIENT_STOCK)
+    );
     assert!(status.message().contains(&a), "{status:?}");
     h.server.stop().await
 }
@@ -360,6 +374,29 @@ async fn reserve_is_all_or_nothing(backend: Backend) -> anyhow::Result<()> {
     assert!(status.message().contains(&scarce), "{status:?}");
     assert!(status.message().contains(&unknown), "{status:?}");
     assert!(!status.message().contains(&plenty), "{status:?}");
+    // Waiting for stock will not help a product inventory does not know:
+    // that decides the reason.
+    assert_eq!(reason_of(&status).as_deref(), Some(reason::UNKNOWN_PRODUCT));
+    let status = h
+        .reserve("saga-2", vec![item(&unknown, 1)])
+        .await
+        .expect_err("unknown only");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::FailedPrecondition, Some(reason::UNKNOWN_PRODUCT))
+    );
+    let status = h
+        .reserve("saga-2", vec![item(&scarce, 3)])
+        .await
+        .expect_err("short only");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::FailedPrecondition, Some(reason::INSUFFICIENT_STOCK))
+    );
+    assert_eq!(
+        status.message(),
+        format!("insufficient stock for products {scarce}")
+    );
     // Every stock level is untouched, including the one that had enough.
     assert_eq!(h.stock(&plenty).await?, (100, 0));
     assert_eq!(h.stock(&scarce).await?, (2, 0));
@@ -520,14 +557,24 @@ async fn release_returns_units_once(backend: Backend) -> anyhow::Result<()> {
     // A released reservation cannot be committed.
     let status = h.commit("saga-1").await.expect_err("released");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some(reason::RESERVATION_RELEASED)
+    );
     assert_eq!(h.stock(&b).await?, (10, 0));
 
-    // A committed reservation cannot be released: the units are sold.
+    // Releasing a committed reservation (a cancelled order) returns its sold
+    // units to stock, once.
     h.reserve("saga-2", vec![item(&a, 3)]).await?;
     h.commit("saga-2").await?;
-    let status = h.release("saga-2").await.expect_err("committed");
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_eq!(h.stock(&a).await?, (7, 0));
+    h.release("saga-2").await?;
+    assert_eq!(h.stock(&a).await?, (10, 0));
+    h.release("saga-2").await?;
+    assert_eq!(h.stock(&a).await?, (10, 0));
+    // It cannot be committed again.
+    let status = h.commit("saga-2").await.expect_err("returned");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     h.server.stop().await
 }
 
@@ -596,6 +643,10 @@ async fn release_before_reserve_leaves_a_tombstone(backend: Backend) -> anyhow::
         .await
         .expect_err("tombstone");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some(reason::RESERVATION_RELEASED)
+    );
     assert_eq!(h.stock(&product).await?, (10, 0));
     // The tombstone behaves as a released reservation.
     h.release("saga-1").await?;
@@ -802,6 +853,141 @@ async fn health_reports_the_service_serving(backend: Backend) -> anyhow::Result<
     h.server.stop().await
 }
 
+/// Reservations that expire after one second, swept every 100 ms.
+fn short_lived_reservations(config: &mut Config) {
+    config.checkout.reservation_ttl_secs = 1;
+    config.checkout.sweep_interval_ms = 100;
+}
+
+impl Harness {
+    /// Waits (up to 10 s) until `product`'s stock is `want`.
+    async fn await_stock(&mut self, product: &str, want: (i64, i64)) -> anyhow::Result<()> {
+        let mut seen = self.stock(product).await?;
+        for _ in 0..100 {
+            if seen == want {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            seen = self.stock(product).await?;
+        }
+        anyhow::bail!("stock of {product} is {seen:?}, expected {want:?}")
+    }
+}
+
+/// An uncommitted reservation past its lifetime is released by the sweeper
+/// and its units come back; a committed one never expires.
+async fn uncommitted_reservations_expire(backend: Backend) -> anyhow::Result<()> {
+    let mut h = start_with(backend, short_lived_reservations).await?;
+    let (a, b) = (new_product(), new_product());
+    h.set_stock(&a, 10).await?;
+    h.set_stock(&b, 10).await?;
+    let made = h
+        .reserve("saga-open", vec![item(&a, 3), item(&b, 1)])
+        .await?;
+    h.reserve("saga-sold", vec![item(&a, 2)]).await?;
+    h.commit("saga-sold").await?;
+    assert_eq!(h.stock(&a).await?, (5, 3));
+
+    h.await_stock(&a, (8, 0)).await?;
+    assert_eq!(h.stock(&b).await?, (10, 0));
+    // Well past the lifetime of both, the committed units stay sold.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.stock(&a).await?, (8, 0));
+    h.commit("saga-sold").await?;
+
+    // The expired reservation answers as released: a retried ReserveStock
+    // gets it (taking nothing), a release is a no-op.
+    let retried = h
+        .reserve("saga-open", vec![item(&a, 3), item(&b, 1)])
+        .await?;
+    assert_eq!(retried.status(), pb::ReservationStatus::Released);
+    assert_eq!(retried.created_at, made.created_at);
+    h.release("saga-open").await?;
+    assert_eq!(h.stock(&a).await?, (8, 0));
+    assert_eq!(h.stock(&b).await?, (10, 0));
+    h.server.stop().await
+}
+
+/// A commit that arrives after its reservation expired takes the units
+/// again when they are there, and is RESERVATION_EXPIRED when they are not;
+/// a reservation released on request stays released.
+async fn commit_after_expiry_reserves_again_or_fails(backend: Backend) -> anyhow::Result<()> {
+    let mut h = start_with(backend, short_lived_reservations).await?;
+    let product = new_product();
+    h.set_stock(&product, 5).await?;
+
+    h.reserve("saga-late", vec![item(&product, 3)]).await?;
+    h.await_stock(&product, (5, 0)).await?;
+    h.commit("saga-late").await?;
+    assert_eq!(h.stock(&product).await?, (2, 0));
+    // Committed now: idempotent, and it does not expire again.
+    h.commit("saga-late").await?;
+    let committed = h.reserve("saga-late", vec![item(&product, 3)]).await?;
+    assert_eq!(committed.status(), pb::ReservationStatus::Committed);
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(h.stock(&product).await?, (2, 0));
+
+    // Expired, and the stock went to someone else meanwhile.
+    h.reserve("saga-too-late", vec![item(&product, 2)]).await?;
+    h.await_stock(&product, (2, 0)).await?;
+    h.set_stock(&product, 1).await?;
+    for _ in 0..2 {
+        let status = h.commit("saga-too-late").await.expect_err("short");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(
+            reason_of(&status).as_deref(),
+            Some(reason::RESERVATION_EXPIRED)
+        );
+        assert!(status.message().contains(&product), "{status:?}");
+        assert_eq!(h.stock(&product).await?, (1, 0));
+    }
+    // The saga then compensates: releasing it is fine.
+    h.release("saga-too-late").await?;
+    assert_eq!(h.stock(&product).await?, (1, 0));
+
+    // Released on request (not expired): never committed, stock or not.
+    h.set_stock(&product, 10).await?;
+    h.reserve("saga-released", vec![item(&product, 1)]).await?;
+    h.release("saga-released").await?;
+    let status = h.commit("saga-released").await.expect_err("released");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::FailedPrecondition, Some(reason::RESERVATION_RELEASED))
+    );
+    assert_eq!(h.stock(&product).await?, (10, 0));
+    h.server.stop().await
+}
+
+/// Two replicas sweeping one database, with commits racing the expiry:
+/// every unit is returned or sold exactly once.
+async fn replicas_expire_each_reservation_once(backend: Backend) -> anyhow::Result<()> {
+    let mut h = start_with(backend, short_lived_reservations).await?;
+    let replica = TestServer::start(vec![agora_inventory::hosted(&h.env.config).await?]).await?;
+    let product = new_product();
+    h.set_stock(&product, 40).await?;
+    for n in 0..40 {
+        h.reserve(&format!("saga-{n}"), vec![item(&product, 1)])
+            .await?;
+    }
+    assert_eq!(h.stock(&product).await?, (0, 40));
+    // Commits racing the sweepers, just as the reservations expire.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let committers: Vec<_> = (0..10)
+        .map(|n| {
+            let mut client = h.client.clone();
+            let request = with_token(commit_request(&format!("saga-{n}")), &h.service);
+            tokio::spawn(async move { client.commit_reservation(request).await })
+        })
+        .collect();
+    for committer in committers {
+        // Committed before or after its expiry: either way its unit is sold.
+        committer.await??;
+    }
+    h.await_stock(&product, (30, 0)).await?;
+    replica.stop().await?;
+    h.server.stop().await
+}
+
 backend_tests!(
     stock_is_set_by_admins_and_read_by_anyone,
     set_stock_is_for_admins_only,
@@ -819,4 +1005,7 @@ backend_tests!(
     oversized_and_garbage_input_is_refused,
     the_schema_refuses_negative_stock,
     health_reports_the_service_serving,
+    uncommitted_reservations_expire,
+    commit_after_expiry_reserves_again_or_fails,
+    replicas_expire_each_reservation_once,
 );

@@ -69,7 +69,7 @@ pub async fn build(config: &Config) -> anyhow::Result<(HostedService, Notifier)>
     let mailer = mailer::mailer_from_config(config)?;
     let db = Db::connect_and_migrate(&config.database_url("notifications"), MIGRATIONS).await?;
     let events = ServiceEvents::start(config, &db, "notifications").await?;
-    let verifier = TokenVerifier::from_config(&config.auth)?;
+    let verifier = TokenVerifier::for_service(&config.auth, "notifications")?;
     let store = store::SqlNotificationStore::new(db.clone());
     let notifier = Notifier::new(store.clone(), mailer, from);
     let api = grpc::NotificationApi::new(store, verifier);

@@ -710,7 +710,7 @@ async fn listing_access_per_caller(backend: Backend) -> anyhow::Result<()> {
     assert_eq!(bad_fields(&status), ["recipient"]);
 
     // Services have no business here.
-    let service = h.env.service_token("orders")?;
+    let service = h.env.service_token("orders", "notifications")?;
     let status = list(&mut h, &service, "ada@example.com")
         .await
         .expect_err("service");

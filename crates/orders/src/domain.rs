@@ -122,6 +122,9 @@ pub struct Order {
     pub status: OrderStatus,
     /// Why it failed or was cancelled; empty otherwise.
     pub failure_reason: String,
+    /// The stable code of `failure_reason` (`CARD_DECLINED` ...); empty
+    /// otherwise.
+    pub failure_code: String,
     /// Creation time, microseconds since the epoch.
     pub created_at: i64,
     /// Time of the last status change (or creation), microseconds since the
@@ -214,7 +217,7 @@ impl NewOrder {
 }
 
 /// Request and product ids: non-empty, bounded, printable.
-fn check_identifier(raw: &str) -> std::result::Result<(), String> {
+pub(crate) fn check_identifier(raw: &str) -> std::result::Result<(), String> {
     if raw.trim().is_empty() {
         return Err("must not be empty".to_owned());
     }

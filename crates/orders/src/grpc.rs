@@ -1,7 +1,6 @@
 //! `agora.orders.v1.OrderService` over an [`OrderStore`]: decides who may see
 //! which order, validates requests, streams order changes and maps orders to
-//! protobuf. Placing and cancelling orders (the checkout saga) are not built
-//! yet and answer UNIMPLEMENTED.
+//! protobuf. Placing and cancelling orders go to the [`Checkout`] saga.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,6 +15,7 @@ use agora_proto::orders::v1::order_service_server::OrderService;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
+use crate::checkout::{Checkout, PlaceOrder};
 use crate::domain::{Order, OrderItem, OrderStatus, parse_order_id};
 use crate::store::OrderStore;
 use crate::watch::{RECHECK_INTERVAL, watch_order};
@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 /// The gRPC service.
 pub struct OrderApi<S> {
     store: Arc<S>,
+    /// Runs PlaceOrder and CancelOrder.
+    checkout: Checkout,
     verifier: TokenVerifier,
     /// How often each watch re-reads its order without a notice.
     recheck: Duration,
@@ -35,9 +37,10 @@ impl<S: OrderStore> OrderApi<S> {
     /// The service over `store`, checking callers with `verifier`. Watches
     /// follow the store's notifier, so writes through any clone of `store`
     /// reach them at once.
-    pub fn new(store: S, verifier: TokenVerifier) -> Self {
+    pub fn new(store: S, checkout: Checkout, verifier: TokenVerifier) -> Self {
         Self {
             store: Arc::new(store),
+            checkout,
             verifier,
             recheck: RECHECK_INTERVAL,
             drain: CancellationToken::new(),
@@ -85,9 +88,15 @@ pub type WatchOrderStream =
 impl<S: OrderStore> OrderService for OrderApi<S> {
     async fn place_order(
         &self,
-        _request: Request<pb::PlaceOrderRequest>,
+        request: Request<pb::PlaceOrderRequest>,
     ) -> Result<Response<pb::PlaceOrderResponse>, Status> {
-        Err(Status::unimplemented("checkout is not available yet"))
+        let caller = self.caller(&request)?;
+        let user_id = require_user(&caller)?;
+        let command = PlaceOrder::parse(request.into_inner())?;
+        let order = self.checkout.place(user_id, command).await?;
+        Ok(Response::new(pb::PlaceOrderResponse {
+            order: Some(to_proto(&order)),
+        }))
     }
 
     async fn get_order(
@@ -134,11 +143,15 @@ impl<S: OrderStore> OrderService for OrderApi<S> {
 
     async fn cancel_order(
         &self,
-        _request: Request<pb::CancelOrderRequest>,
+        request: Request<pb::CancelOrderRequest>,
     ) -> Result<Response<pb::CancelOrderResponse>, Status> {
-        Err(Status::unimplemented(
-            "cancelling orders is not available yet",
-        ))
+        let caller = self.caller(&request)?;
+        require_user(&caller)?;
+        let id = parse_id(&request.get_ref().id)?;
+        let order = self.checkout.cancel(&caller, &id).await?;
+        Ok(Response::new(pb::CancelOrderResponse {
+            order: Some(to_proto(&order)),
+        }))
     }
 
     type WatchOrderStream = WatchOrderStream;
@@ -195,6 +208,7 @@ pub fn to_proto(order: &Order) -> pb::Order {
         total: Some(order.total.to_proto()),
         status: status_to_proto(order.status) as i32,
         failure_reason: order.failure_reason.clone(),
+        failure_code: order.failure_code.clone(),
         created_at: Some(micros_to_timestamp(order.created_at)),
         updated_at: Some(micros_to_timestamp(order.updated_at)),
     }

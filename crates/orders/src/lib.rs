@@ -1,14 +1,22 @@
-//! The orders service: order storage, queries and live order updates.
+//! The orders service: the checkout saga, order storage, queries and live
+//! order updates.
 //!
-//! An order is created PENDING by the checkout (idempotently per user and
-//! client request id), then moves PENDING -> COMPLETED | FAILED and
-//! COMPLETED -> CANCELLED; the store refuses every other move. Users read
-//! their own orders (`GetOrder`, `ListOrders`; admins may read any one) and
-//! follow one live with `WatchOrder`, which streams each status change and
-//! ends once the checkout is over. The checkout saga itself (`PlaceOrder`,
-//! `CancelOrder`) is not built yet: both answer UNIMPLEMENTED.
+//! `PlaceOrder` creates a PENDING order (idempotently per user and client
+//! request id) and runs its checkout saga across inventory and payments
+//! (reserve, charge, confirm, commit; compensation in reverse), which moves
+//! the order PENDING -> COMPLETED | FAILED; `CancelOrder` moves COMPLETED ->
+//! CANCELLED with a refund and restock. The store refuses every other move.
+//! Users read their own orders (`GetOrder`, `ListOrders`; admins may read
+//! any one) and follow one live with `WatchOrder`, which streams each status
+//! change and ends once the checkout is over.
 //!
 //! # Layout
+//! - [`checkout`]: the saga orchestrator: pricing, driving steps, leases,
+//!   resuming dead replicas' sagas, PlaceOrder's wait.
+//! - [`saga`]: the saga's steps, the stable failure reasons, how a call's
+//!   status is classified.
+//! - [`saga_store`]: sagas and their step history, with optimistic versions
+//!   and leases.
 //! - [`domain`]: the order, its status lifecycle, and the validated
 //!   [`domain::NewOrder`] an order is made from.
 //! - [`store`]: the [`store::OrderStore`] trait and its SQL implementation
@@ -22,13 +30,17 @@
 #![forbid(unsafe_code)]
 
 pub mod changes;
+pub mod checkout;
 pub mod domain;
 pub mod grpc;
+pub mod saga;
+pub mod saga_store;
 pub mod store;
 pub mod watch;
 
-use agora_platform::auth::TokenVerifier;
-use agora_platform::config::Config;
+use agora_platform::auth::{ServiceTokenSigner, TokenVerifier};
+use agora_platform_client::{CallPolicy, Clients, Credentials, Discovery};
+use agora_platform::config::{Config, DiscoveryMode};
 use agora_platform::db::{Db, Migrations};
 use agora_platform::server::HostedService;
 use agora_platform_events::ServiceEvents;
@@ -42,25 +54,100 @@ pub const MIGRATIONS: Migrations = Migrations {
 };
 
 /// Connects to the orders database (migrating it) and returns the service
-/// ready to host, with its database as health check, together with a handle
-/// on the very store the service uses: transitions made through it (by the
-/// checkout, or by tests) reach the service's watchers at once.
-pub async fn build(config: &Config) -> anyhow::Result<(HostedService, store::SqlOrderStore)> {
+/// ready to host, with its database as health check, the saga resumer and
+/// the outbox relay as workers, together with handles on its store and its
+/// checkout orchestrator.
+pub async fn build(config: &Config) -> anyhow::Result<Orders> {
     let db = Db::connect_and_migrate(&config.database_url("orders"), MIGRATIONS).await?;
     let events = ServiceEvents::start(config, &db, "orders").await?;
-    let verifier = TokenVerifier::from_config(&config.auth)?;
+    let verifier = TokenVerifier::for_service(&config.auth, "orders")?;
     let store = store::SqlOrderStore::new(events.outbox.clone());
+    let checkout = checkout::Checkout::new(store.clone(), backends(config, &events)?, &config.checkout);
     // Open WatchOrder streams end when the server begins to shut down,
     // rather than holding its drain until the timeout.
     let drain = tokio_util::sync::CancellationToken::new();
-    let api = grpc::OrderApi::new(store.clone(), verifier).with_drain_signal(drain.clone());
+    let api = grpc::OrderApi::new(store.clone(), checkout.clone(), verifier)
+        .with_drain_signal(drain.clone());
+    let resume_every = std::time::Duration::from_millis((config.checkout.lease_ms / 4).max(100));
     let hosted = HostedService::new(SERVICE_NAME, OrderServiceServer::new(api))
         .with_check(db)
-        .with_drain_signal(drain);
-    Ok((events.attach(hosted), store))
+        .with_drain_signal(drain)
+        .with_worker("saga-resumer", {
+            let checkout = checkout.clone();
+            move |stop| resume_sagas(checkout, resume_every, stop)
+        });
+    Ok(Orders {
+        hosted: events.attach(hosted),
+        store,
+        checkout,
+    })
+}
+
+/// The orders service ready to host, with handles on what it runs.
+#[allow(missing_debug_implementations)] // HostedService holds boxed services.
+pub struct Orders {
+    /// The service, its health checks and workers (relay, saga resumer).
+    pub hosted: HostedService,
+    /// The very store the service uses: transitions made through it reach
+    /// the service's watchers at once.
+    pub store: store::SqlOrderStore,
+    /// The checkout orchestrator the service runs (and its clients).
+    pub checkout: checkout::Checkout,
+}
+
+/// Clients of inventory, payments and catalog through the platform's client
+/// stack, authenticated as `orders`. Every call the saga makes is idempotent
+/// (keyed by saga id and step), so all of them may be retried.
+fn backends(config: &Config, events: &ServiceEvents) -> anyhow::Result<checkout::Backends> {
+    let signer = ServiceTokenSigner::from_config(config, "orders")?;
+    let credentials: Credentials =
+        std::sync::Arc::new(move |audience: &str| signer.token_for(audience));
+    let discovery = match config.clients.discovery {
+        DiscoveryMode::Static => Discovery::Static,
+        DiscoveryMode::Nats => Discovery::Nats(events.bus.client().clone()),
+    };
+    let clients = Clients::new(config, "orders", discovery, credentials)?;
+    let idempotent = |service: &str, methods: &[&str]| {
+        CallPolicy::idempotent_methods(methods.iter().map(|method| format!("/{service}/{method}")))
+    };
+    Ok(checkout::Backends {
+        inventory: clients.channel(
+            "inventory",
+            idempotent(
+                agora_proto::inventory::v1::SERVICE_NAME,
+                &["ReserveStock", "ReleaseReservation", "CommitReservation"],
+            ),
+        )?,
+        payments: clients.channel(
+            "payments",
+            idempotent(agora_proto::payments::v1::SERVICE_NAME, &["Charge", "Refund"]),
+        )?,
+        catalog: clients.channel(
+            "catalog",
+            idempotent(agora_proto::catalog::v1::SERVICE_NAME, &["GetProduct"]),
+        )?,
+    })
+}
+
+/// Takes over the sagas of dead replicas (and, after a restart, this one's
+/// own) every `every`, until `stop`.
+async fn resume_sagas(
+    checkout: checkout::Checkout,
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        if let Err(err) = checkout.resume_expired().await {
+            tracing::warn!(error = %err, "cannot scan for sagas to resume");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 /// The service ready to host (see [`build`]).
 pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
-    Ok(build(config).await?.0)
+    Ok(build(config).await?.hosted)
 }

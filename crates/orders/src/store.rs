@@ -106,8 +106,8 @@ impl SqlOrderStore {
 macro_rules! select_orders {
     ($source:literal, $tail:literal) => {
         concat!(
-            "SELECT o.id, o.user_id, o.request_id, o.status, o.failure_reason, o.currency, \
-             o.total_minor, o.created_at, o.updated_at, \
+            "SELECT o.id, o.user_id, o.request_id, o.status, o.failure_reason, o.failure_code, \
+             o.currency, o.total_minor, o.created_at, o.updated_at, \
              i.product_id, i.quantity, i.unit_price_minor FROM ",
             $source,
             " o LEFT JOIN order_items i ON i.order_id = o.id ",
@@ -120,8 +120,8 @@ macro_rules! select_orders {
 /// items can never be missing because of a concurrent insert. Without a cursor
 /// the caller binds `(i64::MAX, "")`, which every row comes before.
 const LIST_FOR_USER: &str = select_orders!(
-    "(SELECT id, user_id, request_id, status, failure_reason, currency, total_minor, \
-     created_at, updated_at FROM orders WHERE user_id = $1 \
+    "(SELECT id, user_id, request_id, status, failure_reason, failure_code, currency, \
+     total_minor, created_at, updated_at FROM orders WHERE user_id = $1 \
      AND (created_at < $2 OR (created_at = $2 AND id < $3)) \
      ORDER BY created_at DESC, id DESC LIMIT $4)",
     "ORDER BY o.created_at DESC, o.id DESC, i.line"
@@ -134,12 +134,30 @@ const GET_BY_REQUEST: &str = select_orders!(
     "WHERE o.user_id = $1 AND o.request_id = $2 ORDER BY i.line"
 );
 
-impl OrderStore for SqlOrderStore {
-    async fn create(&self, new: NewOrder) -> Result<Order> {
+impl SqlOrderStore {
+    /// The outbox the store records its events in (the saga writes through
+    /// it too, so that a saga step and its order change commit together).
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// The user's order placed with `request_id`, if any.
+    pub async fn find_by_request(&self, user_id: &str, request_id: &str) -> Result<Option<Order>> {
+        find_by_request(self.db.pool(), user_id, request_id).await
+    }
+
+    /// [`OrderStore::create`], also starting the order's checkout saga in the
+    /// same transaction when `saga` is given. Returns the order and whether
+    /// this call created it (`false`: the request id was used before).
+    pub(crate) async fn create_order(
+        &self,
+        new: NewOrder,
+        saga: Option<&crate::saga_store::SagaStart>,
+    ) -> Result<(Order, bool)> {
         let total = new.validate()?;
         let mut work = self.outbox.begin().await?;
         if let Some(existing) = find_by_request(work.tx(), &new.user_id, &new.request_id).await? {
-            return Ok(existing);
+            return Ok((existing, false));
         }
         let now = now_micros();
         let order = Order {
@@ -150,11 +168,15 @@ impl OrderStore for SqlOrderStore {
             total,
             status: OrderStatus::Pending,
             failure_reason: String::new(),
+            failure_code: String::new(),
             created_at: now,
             updated_at: now,
         };
         match insert_order(&mut work, &order).await {
             Ok(()) => {
+                if let Some(saga) = saga {
+                    crate::saga_store::insert_saga(&mut work, &order.id, saga, now).await?;
+                }
                 work.record(&pb::OrderPlaced {
                     order_id: order.id.clone(),
                     user_id: order.user_id.clone(),
@@ -165,20 +187,27 @@ impl OrderStore for SqlOrderStore {
                 })
                 .await?;
                 work.commit().await?;
-                Ok(order)
+                Ok((order, true))
             }
             // PostgreSQL: a concurrent create with the same request id
             // committed between our check and our insert. It made the order.
             Err(err) if is_unique_violation(&err) => {
                 work.rollback().await?;
-                find_by_request(self.db.pool(), &order.user_id, &order.request_id)
+                let existing = find_by_request(self.db.pool(), &order.user_id, &order.request_id)
                     .await?
                     .ok_or_else(|| {
                         Error::new(ErrorKind::Conflict, "order was created concurrently: retry")
-                    })
+                    })?;
+                Ok((existing, false))
             }
             Err(err) => Err(err.into()),
         }
+    }
+}
+
+impl OrderStore for SqlOrderStore {
+    async fn create(&self, new: NewOrder) -> Result<Order> {
+        Ok(self.create_order(new, None).await?.0)
     }
 
     async fn get(&self, id: &str) -> Result<Option<Order>> {
@@ -218,50 +247,16 @@ impl OrderStore for SqlOrderStore {
     async fn transition(&self, id: &str, to: OrderStatus, reason: &str) -> Result<Order> {
         for _ in 0..TRANSITION_ATTEMPTS {
             let mut work = self.outbox.begin().await?;
-            let rows = sqlx::query(GET_BY_ID).bind(id).fetch_all(work.tx()).await?;
-            let current = orders_from_rows(&rows)?
-                .into_iter()
-                .next()
-                .ok_or_else(|| Error::not_found(format_args!("order {id}")))?;
-            if current.status == to {
-                return Ok(current);
+            match move_order(&mut work, id, to, &Failure::new("", reason)).await? {
+                Moved::Changed(next) => {
+                    work.commit().await?;
+                    self.changes.notify(&next.id);
+                    return Ok(next);
+                }
+                Moved::Already(current) => return Ok(current),
+                // Another writer moved the order after we read it: read again.
+                Moved::Raced => {}
             }
-            if !current.status.can_become(to) {
-                return Err(Error::new(
-                    ErrorKind::FailedPrecondition,
-                    format!("order {id} is {} and cannot become {to}", current.status),
-                ));
-            }
-            let next = Order {
-                status: to,
-                failure_reason: if to.has_reason() {
-                    failure_reason(reason)
-                } else {
-                    String::new()
-                },
-                // Strictly later than the last change even if the clock is
-                // coarse or stepped back: watchers compare it.
-                updated_at: now_micros().max(current.updated_at.saturating_add(1)),
-                ..current.clone()
-            };
-            let version: Option<i64> = sqlx::query_scalar(
-                "UPDATE orders SET status = $1, failure_reason = $2, updated_at = $3, \
-                 version = version + 1 WHERE id = $4 AND status = $5 RETURNING version",
-            )
-            .bind(next.status.as_str())
-            .bind(&next.failure_reason)
-            .bind(next.updated_at)
-            .bind(&next.id)
-            .bind(current.status.as_str())
-            .fetch_optional(work.tx())
-            .await?;
-            if let Some(version) = version {
-                record_status_change(&mut work, &next, version).await?;
-                work.commit().await?;
-                self.changes.notify(&next.id);
-                return Ok(next);
-            }
-            // Another writer moved the order after we read it: read again.
         }
         Err(Error::new(
             ErrorKind::Conflict,
@@ -274,7 +269,97 @@ impl OrderStore for SqlOrderStore {
     }
 }
 
-async fn find_by_request<'c>(
+/// Why an order failed or was cancelled: a stable code for programs and a
+/// message for people (both empty for COMPLETED).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Failure {
+    /// `CARD_DECLINED`, `INSUFFICIENT_STOCK` ...
+    pub code: String,
+    /// What a customer reads.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure with `code` and `message`.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What [`move_order`] did.
+pub(crate) enum Moved {
+    /// The order moved; the transaction holds the change and its event.
+    Changed(Order),
+    /// The order already had the status: nothing was written.
+    Already(Order),
+    /// Another writer moved the order between the read and the write.
+    Raced,
+}
+
+/// Moves order `id` to `to` inside `work` (with its event), keeping
+/// `failure` when the new status carries a reason. The caller commits, then
+/// notifies the watchers. NOT_FOUND for an unknown order,
+/// FAILED_PRECONDITION for a move the lifecycle does not allow.
+pub(crate) async fn move_order(
+    work: &mut UnitOfWork,
+    id: &str,
+    to: OrderStatus,
+    failure: &Failure,
+) -> Result<Moved> {
+    let rows = sqlx::query(GET_BY_ID).bind(id).fetch_all(work.tx()).await?;
+    let current = orders_from_rows(&rows)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::not_found(format_args!("order {id}")))?;
+    if current.status == to {
+        return Ok(Moved::Already(current));
+    }
+    if !current.status.can_become(to) {
+        return Err(Error::new(
+            ErrorKind::FailedPrecondition,
+            format!("order {id} is {} and cannot become {to}", current.status),
+        ));
+    }
+    let (failure_reason, failure_code) = if to.has_reason() {
+        (failure_reason(&failure.message), failure.code.clone())
+    } else {
+        (String::new(), String::new())
+    };
+    let next = Order {
+        status: to,
+        failure_reason,
+        failure_code,
+        // Strictly later than the last change even if the clock is coarse
+        // or stepped back: watchers compare it.
+        updated_at: now_micros().max(current.updated_at.saturating_add(1)),
+        ..current.clone()
+    };
+    let version: Option<i64> = sqlx::query_scalar(
+        "UPDATE orders SET status = $1, failure_reason = $2, failure_code = $3, \
+         updated_at = $4, version = version + 1 WHERE id = $5 AND status = $6 \
+         RETURNING version",
+    )
+    .bind(next.status.as_str())
+    .bind(&next.failure_reason)
+    .bind(&next.failure_code)
+    .bind(next.updated_at)
+    .bind(&next.id)
+    .bind(current.status.as_str())
+    .fetch_optional(work.tx())
+    .await?;
+    match version {
+        Some(version) => {
+            record_status_change(work, &next, version).await?;
+            Ok(Moved::Changed(next))
+        }
+        None => Ok(Moved::Raced),
+    }
+}
+
+pub(crate) async fn find_by_request<'c>(
     executor: impl sqlx::Executor<'c, Database = Any>,
     user_id: &str,
     request_id: &str,
@@ -317,6 +402,7 @@ async fn record_status_change(work: &mut UnitOfWork, order: &Order, version: i64
                 user_id,
                 reason: order.failure_reason.clone(),
                 version,
+                code: order.failure_code.clone(),
             })
             .await?
         }
@@ -413,6 +499,7 @@ fn order_from_row(row: &AnyRow, id: String) -> Result<Order> {
             )
         })?,
         failure_reason: row.try_get("failure_reason")?,
+        failure_code: row.try_get("failure_code")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })

@@ -2,8 +2,9 @@
 //! Every test runs twice: on PostgreSQL and on SQLite.
 //!
 //! Orders are created and moved through the same store the running service
-//! uses (`agora_orders::build`), as the checkout saga will do, so watchers
-//! see those changes through the shared notifier.
+//! uses (`agora_orders::build`), as the checkout saga does, so watchers see
+//! those changes through the shared notifier. The checkout itself, across
+//! inventory and payments, is tested in `crates/agora/tests/checkout.rs`.
 
 use agora_testkit::bad_fields;
 use agora_testkit::with_token;
@@ -38,7 +39,7 @@ struct Harness {
 
 async fn start(backend: Backend) -> anyhow::Result<Harness> {
     let env = TestEnv::new(backend).await?;
-    let (hosted, store) = agora_orders::build(&env.config).await?;
+    let agora_orders::Orders { hosted, store, .. } = agora_orders::build(&env.config).await?;
     let server = TestServer::start(vec![hosted]).await?;
     let client = OrderServiceClient::new(server.channel()?);
     Ok(Harness {
@@ -451,7 +452,7 @@ async fn watch_is_for_the_owner_only(backend: Backend) -> anyhow::Result<()> {
         refused(h.client.watch_order(watch(&order.id, &admin)).await),
         Code::NotFound
     );
-    let service = h.env.service_token("gateway")?;
+    let service = h.env.service_token("payments", "orders")?;
     assert_eq!(
         refused(h.client.watch_order(watch(&order.id, &service)).await),
         Code::PermissionDenied
@@ -686,9 +687,12 @@ async fn open_watches_end_when_the_server_shuts_down(backend: Backend) -> anyhow
     Ok(())
 }
 
-async fn checkout_and_cancel_are_unimplemented(backend: Backend) -> anyhow::Result<()> {
+async fn checkout_and_cancel_check_the_caller_before_anything_else(
+    backend: Backend,
+) -> anyhow::Result<()> {
     let mut h = start(backend).await?;
     let ada = shopper(&h.env, "ada@example.com")?;
+    let grace = shopper(&h.env, "grace@example.com")?;
     let order = place(&h.store, &ada.id).await?;
     let place_request = pb::PlaceOrderRequest {
         request_id: "r1".into(),
@@ -700,29 +704,39 @@ async fn checkout_and_cancel_are_unimplemented(backend: Backend) -> anyhow::Resu
     };
     let status = h
         .client
-        .place_order(with_token(place_request.clone(), &ada.token))
-        .await
-        .expect_err("not built yet");
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("not available yet"));
-    let status = h
-        .client
-        .place_order(place_request)
+        .place_order(place_request.clone())
         .await
         .expect_err("anonymous");
-    assert_eq!(status.code(), Code::Unimplemented);
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let service = h.env.service_token("inventory", "orders")?;
     let status = h
         .client
-        .cancel_order(with_token(
+        .place_order(with_token(place_request, &service))
+        .await
+        .expect_err("a service places no orders");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let cancel = |token: &str| {
+        with_token(
             pb::CancelOrderRequest {
                 id: order.id.clone(),
             },
-            &ada.token,
-        ))
+            token,
+        )
+    };
+    // Someone else's order does not exist for them.
+    let status = h
+        .client
+        .cancel_order(cancel(&grace.token))
         .await
-        .expect_err("not built yet");
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("not available yet"));
+        .expect_err("not theirs");
+    assert_eq!(status.code(), Code::NotFound);
+    // A checkout still running cannot be cancelled.
+    let status = h
+        .client
+        .cancel_order(cancel(&ada.token))
+        .await
+        .expect_err("pending");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     // Nothing was placed or cancelled.
     let page = h.store.list_for_user(&ada.id, None, 50).await?;
     assert_eq!(page.orders, [order]);
@@ -765,7 +779,7 @@ async fn access_rules_per_caller(backend: Backend) -> anyhow::Result<()> {
         Code::NotFound
     );
     // Services do not read orders here.
-    let service = h.env.service_token("payments")?;
+    let service = h.env.service_token("payments", "orders")?;
     assert_eq!(
         code(h.client.get_order(get(&order.id, &service)).await),
         Code::PermissionDenied
@@ -879,7 +893,7 @@ backend_tests!(
     watch_sees_changes_made_by_another_replica,
     watch_task_ends_when_the_client_goes_away,
     open_watches_end_when_the_server_shuts_down,
-    checkout_and_cancel_are_unimplemented,
+    checkout_and_cancel_check_the_caller_before_anything_else,
     access_rules_per_caller,
     invalid_input_names_every_bad_field,
 );

@@ -6,6 +6,20 @@ use std::fmt;
 
 use agora_platform::money::Money;
 
+/// The `google.rpc.ErrorInfo` reasons the payments service answers with, so
+/// that callers (the checkout saga) branch on them rather than on messages.
+pub mod reason {
+    /// FAILED_PRECONDITION: the card was declined (first attempt and
+    /// retries alike); the message says why.
+    pub const CARD_DECLINED: &str = "CARD_DECLINED";
+    /// FAILED_PRECONDITION: the payment was voided (refunded before it was
+    /// charged) and can never be charged.
+    pub const PAYMENT_VOIDED: &str = "PAYMENT_VOIDED";
+    /// ALREADY_EXISTS: the payment id was used for a charge with another
+    /// user, amount or card.
+    pub const PAYMENT_ID_REUSED: &str = "PAYMENT_ID_REUSED";
+}
+
 /// The longest payment id accepted, in characters.
 pub const MAX_PAYMENT_ID_CHARS: usize = 128;
 
@@ -54,7 +68,7 @@ pub const MAX_CARD_DIGITS: usize = 19;
 /// and dashes people type removed.
 ///
 /// It lives only for the duration of one `Charge`: it is handed to the
-/// [`crate::processor::CardProcessor`] and never stored, logged or shown.
+/// [`crate::processor::CardProvider`] and never stored, logged or shown.
 /// `Debug` prints the last four digits only, and there is no `Display`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CardNumber {
@@ -128,32 +142,48 @@ pub fn passes_luhn(digits: &str) -> bool {
 }
 
 /// Where a payment is in its lifecycle.
+///
+/// PROCESSING is the only state entered before the provider answers: the
+/// payment id is claimed (committed) and the provider is being asked, or was
+/// when the process died. Whoever finds it next (a retried charge, a refund,
+/// the sweeper) asks the provider again under the same key and settles it
+/// as the provider's books say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PaymentStatus {
+    /// Claimed; the provider's outcome is not recorded yet.
+    Processing,
     /// The card was charged.
     Succeeded,
     /// The card was declined; nothing was charged.
     Declined,
     /// A successful charge was refunded in full.
     Refunded,
+    /// Never charged and never will be: refunded (a saga compensating)
+    /// before any charge reached the provider, or found unsettled with
+    /// nothing at the provider and voided there.
+    Voided,
 }
 
 impl PaymentStatus {
     /// The stored form.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Processing => "processing",
             Self::Succeeded => "succeeded",
             Self::Declined => "declined",
             Self::Refunded => "refunded",
+            Self::Voided => "voided",
         }
     }
 
     /// Reads the stored form.
     pub fn parse(stored: &str) -> Option<Self> {
         match stored {
+            "processing" => Some(Self::Processing),
             "succeeded" => Some(Self::Succeeded),
             "declined" => Some(Self::Declined),
             "refunded" => Some(Self::Refunded),
+            "voided" => Some(Self::Voided),
             _ => None,
         }
     }
@@ -191,13 +221,17 @@ impl ChargeAttempt {
 }
 
 /// A payment as stored.
+///
+/// A tombstone (a refund of an id never charged: VOIDED, recorded so that a
+/// late charge with that id is refused) knows nothing of the charge: its
+/// user, currency and last four digits are empty and its amount is 0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Payment {
     /// The caller's payment id.
     pub id: String,
-    /// The paying user.
+    /// The paying user; empty for a tombstone.
     pub user_id: String,
-    /// The amount charged (or attempted, when declined).
+    /// The amount charged (or attempted, when declined or voided).
     pub amount: Money,
     /// Where the payment is.
     pub status: PaymentStatus,
@@ -212,6 +246,11 @@ pub struct Payment {
 }
 
 impl Payment {
+    /// Whether this is a tombstone: voided before any charge was asked for.
+    pub fn is_tombstone(&self) -> bool {
+        self.status == PaymentStatus::Voided && self.user_id.is_empty()
+    }
+
     /// The fields of `attempt` that differ from this payment (proto field
     /// names), empty when `attempt` is a retry of the charge that made it.
     pub fn differences(&self, attempt: &ChargeAttempt) -> Vec<&'static str> {
@@ -376,12 +415,14 @@ mod tests {
     #[test]
     fn statuses_round_trip() {
         for status in [
+            PaymentStatus::Processing,
             PaymentStatus::Succeeded,
             PaymentStatus::Declined,
             PaymentStatus::Refunded,
+            PaymentStatus::Voided,
         ] {
             assert_eq!(PaymentStatus::parse(status.as_str()), Some(status));
         }
-        assert_eq!(PaymentStatus::parse("processing"), None);
+        assert_eq!(PaymentStatus::parse("pending"), None);
     }
 }

@@ -1,13 +1,11 @@
-//! `agora.payments.v1.PaymentService` over a [`PaymentStore`]: validates
-//! requests, decides who may do what, hands the card to the
-//! [`CardProcessor`] and maps payments to protobuf.
+//! `agora.payments.v1.PaymentService` over a [`PaymentFlow`]: validates
+//! requests, decides who may do what, hands the card to the flow (and so to
+//! the [`CardProvider`]), and maps payments and outcomes to protobuf.
 //!
 //! Card numbers: the request is never logged or formatted with `Debug`; the
 //! number is parsed into a [`CardNumber`] (whose `Debug` shows the last four
-//! digits only) and moved into the provider call, and only the last four
-//! digits reach the store.
-
-use std::sync::Arc;
+//! digits only) and lent to the provider call, and only the last four digits
+//! reach the store.
 
 use agora_platform::auth::{Caller, TokenVerifier};
 use agora_platform::error::{Error, ErrorKind, Result, Violations};
@@ -17,26 +15,25 @@ use agora_proto::payments::v1 as pb;
 use agora_proto::payments::v1::payment_service_server::PaymentService;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{CardNumber, ChargeAttempt, Payment, PaymentId, PaymentStatus, UserId};
-use crate::processor::CardProcessor;
+use crate::domain::{CardNumber, ChargeAttempt, Payment, PaymentId, PaymentStatus, UserId, reason};
+use crate::flow::PaymentFlow;
+use crate::processor::CardProvider;
 use crate::store::PaymentStore;
 
+/// The services that may charge and refund: the checkout saga (and its
+/// compensation, and order cancellation) runs in orders.
+const PAYMENT_CALLERS: &[&str] = &["orders"];
+
 /// The gRPC service.
-pub struct PaymentApi<S> {
-    store: Arc<S>,
-    processor: CardProcessor,
+pub struct PaymentApi<S, P> {
+    flow: PaymentFlow<S, P>,
     verifier: TokenVerifier,
 }
 
-impl<S: PaymentStore> PaymentApi<S> {
-    /// The service over `store`, charging through `processor` and checking
-    /// callers with `verifier`.
-    pub fn new(store: S, processor: CardProcessor, verifier: TokenVerifier) -> Self {
-        Self {
-            store: Arc::new(store),
-            processor,
-            verifier,
-        }
+impl<S: PaymentStore, P: CardProvider> PaymentApi<S, P> {
+    /// The service running `flow`, checking callers with `verifier`.
+    pub fn new(flow: PaymentFlow<S, P>, verifier: TokenVerifier) -> Self {
+        Self { flow, verifier }
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
@@ -45,14 +42,15 @@ impl<S: PaymentStore> PaymentApi<S> {
 }
 
 #[tonic::async_trait]
-impl<S: PaymentStore> PaymentService for PaymentApi<S> {
+impl<S: PaymentStore, P: CardProvider> PaymentService for PaymentApi<S, P> {
     async fn charge(
         &self,
         request: Request<pb::ChargeRequest>,
     ) -> Result<Response<pb::ChargeResponse>, Status> {
         // Authorization first: callers that may not charge learn nothing,
         // not even whether their input would have been valid.
-        self.caller(&request)?.require_service()?;
+        self.caller(&request)?
+            .require_service_from(PAYMENT_CALLERS)?;
         let req = request.into_inner();
         let mut violations = Violations::default();
         let payment_id = violations.check("payment_id", PaymentId::parse(&req.payment_id));
@@ -67,41 +65,52 @@ impl<S: PaymentStore> PaymentService for PaymentApi<S> {
         };
 
         let attempt = ChargeAttempt::new(payment_id, user_id, amount, &card);
-        let processor = self.processor;
-        let payment = self
-            .store
-            .charge(&attempt, move || processor.authorize(&card))
-            .await?;
+        let payment = self.flow.charge(&attempt, &card).await?;
+        // The provider is done with the number: freed before anything else.
+        drop(card);
         tracing::info!(
             payment_id = %payment.id,
             status = payment.status.as_str(),
             "charge answered"
         );
-        if payment.status == PaymentStatus::Declined {
+        match payment.status {
+            PaymentStatus::Succeeded | PaymentStatus::Refunded => {
+                Ok(Response::new(pb::ChargeResponse {
+                    payment: Some(to_proto(&payment)),
+                }))
+            }
             // A decline is an answer, not a failure of the call; its retry
             // gives the same answer from the stored payment.
-            return Err(Error::new(ErrorKind::FailedPrecondition, payment.decline_reason).into());
+            PaymentStatus::Declined => Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                payment.decline_reason,
+            )
+            .with_reason(reason::CARD_DECLINED)
+            .into()),
+            PaymentStatus::Voided => Err(voided(&payment.id).into()),
+            // The flow settles before it answers; seeing this is a bug.
+            PaymentStatus::Processing => Err(Error::new(
+                ErrorKind::Internal,
+                format!("payment {} answered unsettled", payment.id),
+            )
+            .into()),
         }
-        Ok(Response::new(pb::ChargeResponse {
-            payment: Some(to_proto(&payment)),
-        }))
     }
 
     async fn refund(
         &self,
         request: Request<pb::RefundRequest>,
     ) -> Result<Response<pb::RefundResponse>, Status> {
-        self.caller(&request)?.require_service()?;
+        self.caller(&request)?
+            .require_service_from(PAYMENT_CALLERS)?;
         let payment_id = PaymentId::parse(&request.get_ref().payment_id)
             .map_err(|reason| Error::invalid_field("payment_id", reason))?;
-        let processor = self.processor;
-        let payment = self
-            .store
-            .refund(payment_id.as_str(), move |payment| {
-                processor.refund(payment)
-            })
-            .await?;
-        tracing::info!(payment_id = %payment.id, "refund answered");
+        let payment = self.flow.refund(&payment_id).await?;
+        tracing::info!(
+            payment_id = %payment.id,
+            status = payment.status.as_str(),
+            "refund answered"
+        );
         Ok(Response::new(pb::RefundResponse {
             payment: Some(to_proto(&payment)),
         }))
@@ -126,31 +135,55 @@ impl<S: PaymentStore> PaymentService for PaymentApi<S> {
         // Someone else's payment is NOT_FOUND, like an unknown id, so ids
         // cannot be probed.
         let payment = self
-            .store
-            .get(id.as_str())
+            .flow
+            .get(&id)
             .await?
             .filter(|payment| caller.is_admin() || caller.is_user(&payment.user_id))
             .ok_or_else(|| Error::not_found(format_args!("payment {id}")))?;
+        if payment.status == PaymentStatus::Processing {
+            // The contract has no such status: the outcome is being settled
+            // (within the charge call, or by the sweeper after a crash).
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("payment {id} is being processed: retry"),
+            )
+            .into());
+        }
         Ok(Response::new(pb::GetPaymentResponse {
             payment: Some(to_proto(&payment)),
         }))
     }
 }
 
+/// FAILED_PRECONDITION for a charge of a voided payment id.
+fn voided(payment_id: &str) -> Error {
+    Error::new(
+        ErrorKind::FailedPrecondition,
+        format!(
+            "payment {payment_id} was voided (refunded before it was charged) \
+             and cannot be charged"
+        ),
+    )
+    .with_reason(reason::PAYMENT_VOIDED)
+}
+
 fn status_to_proto(status: PaymentStatus) -> pb::PaymentStatus {
     match status {
+        // Never sent: answers wait for the outcome (see `get_payment`).
+        PaymentStatus::Processing => pb::PaymentStatus::Unspecified,
         PaymentStatus::Succeeded => pb::PaymentStatus::Succeeded,
         PaymentStatus::Declined => pb::PaymentStatus::Declined,
         PaymentStatus::Refunded => pb::PaymentStatus::Refunded,
+        PaymentStatus::Voided => pb::PaymentStatus::Voided,
     }
 }
 
-/// The protobuf view of a payment.
+/// The protobuf view of a payment; a tombstone has no amount.
 pub fn to_proto(payment: &Payment) -> pb::Payment {
     pb::Payment {
         id: payment.id.clone(),
         user_id: payment.user_id.clone(),
-        amount: Some(payment.amount.to_proto()),
+        amount: (!payment.is_tombstone()).then(|| payment.amount.to_proto()),
         status: status_to_proto(payment.status) as i32,
         card_last4: payment.card_last4.clone(),
         decline_reason: payment.decline_reason.clone(),

@@ -1,16 +1,23 @@
-//! Persistence of payments and of the provider's ledger.
+//! Persistence of payments.
 //!
 //! [`PaymentStore`] is what the service needs; [`SqlPaymentStore`] implements
 //! it on PostgreSQL and SQLite with the same SQL.
 //!
-//! Charging once is the point of this module. A charge claims its payment id
-//! by inserting the payment row *first*, inside the write transaction, and
-//! only then asks the provider; the provider's answer, the final status and
-//! the ledger row are written in the same transaction. A concurrent attempt
-//! with the same id fails on the primary key (PostgreSQL makes it wait for
-//! the first transaction to finish; SQLite's `BEGIN IMMEDIATE` queues it
-//! behind), re-reads the committed outcome and returns it. The ledger's
-//! unique `(payment_id, operation)` constraint backs this up in the schema.
+//! No transaction here ever waits for the card provider. A charge first
+//! *claims* its payment id: the row is inserted as `processing` and
+//! committed at once (the primary key lets one attempt in; every other
+//! attempt with the id finds that row). The provider is then asked outside
+//! any transaction, and the outcome is *settled* by a conditional update
+//! (`WHERE status = 'processing'`) that commits with its event. Several
+//! settlers of one payment (concurrent retries, a refund, the sweeper) ask
+//! the provider under the same idempotency key, get the same outcome, and
+//! only the first update changes the row; the others re-read it. A refund is
+//! the same shape: the provider refunds (idempotently), then a conditional
+//! update moves SUCCEEDED to REFUNDED.
+//!
+//! (The first migration's comment says `processing` is never committed;
+//! that was true when the provider was called inside the claiming
+//! transaction, and is not any more.)
 
 use std::future::Future;
 
@@ -18,79 +25,55 @@ use agora_platform::db::{Db, is_unique_violation};
 use agora_platform::error::{Error, ErrorKind, Result};
 use agora_platform::money::Money;
 use agora_platform::time::now_micros;
-use agora_platform_events::{Outbox, UnitOfWork};
+use agora_platform_events::Outbox;
 use agora_proto::payments::v1::{PaymentCaptured, PaymentRefunded};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::domain::{ChargeAttempt, Payment, PaymentStatus};
-use crate::processor::Authorization;
+use crate::domain::{ChargeAttempt, Payment, PaymentStatus, reason};
+use crate::processor::ChargeOutcome;
 
-/// The status of a payment row between its insert and the provider's answer,
-/// inside one transaction; no reader ever sees it committed.
-const PROCESSING: &str = "processing";
-
-/// An operation the provider performed, as recorded in the ledger.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LedgerOperation {
-    /// Money was taken from the card.
-    Charge,
-    /// The provider was asked to charge and declined; nothing was taken.
-    Decline,
-    /// Money was given back.
-    Refund,
-}
-
-impl LedgerOperation {
-    /// The stored form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Charge => "charge",
-            Self::Decline => "decline",
-            Self::Refund => "refund",
-        }
-    }
-}
-
-/// Storage of payments and the provider's ledger.
+/// Storage of payments.
 pub trait PaymentStore: Send + Sync + 'static {
-    /// Records the charge `attempt`, calling `authorize` (the provider) only
-    /// when this attempt is the first for its payment id, and at most once.
-    ///
-    /// Returns the payment with the provider's outcome: SUCCEEDED or
-    /// DECLINED. For a retry (same payment id, user, amount and card) it is
-    /// the stored payment, whatever its status now, and `authorize` is not
-    /// called. ALREADY_EXISTS when the id was used for a different charge.
-    fn charge<F>(
-        &self,
-        attempt: &ChargeAttempt,
-        authorize: F,
-    ) -> impl Future<Output = Result<Payment>> + Send
-    where
-        F: FnOnce() -> Authorization + Send;
+    /// Claims the payment id for `attempt`: inserts it as PROCESSING and
+    /// commits, or, when the id is taken, returns the payment stored under
+    /// it, whatever its status, if it is the same charge (same user, amount
+    /// and last four digits) or VOIDED. ALREADY_EXISTS (reason
+    /// `PAYMENT_ID_REUSED`) when the id was used for a different charge.
+    fn claim(&self, attempt: &ChargeAttempt) -> impl Future<Output = Result<Payment>> + Send;
 
-    /// Moves a SUCCEEDED payment to REFUNDED, calling `refund` (the provider,
-    /// which returns its reference) exactly once per payment. A REFUNDED
-    /// payment is returned as it is; DECLINED is FAILED_PRECONDITION; an
-    /// unknown id is NOT_FOUND.
-    fn refund<F>(
+    /// Records the provider's `outcome` for a PROCESSING payment (SUCCEEDED
+    /// with its `PaymentCaptured` event, DECLINED with the reason, or
+    /// VOIDED) and returns it. A payment that is no longer PROCESSING
+    /// (someone else settled it) is returned as it is.
+    fn settle(
         &self,
         payment_id: &str,
-        refund: F,
-    ) -> impl Future<Output = Result<Payment>> + Send
-    where
-        F: FnOnce(&Payment) -> String + Send;
+        outcome: &ChargeOutcome,
+    ) -> impl Future<Output = Result<Payment>> + Send;
+
+    /// Records a tombstone for an id that was never charged (VOIDED, no
+    /// amount), so that a later charge with it is refused, and returns it.
+    /// When the id exists (a charge claimed it first), returns that payment
+    /// unchanged instead.
+    fn void_unknown(&self, payment_id: &str) -> impl Future<Output = Result<Payment>> + Send;
+
+    /// Moves a SUCCEEDED payment, refunded at the provider, to REFUNDED with
+    /// its `PaymentRefunded` event. A payment in any other status is
+    /// returned as it is.
+    fn mark_refunded(&self, payment_id: &str) -> impl Future<Output = Result<Payment>> + Send;
 
     /// The payment with this id.
     fn get(&self, payment_id: &str) -> impl Future<Output = Result<Option<Payment>>> + Send;
 
-    /// How many `operation`s the provider performed for a payment: at most
-    /// one each, which is what tests check to prove "charged once".
-    fn count_ledger_entries(
+    /// Up to `limit` ids of payments PROCESSING since before `claimed_before`
+    /// (microseconds since the epoch), oldest first: claims whose attempt
+    /// died before it settled.
+    fn stale_processing(
         &self,
-        payment_id: &str,
-        operation: LedgerOperation,
-    ) -> impl Future<Output = Result<i64>> + Send;
+        claimed_before: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
 }
 
 /// [`PaymentStore`] on a SQL database (PostgreSQL or SQLite).
@@ -116,18 +99,15 @@ const SELECT_PAYMENT: &str = "SELECT id, user_id, currency_code, amount_minor, s
      FROM payments WHERE id = $1";
 
 impl PaymentStore for SqlPaymentStore {
-    async fn charge<F>(&self, attempt: &ChargeAttempt, authorize: F) -> Result<Payment>
-    where
-        F: FnOnce() -> Authorization + Send,
-    {
+    async fn claim(&self, attempt: &ChargeAttempt) -> Result<Payment> {
         let payment_id = attempt.payment_id.as_str();
-        // A retry of a settled payment needs no write lock.
+        // A retry of a known payment needs no write.
         if let Some(existing) = self.get(payment_id).await? {
             return retry_outcome(existing, attempt);
         }
-
-        let mut work = self.outbox.begin().await?;
         let now = now_micros();
+        // One statement, committed on its own: the claim must be visible to
+        // every other attempt (and to the sweeper) while the provider works.
         let claimed = sqlx::query(
             "INSERT INTO payments (id, user_id, currency_code, amount_minor, status, \
              card_last4, decline_reason, created_at, updated_at) \
@@ -137,140 +117,121 @@ impl PaymentStore for SqlPaymentStore {
         .bind(attempt.user_id.as_str())
         .bind(&attempt.amount.currency_code)
         .bind(attempt.amount.amount_minor)
-        .bind(PROCESSING)
+        .bind(PaymentStatus::Processing.as_str())
         .bind(&attempt.card_last4)
         .bind(now)
-        .execute(work.tx())
+        .execute(self.db.pool())
         .await;
         match claimed {
-            Ok(_) => {}
+            Ok(_) => Ok(Payment {
+                id: payment_id.to_owned(),
+                user_id: attempt.user_id.as_str().to_owned(),
+                amount: attempt.amount.clone(),
+                status: PaymentStatus::Processing,
+                card_last4: attempt.card_last4.clone(),
+                decline_reason: String::new(),
+                created_at: now,
+                updated_at: now,
+            }),
             Err(err) if is_unique_violation(&err) => {
-                // Another attempt claimed the id first and has committed its
-                // outcome by now (the insert waited for it): that is ours too.
-                work.rollback().await?;
+                // Another attempt (or a refund's tombstone) took the id
+                // between our read and our insert; its row is committed.
                 let existing = self.get(payment_id).await?.ok_or_else(|| {
                     Error::new(
                         ErrorKind::Conflict,
                         format!("payment {payment_id} changed concurrently: retry"),
                     )
                 })?;
-                return retry_outcome(existing, attempt);
+                retry_outcome(existing, attempt)
             }
-            Err(err) => return Err(err.into()),
+            Err(err) => Err(err.into()),
         }
+    }
 
-        // The id is ours: now, and only now, the provider is asked.
-        let (status, decline_reason, operation, reference) = match authorize() {
-            Authorization::Approved { reference } => (
-                PaymentStatus::Succeeded,
-                String::new(),
-                LedgerOperation::Charge,
-                reference,
-            ),
-            Authorization::Declined { reference, reason } => (
-                PaymentStatus::Declined,
-                reason,
-                LedgerOperation::Decline,
-                reference,
-            ),
+    async fn settle(&self, payment_id: &str, outcome: &ChargeOutcome) -> Result<Payment> {
+        let (status, decline_reason) = match outcome {
+            ChargeOutcome::Approved { .. } => (PaymentStatus::Succeeded, ""),
+            ChargeOutcome::Declined { reason, .. } => (PaymentStatus::Declined, reason.as_str()),
+            ChargeOutcome::Voided => (PaymentStatus::Voided, ""),
         };
-        sqlx::query("UPDATE payments SET status = $1, decline_reason = $2 WHERE id = $3")
-            .bind(status.as_str())
-            .bind(&decline_reason)
-            .bind(payment_id)
-            .execute(work.tx())
-            .await?;
-        insert_ledger_entry(
-            &mut work,
-            payment_id,
-            operation,
-            &attempt.amount,
-            &reference,
-            now,
+        let mut work = self.outbox.begin().await?;
+        let settled = sqlx::query(
+            "UPDATE payments SET status = $1, decline_reason = $2, updated_at = $3 \
+             WHERE id = $4 AND status = $5 RETURNING id, user_id, currency_code, \
+             amount_minor, status, card_last4, decline_reason, created_at, updated_at",
         )
+        .bind(status.as_str())
+        .bind(decline_reason)
+        .bind(now_micros())
+        .bind(payment_id)
+        .bind(PaymentStatus::Processing.as_str())
+        .fetch_optional(work.tx())
         .await?;
-        if status == PaymentStatus::Succeeded {
+        let Some(row) = settled else {
+            // Settled by someone else first: theirs is the same outcome.
+            work.rollback().await?;
+            return self.existing(payment_id).await;
+        };
+        let payment = payment_from_row(&row)?;
+        if payment.status == PaymentStatus::Succeeded {
             work.record(&PaymentCaptured {
-                payment_id: payment_id.to_owned(),
-                user_id: attempt.user_id.as_str().to_owned(),
-                amount: Some(attempt.amount.to_proto()),
-                card_last4: attempt.card_last4.clone(),
+                payment_id: payment.id.clone(),
+                user_id: payment.user_id.clone(),
+                amount: Some(payment.amount.to_proto()),
+                card_last4: payment.card_last4.clone(),
                 version: 1,
             })
             .await?;
         }
         work.commit().await?;
-        Ok(Payment {
-            id: payment_id.to_owned(),
-            user_id: attempt.user_id.as_str().to_owned(),
-            amount: attempt.amount.clone(),
-            status,
-            card_last4: attempt.card_last4.clone(),
-            decline_reason,
-            created_at: now,
-            updated_at: now,
-        })
+        Ok(payment)
     }
 
-    async fn refund<F>(&self, payment_id: &str, refund: F) -> Result<Payment>
-    where
-        F: FnOnce(&Payment) -> String + Send,
-    {
-        // Settled answers (already refunded, declined, unknown) need no lock.
-        let current = self
-            .get(payment_id)
-            .await?
-            .ok_or_else(|| Error::not_found(format_args!("payment {payment_id}")))?;
-        if current.status != PaymentStatus::Succeeded {
-            return not_refundable_now(current);
-        }
+    async fn void_unknown(&self, payment_id: &str) -> Result<Payment> {
+        // Of a tombstone and a claim racing for the id, the primary key lets
+        // exactly one in; whichever it was is what the read returns.
+        sqlx::query(
+            "INSERT INTO payments (id, user_id, currency_code, amount_minor, status, \
+             card_last4, decline_reason, created_at, updated_at) \
+             VALUES ($1, '', '', 0, $2, '', '', $3, $3) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(payment_id)
+        .bind(PaymentStatus::Voided.as_str())
+        .bind(now_micros())
+        .execute(self.db.pool())
+        .await?;
+        self.existing(payment_id).await
+    }
 
+    async fn mark_refunded(&self, payment_id: &str) -> Result<Payment> {
         let mut work = self.outbox.begin().await?;
-        let now = now_micros();
-        // The conditional update is the claim: of two concurrent refunds only
-        // one changes the row; the other sees zero rows and re-reads.
-        let claimed = sqlx::query(
-            "UPDATE payments SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4",
+        // The conditional update decides which of concurrent refunds records
+        // the event; the provider refunded once whoever asked.
+        let refunded = sqlx::query(
+            "UPDATE payments SET status = $1, updated_at = $2 \
+             WHERE id = $3 AND status = $4 RETURNING id, user_id, currency_code, \
+             amount_minor, status, card_last4, decline_reason, created_at, updated_at",
         )
         .bind(PaymentStatus::Refunded.as_str())
-        .bind(now)
+        .bind(now_micros())
         .bind(payment_id)
         .bind(PaymentStatus::Succeeded.as_str())
-        .execute(work.tx())
+        .fetch_optional(work.tx())
         .await?;
-        if claimed.rows_affected() != 1 {
+        let Some(row) = refunded else {
             work.rollback().await?;
-            let current = self
-                .get(payment_id)
-                .await?
-                .ok_or_else(|| Error::not_found(format_args!("payment {payment_id}")))?;
-            return not_refundable_now(current);
-        }
-        let refunded = sqlx::query(SELECT_PAYMENT)
-            .bind(payment_id)
-            .fetch_one(work.tx())
-            .await
-            .map_err(|err| Error::internal("re-reading a refunded payment", err))
-            .and_then(|row| payment_from_row(&row))?;
-        let reference = refund(&refunded);
-        insert_ledger_entry(
-            &mut work,
-            payment_id,
-            LedgerOperation::Refund,
-            &refunded.amount,
-            &reference,
-            now,
-        )
-        .await?;
+            return self.existing(payment_id).await;
+        };
+        let payment = payment_from_row(&row)?;
         work.record(&PaymentRefunded {
-            payment_id: payment_id.to_owned(),
-            user_id: refunded.user_id.clone(),
-            amount: Some(refunded.amount.to_proto()),
+            payment_id: payment.id.clone(),
+            user_id: payment.user_id.clone(),
+            amount: Some(payment.amount.to_proto()),
             version: 2,
         })
         .await?;
         work.commit().await?;
-        Ok(refunded)
+        Ok(payment)
     }
 
     async fn get(&self, payment_id: &str) -> Result<Option<Payment>> {
@@ -282,26 +243,41 @@ impl PaymentStore for SqlPaymentStore {
             .transpose()
     }
 
-    async fn count_ledger_entries(
-        &self,
-        payment_id: &str,
-        operation: LedgerOperation,
-    ) -> Result<i64> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS entries FROM provider_ledger \
-             WHERE payment_id = $1 AND operation = $2",
+    async fn stale_processing(&self, claimed_before: i64, limit: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT id FROM payments WHERE status = $1 AND updated_at < $2 \
+             ORDER BY updated_at LIMIT $3",
         )
-        .bind(payment_id)
-        .bind(operation.as_str())
-        .fetch_one(self.db.pool())
+        .bind(PaymentStatus::Processing.as_str())
+        .bind(claimed_before)
+        .bind(limit)
+        .fetch_all(self.db.pool())
         .await?;
-        Ok(row.try_get("entries")?)
+        rows.iter()
+            .map(|row| Ok(row.try_get("id")?))
+            .collect::<Result<_>>()
+    }
+}
+
+impl SqlPaymentStore {
+    /// A payment that must exist (it was just written or found taken).
+    async fn existing(&self, payment_id: &str) -> Result<Payment> {
+        self.get(payment_id).await?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("payment {payment_id} vanished"),
+            )
+        })
     }
 }
 
 /// The answer to a charge whose id is already taken: the stored payment when
-/// the attempt is a retry of the same charge, else ALREADY_EXISTS.
+/// the attempt is a retry of the same charge or the id was voided (the
+/// caller answers PAYMENT_VOIDED whatever was asked), else ALREADY_EXISTS.
 fn retry_outcome(existing: Payment, attempt: &ChargeAttempt) -> Result<Payment> {
+    if existing.status == PaymentStatus::Voided {
+        return Ok(existing);
+    }
     let differences = existing.differences(attempt);
     if differences.is_empty() {
         Ok(existing)
@@ -313,86 +289,21 @@ fn retry_outcome(existing: Payment, attempt: &ChargeAttempt) -> Result<Payment> 
                 existing.id,
                 differences.join(", ")
             ),
-        ))
+        )
+        .with_reason(reason::PAYMENT_ID_REUSED))
     }
-}
-
-/// The answer to a refund of a payment that is not (or no longer) SUCCEEDED.
-fn not_refundable_now(payment: Payment) -> Result<Payment> {
-    match payment.status {
-        PaymentStatus::Refunded => Ok(payment),
-        PaymentStatus::Declined => Err(Error::new(
-            ErrorKind::FailedPrecondition,
-            format!(
-                "payment {} was declined: there is nothing to refund",
-                payment.id
-            ),
-        )),
-        PaymentStatus::Succeeded => Err(Error::new(
-            ErrorKind::Conflict,
-            format!("payment {} changed concurrently: retry", payment.id),
-        )),
-    }
-}
-
-async fn insert_ledger_entry(
-    work: &mut UnitOfWork,
-    payment_id: &str,
-    operation: LedgerOperation,
-    amount: &Money,
-    reference: &str,
-    occurred_at: i64,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO provider_ledger (id, payment_id, operation, currency_code, amount_minor, \
-         provider_reference, occurred_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(uuid::Uuid::now_v7().to_string())
-    .bind(payment_id)
-    .bind(operation.as_str())
-    .bind(&amount.currency_code)
-    .bind(amount.amount_minor)
-    .bind(reference)
-    .bind(occurred_at)
-    .execute(work.tx())
-    .await
-    .map_err(|err| {
-        if is_unique_violation(&err) {
-            // The claims above make this unreachable; the schema refuses to
-            // record a second charge or refund even if they did not.
-            Error::internal(
-                format!("payment {payment_id} already has a {}", operation.as_str()),
-                err,
-            )
-        } else {
-            err.into()
-        }
-    })?;
-    Ok(())
 }
 
 fn payment_from_row(row: &AnyRow) -> Result<Payment> {
-    let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
-    let status = match PaymentStatus::parse(&status) {
-        Some(status) => status,
-        // Only visible inside the transaction that wrote it; seeing it here
-        // would mean reading uncommitted data, so ask for a retry.
-        None if status == PROCESSING => {
-            return Err(Error::new(
-                ErrorKind::Conflict,
-                format!("payment {id} is being processed: retry"),
-            ));
-        }
-        None => {
-            return Err(Error::new(
-                ErrorKind::Internal,
-                format!("unknown stored payment status {status:?}"),
-            ));
-        }
-    };
+    let status = PaymentStatus::parse(&status).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Internal,
+            format!("unknown stored payment status {status:?}"),
+        )
+    })?;
     Ok(Payment {
-        id,
+        id: row.try_get("id")?,
         user_id: row.try_get("user_id")?,
         amount: Money {
             currency_code: row.try_get("currency_code")?,

@@ -69,7 +69,7 @@ async fn no_card_number_is_logged(backend: Backend) -> anyhow::Result<()> {
     let env = TestEnv::new(backend).await?;
     let server = TestServer::start(vec![agora_payments::hosted(&env.config).await?]).await?;
     let mut client = PaymentServiceClient::new(server.channel()?);
-    let service = env.service_token("orders")?;
+    let service = env.service_token("orders", "payments")?;
     let user_id = uuid::Uuid::now_v7().to_string();
     let tag = uuid::Uuid::now_v7().simple().to_string();
     let cards = [

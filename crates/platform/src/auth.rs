@@ -1,12 +1,25 @@
 //! Tokens and callers.
 //!
-//! Users log in to the users service, which signs an EdDSA (Ed25519) JWT with
-//! its private key ([`TokenIssuer`]). Every service verifies tokens with the
-//! public key ([`TokenVerifier`]) and turns the `authorization` metadata of a
-//! request into a [`Caller`]; authorization decisions are made from that, inside
-//! each service, never only at the edge.
+//! Two kinds of token, signed with different keys:
+//! - **User tokens.** Users log in to the users service, which signs an EdDSA
+//!   (Ed25519) JWT with the user-token private key ([`TokenIssuer`]); only
+//!   the users process holds that key.
+//! - **Service tokens.** A service calling another one's internal RPC signs a
+//!   short-lived JWT with a key of its own ([`ServiceTokenSigner`]): header
+//!   `kid` and claim `sub` name the caller, `aud` the callee. So a service
+//!   can speak only for itself, only to the service it addresses, and a
+//!   stolen token is soon worthless.
+//!
+//! Every service verifies both kinds ([`TokenVerifier`], which knows the
+//! service it verifies for and every service's public key) and turns the
+//! `authorization` metadata of a request into a [`Caller`]; authorization
+//! decisions are made from that, inside each service, never only at the
+//! edge: each internal RPC names the services it accepts
+//! ([`Caller::require_service_from`]).
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
@@ -15,11 +28,14 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
 
-use crate::config::{AuthConfig, Secret};
+use crate::config::{AuthConfig, Config, PUBLIC_KEY_FILE, SERVICE_PUBLIC_KEY_SUFFIX, Secret};
 use crate::error::{Error, ErrorKind};
 
 /// The role that grants admin access.
 pub const ADMIN_ROLE: &str = "admin";
+
+/// Clock difference between pods tolerated on `exp`, in seconds.
+const CLOCK_LEEWAY_SECS: u64 = 30;
 
 /// Who a token speaks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +54,10 @@ pub struct Claims {
     pub iss: String,
     /// Subject: the user id, or the calling service's name.
     pub sub: String,
+    /// Audience: the service a service token is for (service tokens only;
+    /// a user token carrying one is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
     /// Issued at, seconds since the epoch.
     pub iat: i64,
     /// Expires at, seconds since the epoch.
@@ -123,21 +143,32 @@ impl Caller {
         }
     }
 
-    /// UNAUTHENTICATED for anonymous callers, PERMISSION_DENIED unless a service.
-    pub fn require_service(&self) -> Result<(), Error> {
+    /// For internal RPCs: UNAUTHENTICATED for anonymous callers,
+    /// PERMISSION_DENIED for users and for every service not in `allowed`
+    /// (each internal RPC lists the services that need it, no more).
+    pub fn require_service_from(&self, allowed: &[&str]) -> Result<(), Error> {
         self.require_authenticated()?;
-        if self.is_service() {
-            Ok(())
+        let allowed_list = if allowed.is_empty() {
+            "no service".to_owned()
         } else {
-            Err(Error::new(
+            allowed.join(", ")
+        };
+        match self {
+            Self::Service { name } if allowed.contains(&name.as_str()) => Ok(()),
+            Self::Service { name } => Err(Error::new(
                 ErrorKind::PermissionDenied,
-                "this call is internal to Agora services",
-            ))
+                format!("{name} may not call this; allowed: {allowed_list}"),
+            )),
+            _ => Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!("this call is internal to Agora services; allowed: {allowed_list}"),
+            )),
         }
     }
 }
 
-/// Signs access tokens. Only the users service (and test kits) hold one.
+/// Signs user tokens. Only the users service (and operator tools such as
+/// `agora seed`, and test kits) hold one.
 #[derive(Clone)]
 pub struct TokenIssuer {
     key: EncodingKey,
@@ -185,44 +216,28 @@ impl TokenIssuer {
         Self::from_pem(pem.as_bytes(), &config.issuer, config.token_ttl_secs)
     }
 
-    /// Signs a user token.
+    /// Signs a user token. (Service tokens are signed by each service with
+    /// its own key: [`ServiceTokenSigner`].)
     pub fn issue_user_token(
         &self,
         user_id: &str,
         email: &str,
         roles: &[String],
     ) -> Result<IssuedToken, Error> {
-        self.sign(
-            user_id,
-            TokenKind::User,
-            Some(email.to_owned()),
-            roles.to_vec(),
-        )
-    }
-
-    /// Signs a service token for internal-only RPCs.
-    pub fn issue_service_token(&self, service: &str) -> Result<IssuedToken, Error> {
-        self.sign(service, TokenKind::Service, None, Vec::new())
-    }
-
-    fn sign(
-        &self,
-        sub: &str,
-        kind: TokenKind,
-        email: Option<String>,
-        roles: Vec<String>,
-    ) -> Result<IssuedToken, Error> {
-        let now = crate::time::now_micros() / 1_000_000;
+        let now = now_secs();
         let claims = Claims {
             iss: self.issuer.clone(),
-            sub: sub.to_owned(),
+            sub: user_id.to_owned(),
+            aud: None,
             iat: now,
             exp: now.saturating_add(self.ttl_secs),
             jti: uuid::Uuid::now_v7().to_string(),
-            kind,
-            email,
-            roles,
+            kind: TokenKind::User,
+            email: Some(email.to_owned()),
+            roles: roles.to_vec(),
         };
+        // No `kid`: that is how a verifier tells a user token from a
+        // service token before it picks the key.
         let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &self.key)
             .map_err(|err| Error::internal("signing a token", err))?;
         Ok(IssuedToken {
@@ -232,35 +247,223 @@ impl TokenIssuer {
     }
 }
 
-/// Verifies access tokens; every service holds one.
+/// Signs the service tokens of one calling service, with that service's own
+/// key, one token per target service (audience). Cheap to clone: clones
+/// share the key and the token cache.
+#[derive(Clone)]
+pub struct ServiceTokenSigner {
+    inner: Arc<SignerInner>,
+}
+
+struct SignerInner {
+    key: EncodingKey,
+    /// EdDSA with `kid` = the calling service: verifiers pick its key by it.
+    header: Header,
+    issuer: String,
+    service: String,
+    ttl_secs: i64,
+    /// The last token signed per audience, reused while more than half of
+    /// its lifetime is left: signing (~50 µs) is on every internal call's
+    /// path. Audiences are the few service names, so this stays small.
+    cache: Mutex<HashMap<String, IssuedToken>>,
+}
+
+impl std::fmt::Debug for ServiceTokenSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceTokenSigner")
+            .field("service", &self.inner.service)
+            .field("issuer", &self.inner.issuer)
+            .field("ttl_secs", &self.inner.ttl_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServiceTokenSigner {
+    /// A signer for the calling service `service` from its PKCS#8 PEM
+    /// private key; tokens live `ttl_secs` (at least one second).
+    pub fn from_pem(
+        private_pem: &[u8],
+        issuer: &str,
+        service: &str,
+        ttl_secs: u64,
+    ) -> Result<Self, Error> {
+        let key = EncodingKey::from_ed_pem(private_pem).map_err(|err| {
+            Error::internal(format!("reading the service token key of {service}"), err)
+        })?;
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(service.to_owned());
+        Ok(Self {
+            inner: Arc::new(SignerInner {
+                key,
+                header,
+                issuer: issuer.to_owned(),
+                service: service.to_owned(),
+                ttl_secs: i64::try_from(ttl_secs.max(1)).unwrap_or(i64::MAX),
+                cache: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The signer of service `service` (`orders`, ...) as configured: its
+    /// `<service>.signing_key_pem` or `<service>.signing_key_file`, the
+    /// issuer and `auth.service_token_ttl_secs`.
+    pub fn from_config(config: &Config, service: &str) -> Result<Self, Error> {
+        let settings = config.service(service).ok_or_else(|| {
+            Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("no service called {service} to sign service tokens for"),
+            )
+        })?;
+        let pem = read_key(
+            settings
+                .signing_key_pem
+                .as_ref()
+                .map(|p| p.expose().clone()),
+            settings.signing_key_file.as_deref(),
+            &format!("{service}.signing_key_file"),
+        )?;
+        Self::from_pem(
+            pem.as_bytes(),
+            &config.auth.issuer,
+            service,
+            config.auth.service_token_ttl_secs,
+        )
+    }
+
+    /// The calling service these tokens speak for.
+    pub fn service(&self) -> &str {
+        &self.inner.service
+    }
+
+    /// A compact JWT for calling service `audience`: the cached one while
+    /// more than half of its lifetime is left, else a freshly signed one.
+    pub fn token_for(&self, audience: &str) -> Result<String, Error> {
+        self.token_at(audience, now_secs())
+    }
+
+    /// [`Self::token_for`] at the time `now` (seconds since the epoch).
+    fn token_at(&self, audience: &str, now: i64) -> Result<String, Error> {
+        let inner = &self.inner;
+        let cached = inner
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(audience)
+            .filter(|token| {
+                token.expires_at.saturating_sub(now).saturating_mul(2) >= inner.ttl_secs
+            })
+            .map(|token| token.token.clone());
+        if let Some(token) = cached {
+            return Ok(token);
+        }
+        // Signed outside the lock: callers for other audiences need not
+        // wait; two racing callers both sign, which is harmless.
+        let fresh = self.sign(audience, now)?;
+        let token = fresh.token.clone();
+        inner
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(audience.to_owned(), fresh);
+        Ok(token)
+    }
+
+    fn sign(&self, audience: &str, now: i64) -> Result<IssuedToken, Error> {
+        let inner = &self.inner;
+        let claims = Claims {
+            iss: inner.issuer.clone(),
+            sub: inner.service.clone(),
+            aud: Some(audience.to_owned()),
+            iat: now,
+            exp: now.saturating_add(inner.ttl_secs),
+            jti: uuid::Uuid::now_v7().to_string(),
+            kind: TokenKind::Service,
+            email: None,
+            roles: Vec::new(),
+        };
+        let token = jsonwebtoken::encode(&inner.header, &claims, &inner.key)
+            .map_err(|err| Error::internal("signing a service token", err))?;
+        Ok(IssuedToken {
+            token,
+            expires_at: claims.exp,
+        })
+    }
+}
+
+/// Verifies access tokens for one service; every service holds one.
+///
+/// A token without `kid` is a user token, verified with the user-token
+/// public key; one with `kid` is a service token, verified with the public
+/// key of the service `kid` names, whose `sub` must be that service and
+/// whose `aud` must be the service verifying it. Anything else (a service
+/// token signed with the user-token key, a user token signed with a service
+/// key, an unknown `kid`, another audience, an expired token) is
+/// UNAUTHENTICATED.
 #[derive(Clone)]
 pub struct TokenVerifier {
-    key: DecodingKey,
-    validation: Validation,
+    user_key: DecodingKey,
+    user_validation: Validation,
+    /// The service this verifier verifies for: the only audience accepted.
+    service: String,
+    /// Calling service name -> the public key of its service tokens.
+    service_keys: Arc<BTreeMap<String, DecodingKey>>,
+    service_validation: Validation,
 }
 
 impl std::fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenVerifier").finish_non_exhaustive()
+        f.debug_struct("TokenVerifier")
+            .field("service", &self.service)
+            .field("service_keys", &self.service_keys.keys())
+            .finish_non_exhaustive()
     }
 }
 
 impl TokenVerifier {
-    /// A verifier from an SPKI PEM public key.
-    pub fn from_pem(public_pem: &[u8], issuer: &str) -> Result<Self, Error> {
-        let key = DecodingKey::from_ed_pem(public_pem)
+    /// A verifier for service `service` that knows the user-token public key
+    /// (SPKI PEM) and no service key yet: add those with
+    /// [`Self::with_service_key`].
+    pub fn from_pem(user_public_pem: &[u8], issuer: &str, service: &str) -> Result<Self, Error> {
+        let user_key = DecodingKey::from_ed_pem(user_public_pem)
             .map_err(|err| Error::internal("reading the token verification key", err))?;
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.set_issuer(&[issuer]);
-        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        let mut user_validation = Validation::new(Algorithm::EdDSA);
+        user_validation.set_issuer(&[issuer]);
+        user_validation.set_required_spec_claims(&["exp", "iss", "sub"]);
         // Tolerate small clock differences between pods.
-        validation.leeway = 30;
-        Ok(Self { key, validation })
+        user_validation.leeway = CLOCK_LEEWAY_SECS;
+        // A user token carries no audience; one that does is refused, since
+        // no audience is expected here.
+        let mut service_validation = user_validation.clone();
+        service_validation.set_audience(&[service]);
+        service_validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+        Ok(Self {
+            user_key,
+            user_validation,
+            service: service.to_owned(),
+            service_keys: Arc::new(BTreeMap::new()),
+            service_validation,
+        })
     }
 
-    /// The verifier configured in `auth`: the public key (inline or file), or
-    /// the one derived from the private key when only that is configured.
-    pub fn from_config(config: &AuthConfig) -> Result<Self, Error> {
+    /// Trusts service tokens of `caller` signed with the key whose public
+    /// half is `public_pem` (SPKI PEM).
+    pub fn with_service_key(mut self, caller: &str, public_pem: &[u8]) -> Result<Self, Error> {
+        let key = DecodingKey::from_ed_pem(public_pem).map_err(|err| {
+            Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("the service token public key of {caller} is not an Ed25519 SPKI PEM key"),
+            )
+            .with_source(err)
+        })?;
+        Arc::make_mut(&mut self.service_keys).insert(caller.to_owned(), key);
+        Ok(self)
+    }
+
+    /// The verifier of service `service` as configured in `auth`: the
+    /// user-token public key (inline or file, or derived from the private
+    /// key when only that is configured) and every service public key
+    /// (`auth.service_public_key_dir`, then `auth.service_public_keys`).
+    pub fn for_service(config: &AuthConfig, service: &str) -> Result<Self, Error> {
         let public = read_key(
             config.public_key_pem.clone(),
             config.public_key_file.as_deref(),
@@ -278,19 +481,86 @@ impl TokenVerifier {
                 public_pem_from_private(&private)?
             }
         };
-        Self::from_pem(pem.as_bytes(), &config.issuer)
+        let mut verifier = Self::from_pem(pem.as_bytes(), &config.issuer, service)?;
+        let mut service_keys = match &config.service_public_key_dir {
+            Some(dir) => service_public_keys_in(dir)?,
+            None => BTreeMap::new(),
+        };
+        service_keys.extend(config.service_public_keys.clone());
+        if service_keys.is_empty() {
+            // Not fatal (a service may accept no service calls at all), but
+            // every service token will be refused.
+            tracing::warn!(
+                service,
+                "no service public keys configured (auth.service_public_keys or \
+                 auth.service_public_key_dir): service tokens will be refused"
+            );
+        }
+        for (caller, public_pem) in service_keys {
+            verifier = verifier.with_service_key(&caller, public_pem.as_bytes())?;
+        }
+        Ok(verifier)
+    }
+
+    /// The service this verifier verifies for.
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// Verifies a compact JWT.
     pub fn verify(&self, token: &str) -> Result<Claims, Error> {
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map(|data| data.claims)
-            .map_err(|err| {
-                Error::new(
-                    ErrorKind::Unauthenticated,
-                    format!("invalid access token: {err}"),
-                )
-            })
+        let header = jsonwebtoken::decode_header(token).map_err(|err| self.invalid(&err))?;
+        match header.kid {
+            None => {
+                let not_a_user_token = || {
+                    unauthenticated(
+                        "a service token must be signed with its service's own key and name it in `kid`",
+                    )
+                };
+                let claims =
+                    jsonwebtoken::decode::<Claims>(token, &self.user_key, &self.user_validation)
+                        .map(|data| data.claims)
+                        .map_err(|err| match err.kind() {
+                            // Only service tokens have an audience.
+                            jsonwebtoken::errors::ErrorKind::InvalidAudience => not_a_user_token(),
+                            _ => self.invalid(&err),
+                        })?;
+                if claims.kind != TokenKind::User {
+                    return Err(not_a_user_token());
+                }
+                Ok(claims)
+            }
+            Some(kid) => {
+                let key = self.service_keys.get(&kid).ok_or_else(|| {
+                    unauthenticated("service token signed by an unknown service key")
+                })?;
+                let claims = jsonwebtoken::decode::<Claims>(token, key, &self.service_validation)
+                    .map(|data| data.claims)
+                    .map_err(|err| self.invalid(&err))?;
+                if claims.kind != TokenKind::Service {
+                    return Err(unauthenticated(
+                        "a token signed with a service key must be a service token",
+                    ));
+                }
+                if claims.sub != kid {
+                    return Err(unauthenticated(format!(
+                        "service token of {} signed with the key of {kid}",
+                        claims.sub
+                    )));
+                }
+                Ok(claims)
+            }
+        }
+    }
+
+    fn invalid(&self, err: &jsonwebtoken::errors::Error) -> Error {
+        match err.kind() {
+            jsonwebtoken::errors::ErrorKind::InvalidAudience => unauthenticated(format!(
+                "invalid access token: not meant for {}",
+                self.service
+            )),
+            _ => unauthenticated(format!("invalid access token: {err}")),
+        }
     }
 
     /// The caller of a request: anonymous without an `authorization` header,
@@ -324,6 +594,54 @@ impl TokenVerifier {
             TokenKind::Service => Caller::Service { name: claims.sub },
         })
     }
+}
+
+fn unauthenticated(message: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Unauthenticated, message)
+}
+
+fn now_secs() -> i64 {
+    crate::time::now_micros() / 1_000_000
+}
+
+/// The `<service>.pub.pem` files of `dir`, by service name. The user-token
+/// public key is skipped: a ConfigMap of every public key, mounted as one
+/// folder, holds it too, and it is no service's key.
+fn service_public_keys_in(dir: &Path) -> Result<BTreeMap<String, String>, Error> {
+    let unreadable = |err: std::io::Error| {
+        Error::new(
+            ErrorKind::FailedPrecondition,
+            format!("cannot read auth.service_public_key_dir {}", dir.display()),
+        )
+        .with_source(err)
+    };
+    let mut keys = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            continue;
+        };
+        // Hidden entries include a mounted ConfigMap's `..data` links.
+        if file_name == PUBLIC_KEY_FILE || file_name.starts_with('.') {
+            continue;
+        }
+        let Some(service) = file_name.strip_suffix(SERVICE_PUBLIC_KEY_SUFFIX) else {
+            continue;
+        };
+        if service.is_empty() {
+            continue;
+        }
+        let pem = std::fs::read_to_string(entry.path()).map_err(|err| {
+            Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("cannot read service public key {}", entry.path().display()),
+            )
+            .with_source(err)
+        })?;
+        keys.insert(service.to_owned(), pem);
+    }
+    Ok(keys)
 }
 
 /// A new Ed25519 key pair as PEM: (PKCS#8 private key, SPKI public key).
@@ -372,11 +690,13 @@ fn read_key(inline: Option<String>, file: Option<&Path>, key: &str) -> Result<St
 mod tests {
     use super::*;
 
+    const ISSUER: &str = "agora";
+
     fn pair() -> (TokenIssuer, TokenVerifier) {
         let (private, public) = generate_keypair_pem().expect("keygen");
         (
-            TokenIssuer::from_pem(private.expose().as_bytes(), "agora", 60).expect("issuer"),
-            TokenVerifier::from_pem(public.as_bytes(), "agora").expect("verifier"),
+            TokenIssuer::from_pem(private.expose().as_bytes(), ISSUER, 60).expect("issuer"),
+            TokenVerifier::from_pem(public.as_bytes(), ISSUER, "catalog").expect("verifier"),
         )
     }
 
@@ -389,6 +709,65 @@ mod tests {
         md
     }
 
+    /// The user-token pair, the `orders` and `catalog` service keys, and an
+    /// `inventory` verifier trusting the three.
+    struct Mesh {
+        user_private: Secret<String>,
+        orders_private: Secret<String>,
+        orders: ServiceTokenSigner,
+        catalog: ServiceTokenSigner,
+        inventory: TokenVerifier,
+    }
+
+    fn mesh() -> Mesh {
+        let (user_private, user_public) = generate_keypair_pem().expect("keygen");
+        let (orders_private, orders_public) = generate_keypair_pem().expect("keygen");
+        let (catalog_private, catalog_public) = generate_keypair_pem().expect("keygen");
+        let signer = |pem: &Secret<String>, service| {
+            ServiceTokenSigner::from_pem(pem.expose().as_bytes(), ISSUER, service, 60)
+                .expect("signer")
+        };
+        Mesh {
+            orders: signer(&orders_private, "orders"),
+            catalog: signer(&catalog_private, "catalog"),
+            inventory: TokenVerifier::from_pem(user_public.as_bytes(), ISSUER, "inventory")
+                .and_then(|v| v.with_service_key("orders", orders_public.as_bytes()))
+                .and_then(|v| v.with_service_key("catalog", catalog_public.as_bytes()))
+                .expect("verifier"),
+            user_private,
+            orders_private,
+        }
+    }
+
+    /// A token with any header `kid` and claims, signed with `private`.
+    fn forge(private: &Secret<String>, kid: Option<&str>, claims: &Claims) -> String {
+        let key = EncodingKey::from_ed_pem(private.expose().as_bytes()).expect("key");
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, claims, &key).expect("encode")
+    }
+
+    fn service_claims(sub: &str, aud: &str) -> Claims {
+        let now = now_secs();
+        Claims {
+            iss: ISSUER.into(),
+            sub: sub.into(),
+            aud: Some(aud.into()),
+            iat: now,
+            exp: now + 60,
+            jti: "j".into(),
+            kind: TokenKind::Service,
+            email: None,
+            roles: vec![],
+        }
+    }
+
+    fn refusal(verifier: &TokenVerifier, token: &str) -> Error {
+        verifier
+            .caller(&bearer(token))
+            .expect_err("must be refused")
+    }
+
     #[test]
     fn issued_user_tokens_verify_into_user_callers() {
         let (issuer, verifier) = pair();
@@ -398,9 +777,7 @@ mod tests {
         let caller = verifier.caller(&bearer(&token.token)).expect("verify");
         assert!(caller.is_user("u1"));
         assert!(caller.is_admin());
-        let service = issuer.issue_service_token("orders").expect("issue");
-        let caller = verifier.caller(&bearer(&service.token)).expect("verify");
-        assert!(caller.is_service() && !caller.is_admin());
+        assert!(!caller.is_service());
     }
 
     #[test]
@@ -431,12 +808,13 @@ mod tests {
     #[test]
     fn expired_tokens_are_rejected() {
         let (private, public) = generate_keypair_pem().expect("keygen");
-        let verifier = TokenVerifier::from_pem(public.as_bytes(), "agora").expect("verifier");
-        let key = EncodingKey::from_ed_pem(private.expose().as_bytes()).expect("key");
-        let now = crate::time::now_micros() / 1_000_000;
+        let verifier =
+            TokenVerifier::from_pem(public.as_bytes(), ISSUER, "catalog").expect("verifier");
+        let now = now_secs();
         let claims = Claims {
-            iss: "agora".into(),
+            iss: ISSUER.into(),
             sub: "u1".into(),
+            aud: None,
             iat: now - 7200,
             exp: now - 3600,
             jti: "j".into(),
@@ -444,8 +822,7 @@ mod tests {
             email: None,
             roles: vec![],
         };
-        let token =
-            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key).expect("encode");
+        let token = forge(&private, None, &claims);
         assert!(verifier.verify(&token).is_err());
     }
 
@@ -457,8 +834,260 @@ mod tests {
             ..AuthConfig::default()
         };
         let issuer = TokenIssuer::from_config(&config).expect("issuer");
-        let verifier = TokenVerifier::from_config(&config).expect("verifier");
+        let verifier = TokenVerifier::for_service(&config, "catalog").expect("verifier");
         let token = issuer.issue_user_token("u", "u@x.io", &[]).expect("issue");
         assert!(verifier.verify(&token.token).is_ok());
+    }
+
+    #[test]
+    fn a_service_token_for_this_service_from_an_allowed_caller_is_accepted() {
+        let mesh = mesh();
+        let token = mesh.orders.token_for("inventory").expect("sign");
+        let claims = mesh.inventory.verify(&token).expect("verify");
+        assert_eq!(
+            (claims.sub.as_str(), claims.aud.as_deref(), claims.kind),
+            ("orders", Some("inventory"), TokenKind::Service)
+        );
+        assert!(claims.exp - claims.iat == 60);
+        let caller = mesh.inventory.caller(&bearer(&token)).expect("caller");
+        assert_eq!(
+            caller,
+            Caller::Service {
+                name: "orders".into()
+            }
+        );
+        assert!(caller.require_service_from(&["orders"]).is_ok());
+        assert!(caller.require_service_from(&["payments", "orders"]).is_ok());
+    }
+
+    #[test]
+    fn a_service_not_in_the_allowed_list_is_denied_by_name() {
+        let mesh = mesh();
+        let token = mesh.catalog.token_for("inventory").expect("sign");
+        let caller = mesh.inventory.caller(&bearer(&token)).expect("valid token");
+        let err = caller
+            .require_service_from(&["orders"])
+            .expect_err("catalog is not allowed");
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+        assert_eq!(err.message(), "catalog may not call this; allowed: orders");
+        // Users (even admins) are denied, anonymous callers unauthenticated.
+        let admin = Caller::User {
+            id: "u".into(),
+            email: None,
+            roles: vec![ADMIN_ROLE.into()],
+        };
+        let err = admin.require_service_from(&["orders"]).expect_err("user");
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+        let err = Caller::Anonymous
+            .require_service_from(&["orders"])
+            .expect_err("anonymous");
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+    }
+
+    #[test]
+    fn a_service_token_for_another_audience_is_unauthenticated() {
+        let mesh = mesh();
+        let token = mesh.orders.token_for("payments").expect("sign");
+        let err = refusal(&mesh.inventory, &token);
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+        assert!(err.message().contains("not meant for inventory"), "{err}");
+    }
+
+    #[test]
+    fn an_expired_service_token_is_unauthenticated() {
+        let mesh = mesh();
+        let mut claims = service_claims("orders", "inventory");
+        // Beyond the clock leeway.
+        claims.iat -= 600;
+        claims.exp = claims.iat + 60;
+        let token = forge(&mesh.orders_private, Some("orders"), &claims);
+        let err = refusal(&mesh.inventory, &token);
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+        assert!(err.message().contains("xpired"), "{err}");
+    }
+
+    #[test]
+    fn a_service_token_signed_by_an_unknown_key_is_unauthenticated() {
+        let mesh = mesh();
+        // A key nobody trusts, in the name of a known service...
+        let (stranger, _) = generate_keypair_pem().expect("keygen");
+        let signer =
+            ServiceTokenSigner::from_pem(stranger.expose().as_bytes(), ISSUER, "orders", 60)
+                .expect("signer");
+        let err = refusal(
+            &mesh.inventory,
+            &signer.token_for("inventory").expect("sign"),
+        );
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+        // ... and in the name of an unknown one.
+        let signer =
+            ServiceTokenSigner::from_pem(stranger.expose().as_bytes(), ISSUER, "gateway", 60)
+                .expect("signer");
+        let err = refusal(
+            &mesh.inventory,
+            &signer.token_for("inventory").expect("sign"),
+        );
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+        assert!(err.message().contains("unknown service key"), "{err}");
+    }
+
+    #[test]
+    fn a_service_token_signed_with_the_user_token_key_is_unauthenticated() {
+        let mesh = mesh();
+        let claims = service_claims("orders", "inventory");
+        // Without `kid`, as the user-token issuer signs: a user-key token
+        // that claims to be a service.
+        let token = forge(&mesh.user_private, None, &claims);
+        let err = refusal(&mesh.inventory, &token);
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+        assert!(err.message().contains("its service's own key"), "{err}");
+        // With `kid`: the orders key does not verify it.
+        let token = forge(&mesh.user_private, Some("orders"), &claims);
+        assert_eq!(
+            refusal(&mesh.inventory, &token).kind(),
+            ErrorKind::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn a_kid_that_is_not_the_subject_is_unauthenticated() {
+        let mesh = mesh();
+        // Orders signs with its own key but claims to be payments.
+        let token = forge(
+            &mesh.orders_private,
+            Some("orders"),
+            &service_claims("payments", "inventory"),
+        );
+        let err = refusal(&mesh.inventory, &token);
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+        assert!(
+            err.message()
+                .contains("service token of payments signed with the key of orders"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_service_key_cannot_sign_user_tokens() {
+        let mesh = mesh();
+        let mut claims = service_claims("orders", "inventory");
+        claims.kind = TokenKind::User;
+        claims.roles = vec![ADMIN_ROLE.into()];
+        let token = forge(&mesh.orders_private, Some("orders"), &claims);
+        let err = refusal(&mesh.inventory, &token);
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+        assert!(err.message().contains("must be a service token"), "{err}");
+    }
+
+    #[test]
+    fn a_user_token_with_an_audience_is_unauthenticated() {
+        let mesh = mesh();
+        let mut claims = service_claims("u1", "inventory");
+        claims.kind = TokenKind::User;
+        let token = forge(&mesh.user_private, None, &claims);
+        assert_eq!(
+            refusal(&mesh.inventory, &token).kind(),
+            ErrorKind::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn service_tokens_are_cached_per_audience_and_re_signed_near_expiry() {
+        let mesh = mesh();
+        let now = now_secs();
+        let first = mesh.orders.token_at("inventory", now).expect("sign");
+        // Half the lifetime left or more: the same token.
+        assert_eq!(
+            mesh.orders.token_at("inventory", now + 10).expect("sign"),
+            first
+        );
+        assert_eq!(
+            mesh.orders.token_at("inventory", now + 30).expect("sign"),
+            first
+        );
+        // Another audience: a token of its own.
+        let payments = mesh.orders.token_at("payments", now).expect("sign");
+        assert_ne!(payments, first);
+        // Less than half left: a new token, valid for a full lifetime again.
+        let renewed = mesh.orders.token_at("inventory", now + 31).expect("sign");
+        assert_ne!(renewed, first);
+        let claims = mesh.inventory.verify(&renewed).expect("verify");
+        assert_eq!(claims.exp, now + 31 + 60);
+        // And that one is now the cached one.
+        assert_eq!(
+            mesh.orders.token_at("inventory", now + 40).expect("sign"),
+            renewed
+        );
+        // Clones share the cache.
+        assert_eq!(
+            mesh.orders
+                .clone()
+                .token_at("payments", now + 1)
+                .expect("sign"),
+            payments
+        );
+    }
+
+    #[test]
+    fn the_configured_verifier_reads_service_keys_from_a_folder_and_inline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (user_private, user_public) = generate_keypair_pem().expect("keygen");
+        let (orders_private, orders_public) = generate_keypair_pem().expect("keygen");
+        let (payments_private, payments_public) = generate_keypair_pem().expect("keygen");
+        std::fs::write(dir.path().join("orders.pub.pem"), &orders_public).expect("write");
+        // Ignored: the user-token key, private keys, other files.
+        std::fs::write(dir.path().join(PUBLIC_KEY_FILE), &user_public).expect("write");
+        std::fs::write(dir.path().join("orders.pem"), orders_private.expose()).expect("write");
+        std::fs::write(dir.path().join("README"), "not a key").expect("write");
+        let config = AuthConfig {
+            public_key_pem: Some(user_public),
+            service_public_key_dir: Some(dir.path().to_path_buf()),
+            // As an environment variable gives it: without the final newline.
+            service_public_keys: BTreeMap::from([(
+                "payments".to_owned(),
+                payments_public.trim_end().to_owned(),
+            )]),
+            ..AuthConfig::default()
+        };
+        let verifier = TokenVerifier::for_service(&config, "inventory").expect("verifier");
+        assert_eq!(
+            verifier.service_keys.keys().collect::<Vec<_>>(),
+            ["orders", "payments"]
+        );
+        for (private, caller) in [(&orders_private, "orders"), (&payments_private, "payments")] {
+            let signer =
+                ServiceTokenSigner::from_pem(private.expose().as_bytes(), ISSUER, caller, 60)
+                    .expect("signer");
+            let token = signer.token_for("inventory").expect("sign");
+            assert!(verifier.verify(&token).is_ok(), "{caller}");
+        }
+        // The user-token key lying in the folder is not a service's key.
+        let jwt = forge(
+            &user_private,
+            Some("jwt_ed25519"),
+            &service_claims("jwt_ed25519", "inventory"),
+        );
+        assert!(verifier.verify(&jwt).is_err());
+    }
+
+    #[test]
+    fn the_configured_signer_uses_the_service_key_and_ttl() {
+        let (private, public) = generate_keypair_pem().expect("keygen");
+        let mut config = Config::default();
+        config.auth.service_token_ttl_secs = 120;
+        config.orders.signing_key_pem = Some(private);
+        let signer = ServiceTokenSigner::from_config(&config, "orders").expect("signer");
+        assert_eq!(signer.service(), "orders");
+        let verifier = TokenVerifier::from_pem(public.as_bytes(), ISSUER, "payments")
+            .and_then(|v| v.with_service_key("orders", public.as_bytes()))
+            .expect("verifier");
+        let claims = verifier
+            .verify(&signer.token_for("payments").expect("sign"))
+            .expect("verify");
+        assert_eq!(claims.exp - claims.iat, 120);
+        // A service without a key cannot sign.
+        let err = ServiceTokenSigner::from_config(&config, "catalog").expect_err("no key");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        assert!(err.message().contains("catalog.signing_key_file"), "{err}");
     }
 }

@@ -5,6 +5,7 @@
 //! `__` separating nested keys (`AGORA_USERS__DATABASE_URL`), and finally
 //! command-line flags, which the binary merges through [`load`]'s `overrides`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -68,6 +69,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// The checkout saga: deadlines, leases, reservation expiry.
     pub checkout: CheckoutConfig,
+    /// Calls between services: discovery, deadlines, retries, circuit breakers.
+    pub clients: ClientsConfig,
     /// SMTP server for the notifications service (`smtp://host:port`,
     /// `smtps://user:pass@host`); unset writes `.eml` files under
     /// `<data_dir>/mail/` instead. May hold a password, hence secret.
@@ -135,6 +138,14 @@ pub struct CheckoutConfig {
     /// inventory releases it, so stock held by a saga that never finishes
     /// comes back. Well above `saga_timeout_ms`.
     pub reservation_ttl_secs: u64,
+    /// Milliseconds between two sweeps of inventory's expired reservations
+    /// and of payments' unsettled charges.
+    pub sweep_interval_ms: u64,
+    /// Milliseconds a payment may stay `processing` (claimed, the provider's
+    /// answer not recorded: payments died in between) before the sweeper
+    /// settles it from the provider's books, or voids it when the provider
+    /// has nothing. Well above how long one provider call may take.
+    pub payment_settle_after_ms: u64,
 }
 
 impl Default for CheckoutConfig {
@@ -145,8 +156,74 @@ impl Default for CheckoutConfig {
             place_order_wait_ms: 10_000,
             lease_ms: 10_000,
             reservation_ttl_secs: 900,
+            sweep_interval_ms: 5_000,
+            payment_settle_after_ms: 60_000,
         }
     }
+}
+
+/// How a service finds and calls another (`agora-platform-client`): where
+/// the instances are, how long a call may take, when a failed call is tried
+/// again, and when an instance that keeps failing is left alone for a while.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientsConfig {
+    /// Where the instances of a service are found: `static` (each service's
+    /// `addresses`, else its `listen_addr`) or `nats` (the instances
+    /// registered in the `agora_services` key-value bucket on `nats_url`,
+    /// where `agora serve` registers every service it runs).
+    pub discovery: DiscoveryMode,
+    /// Deadline of an outgoing call in milliseconds, unless the caller set a
+    /// shorter one or the request being served has less time left.
+    pub default_timeout_ms: u64,
+    /// At most this many retries of a call the caller marked idempotent that
+    /// failed with UNAVAILABLE (0: never retry).
+    pub max_retries: u32,
+    /// Retries allowed on top of the calls made, in percent of the calls of
+    /// the last 10 seconds (plus one retry per second whatever the traffic),
+    /// so that retries cannot multiply the load on a service that is down.
+    pub retry_budget_percent: u32,
+    /// Consecutive failures of one instance (UNAVAILABLE, DEADLINE_EXCEEDED,
+    /// no connection) that open its circuit breaker: calls to it then fail
+    /// at once, without touching the network.
+    pub breaker_failure_threshold: u32,
+    /// Milliseconds an open circuit breaker waits before it lets one probe
+    /// call through (half-open): success closes it, failure opens it again.
+    pub breaker_recovery_ms: u64,
+    /// Seconds between two heartbeats of a registered instance (`nats`
+    /// discovery): each re-writes its address, health and time.
+    pub heartbeat_secs: u64,
+    /// Seconds after its last heartbeat an instance counts as gone: its key
+    /// expires from the bucket and clients stop calling it. Several
+    /// heartbeats long, so one late heartbeat does not drop an instance.
+    pub instance_ttl_secs: u64,
+}
+
+impl Default for ClientsConfig {
+    fn default() -> Self {
+        Self {
+            discovery: DiscoveryMode::Static,
+            default_timeout_ms: 5_000,
+            max_retries: 2,
+            retry_budget_percent: 20,
+            breaker_failure_threshold: 5,
+            breaker_recovery_ms: 5_000,
+            heartbeat_secs: 2,
+            instance_ttl_secs: 10,
+        }
+    }
+}
+
+/// Where clients find the instances of a service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryMode {
+    /// Addresses from configuration (`<service>.addresses`, else its
+    /// `listen_addr`): one process, Compose, or Kubernetes Service DNS.
+    #[default]
+    Static,
+    /// Instances registered in NATS, each with its health and heartbeat.
+    Nats,
 }
 
 /// Settings of one service.
@@ -159,6 +236,30 @@ pub struct ServiceConfig {
     /// the service under `data_dir`. May hold a password, hence secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_url: Option<Secret<String>>,
+    /// Where other services call this one with static discovery, as URIs:
+    /// `http://payments:50054` (a Kubernetes Service) or several replicas'
+    /// addresses. Empty: `http://<listen_addr>`, an unspecified address
+    /// (`0.0.0.0`, `[::]`) read as 127.0.0.1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// The address this service registers for others to dial with `nats`
+    /// discovery (`http://10.1.2.3:50054`; `http://` is assumed when no
+    /// scheme is given). Default: the address it bound, an unspecified one
+    /// read as 127.0.0.1 (which only reaches processes on the same host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_addr: Option<String>,
+    /// Ed25519 private key (PKCS#8 PEM file) this service signs its service
+    /// tokens with, when it calls another service's internal RPCs. Each
+    /// service has its own, held by that service only; its public half goes
+    /// to `auth.service_public_keys` / `auth.service_public_key_dir` of every
+    /// service. Default: `<data_dir>/keys/services/<service>.pem` if present
+    /// and this process runs the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_file: Option<PathBuf>,
+    /// The same key as PEM text (for example from a Kubernetes Secret); wins
+    /// over `signing_key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_pem: Option<Secret<String>>,
 }
 
 impl ServiceConfig {
@@ -166,8 +267,45 @@ impl ServiceConfig {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], port)),
             database_url: None,
+            addresses: Vec::new(),
+            advertise_addr: None,
+            signing_key_file: None,
+            signing_key_pem: None,
         }
     }
+}
+
+impl ServiceConfig {
+    /// The addresses clients dial with static discovery: `addresses`, or
+    /// `http://<listen_addr>`.
+    pub fn dial_addresses(&self) -> Vec<String> {
+        if self.addresses.is_empty() {
+            vec![dialable(self.listen_addr)]
+        } else {
+            self.addresses.clone()
+        }
+    }
+
+    /// The address this service registers once it has bound `bound`:
+    /// `advertise_addr`, or `bound` as an `http://` URI.
+    pub fn advertised_address(&self, bound: SocketAddr) -> String {
+        match &self.advertise_addr {
+            Some(address) if address.contains("://") => address.clone(),
+            Some(address) => format!("http://{address}"),
+            None => dialable(bound),
+        }
+    }
+}
+
+/// `http://<addr>`, with an unspecified IP (bind to every interface) replaced
+/// by 127.0.0.1, the one of them every local client can reach.
+fn dialable(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
 }
 
 /// JWT settings. Keys are PEM files (PKCS#8 private key, SPKI public key) or
@@ -187,6 +325,23 @@ pub struct AuthConfig {
     pub public_key_file: Option<PathBuf>,
     /// Ed25519 public key as PEM text.
     pub public_key_pem: Option<String>,
+    /// Public keys of service tokens: service name -> SPKI PEM text. A
+    /// service token is verified with the key of the service its `kid`
+    /// header names, so only that service can sign tokens in its name. Set
+    /// one per variable: `AGORA_AUTH__SERVICE_PUBLIC_KEYS__ORDERS="$(cat
+    /// orders.pub.pem)"`. Wins over a file of the same service in
+    /// `service_public_key_dir`.
+    pub service_public_keys: BTreeMap<String, String>,
+    /// A folder of service public keys, one `<service>.pub.pem` file each (as
+    /// `agora keygen` writes them to `<dir>/services/`, or a Kubernetes
+    /// ConfigMap mounted as a volume); other files are ignored, and so is
+    /// the user-token key `jwt_ed25519.pub.pem` when it lies there too.
+    /// Default: `<data_dir>/keys/services/` if present.
+    pub service_public_key_dir: Option<PathBuf>,
+    /// Lifetime of a service token, in seconds. A caller re-signs its token
+    /// for a target once less than half of it is left, so a stolen token is
+    /// of use for this long at most (plus 30 s of tolerated clock skew).
+    pub service_token_ttl_secs: u64,
     /// Emails that receive the admin role when they sign up (the way to
     /// bootstrap the first admin; `just up` seeds one).
     pub admin_emails: Vec<String>,
@@ -201,6 +356,9 @@ impl Default for AuthConfig {
             private_key_pem: None,
             public_key_file: None,
             public_key_pem: None,
+            service_public_keys: BTreeMap::new(),
+            service_public_key_dir: None,
+            service_token_ttl_secs: 60,
             admin_emails: Vec::new(),
         }
     }
@@ -216,6 +374,7 @@ impl Default for Config {
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             events: EventsConfig::default(),
             checkout: CheckoutConfig::default(),
+            clients: ClientsConfig::default(),
             smtp_url: None,
             mail_from: "Agora <no-reply@agora.localhost>".to_owned(),
             auth: AuthConfig::default(),
@@ -233,21 +392,70 @@ impl Default for Config {
 pub const PRIVATE_KEY_FILE: &str = "jwt_ed25519.pem";
 /// File name of the development public key under `<data_dir>/keys/`.
 pub const PUBLIC_KEY_FILE: &str = "jwt_ed25519.pub.pem";
+/// Folder of the service token key pairs under `<data_dir>/keys/`.
+pub const SERVICE_KEYS_DIR: &str = "services";
+
+/// File name of the private key service `service` signs its service tokens
+/// with, in [`SERVICE_KEYS_DIR`].
+pub fn service_private_key_file(service: &str) -> String {
+    format!("{service}.pem")
+}
+
+/// File name of the public key of service `service`'s tokens, in
+/// [`SERVICE_KEYS_DIR`] (or any `auth.service_public_key_dir`).
+pub fn service_public_key_file(service: &str) -> String {
+    format!("{service}{SERVICE_PUBLIC_KEY_SUFFIX}")
+}
+
+/// How the name of a service public key file ends.
+pub const SERVICE_PUBLIC_KEY_SUFFIX: &str = ".pub.pem";
 
 impl Config {
-    /// Where no token key is configured, uses the pair `agora keygen` writes to
-    /// `<data_dir>/keys/`, if it is there.
-    pub fn use_default_key_files(&mut self) {
+    /// Where no token key is configured, uses the keys `agora keygen` writes
+    /// to `<data_dir>/keys/`, if they are there, but only the private keys
+    /// the `services` run by this process need: the user-token signing key
+    /// when `users` is among them, and the service-token signing key of each
+    /// of them. Public keys are always used. So in the mesh (one process per
+    /// service) a process holds no other service's private key, and only the
+    /// users process can sign user tokens.
+    pub fn use_default_key_files(&mut self, services: &[&str]) {
         let keys = self.data_dir.join("keys");
+        let service_keys = keys.join(SERVICE_KEYS_DIR);
+        let existing = |path: PathBuf| path.exists().then_some(path);
         let auth = &mut self.auth;
-        if auth.private_key_pem.is_none() && auth.private_key_file.is_none() {
-            let path = keys.join(PRIVATE_KEY_FILE);
-            auth.private_key_file = path.exists().then_some(path);
+        if services.contains(&"users")
+            && auth.private_key_pem.is_none()
+            && auth.private_key_file.is_none()
+        {
+            auth.private_key_file = existing(keys.join(PRIVATE_KEY_FILE));
         }
         if auth.public_key_pem.is_none() && auth.public_key_file.is_none() {
-            let path = keys.join(PUBLIC_KEY_FILE);
-            auth.public_key_file = path.exists().then_some(path);
+            auth.public_key_file = existing(keys.join(PUBLIC_KEY_FILE));
         }
+        if auth.service_public_key_dir.is_none() {
+            auth.service_public_key_dir = existing(service_keys.clone());
+        }
+        for name in services {
+            if let Some(service) = self.service_mut(name)
+                && service.signing_key_pem.is_none()
+                && service.signing_key_file.is_none()
+            {
+                service.signing_key_file =
+                    existing(service_keys.join(service_private_key_file(name)));
+            }
+        }
+    }
+
+    fn service_mut(&mut self, name: &str) -> Option<&mut ServiceConfig> {
+        Some(match name {
+            "users" => &mut self.users,
+            "catalog" => &mut self.catalog,
+            "inventory" => &mut self.inventory,
+            "payments" => &mut self.payments,
+            "orders" => &mut self.orders,
+            "notifications" => &mut self.notifications,
+            _ => return None,
+        })
     }
 
     /// The settings of the service called `name` (`users`, `catalog`, ...).
@@ -414,11 +622,143 @@ mod tests {
     }
 
     #[test]
+    fn clients_dial_the_listen_address_unless_addresses_are_given() {
+        let mut service = ServiceConfig::on_port(50054);
+        assert_eq!(service.dial_addresses(), ["http://127.0.0.1:50054"]);
+        service.listen_addr = "0.0.0.0:7000".parse().expect("address");
+        assert_eq!(service.dial_addresses(), ["http://127.0.0.1:7000"]);
+        service.listen_addr = "[::]:7000".parse().expect("address");
+        assert_eq!(service.dial_addresses(), ["http://127.0.0.1:7000"]);
+        let bound = "[::1]:7001".parse().expect("address");
+        assert_eq!(service.advertised_address(bound), "http://[::1]:7001");
+        service.advertise_addr = Some("10.1.2.3:50054".into());
+        assert_eq!(service.advertised_address(bound), "http://10.1.2.3:50054");
+        service.addresses = vec!["http://payments:50054".into()];
+        assert_eq!(service.dial_addresses(), ["http://payments:50054"]);
+    }
+
+    #[test]
+    fn clients_settings_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AGORA_CLIENTS__DISCOVERY", "nats");
+            jail.set_env("AGORA_CLIENTS__MAX_RETRIES", "0");
+            jail.set_env(
+                "AGORA_PAYMENTS__ADDRESSES",
+                r#"["http://payments-0:50054", "http://payments-1:50054"]"#,
+            );
+            let config = load(None, serde_json::json!({}))
+                .map_err(|e| figment::Error::from(e.to_string()))?;
+            assert_eq!(config.clients.discovery, DiscoveryMode::Nats);
+            assert_eq!(config.clients.max_retries, 0);
+            assert_eq!(config.clients.default_timeout_ms, 5_000);
+            assert_eq!(config.payments.addresses.len(), 2);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn default_database_is_a_sqlite_file_per_service() {
         let config = Config::default();
         assert_eq!(
             config.database_url("users").expose(),
             "sqlite://.data/users.db?mode=rwc"
         );
+    }
+
+    #[test]
+    fn default_key_files_give_a_process_only_the_private_keys_of_its_services() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys");
+        let services = keys.join(SERVICE_KEYS_DIR);
+        std::fs::create_dir_all(&services).expect("mkdir");
+        for file in [PRIVATE_KEY_FILE, PUBLIC_KEY_FILE] {
+            std::fs::write(keys.join(file), "pem").expect("write");
+        }
+        for name in ["users", "orders", "payments"] {
+            std::fs::write(services.join(service_private_key_file(name)), "pem").expect("write");
+            std::fs::write(services.join(service_public_key_file(name)), "pem").expect("write");
+        }
+        let base = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+
+        let mut orders = base.clone();
+        orders.use_default_key_files(&["orders"]);
+        assert_eq!(orders.auth.private_key_file, None);
+        assert_eq!(
+            orders.auth.public_key_file,
+            Some(keys.join(PUBLIC_KEY_FILE))
+        );
+        assert_eq!(orders.auth.service_public_key_dir, Some(services.clone()));
+        assert_eq!(
+            orders.orders.signing_key_file,
+            Some(services.join("orders.pem"))
+        );
+        assert_eq!(orders.payments.signing_key_file, None);
+        assert_eq!(orders.users.signing_key_file, None);
+
+        let mut users = base.clone();
+        users.use_default_key_files(&["users"]);
+        assert_eq!(
+            users.auth.private_key_file,
+            Some(keys.join(PRIVATE_KEY_FILE))
+        );
+        assert_eq!(
+            users.users.signing_key_file,
+            Some(services.join("users.pem"))
+        );
+        assert_eq!(users.orders.signing_key_file, None);
+
+        // Configured keys win; a missing file is not used.
+        let mut mono = base;
+        mono.payments.signing_key_pem = Some(Secret::new("inline".into()));
+        mono.use_default_key_files(&["users", "catalog", "payments", "orders"]);
+        assert_eq!(mono.payments.signing_key_file, None);
+        assert_eq!(mono.catalog.signing_key_file, None);
+        assert!(mono.auth.private_key_file.is_some());
+        assert!(mono.orders.signing_key_file.is_some());
+    }
+
+    #[test]
+    fn service_keys_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "AGORA_AUTH__SERVICE_PUBLIC_KEYS__ORDERS",
+                "-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----\n",
+            );
+            jail.set_env(
+                "AGORA_AUTH__SERVICE_PUBLIC_KEY_DIR",
+                "/etc/agora/public-keys",
+            );
+            jail.set_env("AGORA_AUTH__SERVICE_TOKEN_TTL_SECS", "30");
+            jail.set_env("AGORA_ORDERS__SIGNING_KEY_FILE", "/etc/agora/orders.pem");
+            jail.set_env(
+                "AGORA_PAYMENTS__SIGNING_KEY_PEM",
+                "-----BEGIN PRIVATE KEY-----",
+            );
+            let config = load(None, serde_json::json!({}))
+                .map_err(|e| figment::Error::from(e.to_string()))?;
+            assert_eq!(
+                config
+                    .auth
+                    .service_public_keys
+                    .get("orders")
+                    .map(String::as_str),
+                // Trimmed by figment; PEM parsing does not need the newline.
+                Some("-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----")
+            );
+            assert_eq!(
+                config.auth.service_public_key_dir.as_deref(),
+                Some(Path::new("/etc/agora/public-keys"))
+            );
+            assert_eq!(config.auth.service_token_ttl_secs, 30);
+            assert_eq!(
+                config.orders.signing_key_file.as_deref(),
+                Some(Path::new("/etc/agora/orders.pem"))
+            );
+            assert!(config.payments.signing_key_pem.is_some());
+            Ok(())
+        });
     }
 }

@@ -5,6 +5,7 @@
 //! client can point at the offending field. Internal errors are logged with
 //! their cause and reach the client only as a generic message.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use tonic::{Code, Status};
@@ -60,7 +61,9 @@ pub struct Error {
     message: String,
     violations: Vec<(String, String)>,
     /// A stable, machine-readable reason (`google.rpc.ErrorInfo.reason`).
-    reason: Option<&'static str>,
+    reason: Option<Cow<'static, str>>,
+    /// `ErrorInfo.metadata` beside the reason, for example the order's id.
+    metadata: Vec<(String, String)>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -88,6 +91,7 @@ impl Error {
             message: message.into(),
             violations: Vec::new(),
             reason: None,
+            metadata: Vec::new(),
             source: None,
         }
     }
@@ -95,14 +99,21 @@ impl Error {
     /// Attaches a stable reason (UPPER_SNAKE_CASE, for example
     /// `CARD_DECLINED`), sent as `google.rpc.ErrorInfo` so that programs can
     /// branch on it.
-    pub fn with_reason(mut self, reason: &'static str) -> Self {
-        self.reason = Some(reason);
+    pub fn with_reason(mut self, reason: impl Into<Cow<'static, str>>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    /// Adds `key: value` to the `ErrorInfo` metadata (sent only with a
+    /// reason), for example the id of the order a failed checkout made.
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.push((key.into(), value.into()));
         self
     }
 
     /// The stable reason, if one was attached.
-    pub fn reason(&self) -> Option<&'static str> {
-        self.reason
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
     }
 
     /// INVALID_ARGUMENT naming one bad field.
@@ -157,6 +168,7 @@ impl fmt::Debug for Error {
             .field("message", &self.message)
             .field("violations", &self.violations)
             .field("reason", &self.reason)
+            .field("metadata", &self.metadata)
             .field("source", &self.source)
             .finish()
     }
@@ -191,7 +203,7 @@ impl From<Error> for Status {
             }
             ErrorKind::Unavailable => {
                 tracing::warn!(error = %err, "dependency unavailable");
-                with_reason(Status::unavailable(&err.message), err.reason)
+                with_reason(Status::unavailable(&err.message), err.reason, err.metadata)
             }
             ErrorKind::InvalidArgument if !err.violations.is_empty() => {
                 let violations = err
@@ -205,13 +217,17 @@ impl From<Error> for Status {
                     ErrorDetails::with_bad_request(violations),
                 )
             }
-            _ => with_reason(Status::new(code, err.message), err.reason),
+            _ => with_reason(Status::new(code, err.message), err.reason, err.metadata),
         }
     }
 }
 
 /// `status` with `reason` as its `google.rpc.ErrorInfo`, when there is one.
-fn with_reason(status: Status, reason: Option<&'static str>) -> Status {
+fn with_reason(
+    status: Status,
+    reason: Option<Cow<'static, str>>,
+    metadata: Vec<(String, String)>,
+) -> Status {
     match reason {
         Some(reason) => Status::with_error_details(
             status.code(),
@@ -219,7 +235,9 @@ fn with_reason(status: Status, reason: Option<&'static str>) -> Status {
             ErrorDetails::with_error_info(
                 reason,
                 ERROR_DOMAIN,
-                std::collections::HashMap::<String, String>::new(),
+                metadata
+                    .into_iter()
+                    .collect::<std::collections::HashMap<String, String>>(),
             ),
         ),
         None => status,
@@ -327,6 +345,7 @@ impl Violations {
             message: format!("invalid {fields}"),
             violations: self.0,
             reason: None,
+            metadata: Vec::new(),
             source: None,
         }
     }
@@ -401,11 +420,14 @@ mod tests {
 
     #[test]
     fn reasons_travel_as_error_info() {
-        let err =
-            Error::new(ErrorKind::FailedPrecondition, "card declined").with_reason("CARD_DECLINED");
+        let err = Error::new(ErrorKind::FailedPrecondition, "card declined")
+            .with_reason("CARD_DECLINED")
+            .with_metadata("order_id", "o1");
         let status = Status::from(err);
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert_eq!(reason_of(&status).as_deref(), Some("CARD_DECLINED"));
+        let info = status.get_details_error_info().expect("error info");
+        assert_eq!(info.metadata.get("order_id").map(String::as_str), Some("o1"));
         assert_eq!(reason_of(&Status::unavailable("x")), None);
     }
 

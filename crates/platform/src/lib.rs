@@ -12,12 +12,15 @@
 //!   reflection v1 and v1alpha, one tracing span per RPC, background workers
 //!   (an outbox relay, an event consumer) stopped after the drain, graceful
 //!   shutdown that drains in-flight calls.
+//! - [`deadline`]: the time left for the request being served (from its
+//!   `grpc-timeout`), which every outgoing call is bounded by.
 //! - [`error`]: the one table from domain error kinds to `tonic::Code`, with
 //!   `google.rpc.BadRequest` field violations for invalid input.
 //! - [`db`]: a sqlx pool over PostgreSQL or SQLite, chosen by the URL scheme,
 //!   with per-backend migrations.
-//! - [`auth`]: EdDSA JWT issuing and verification, and the [`auth::Caller`] a
-//!   request was made by.
+//! - [`auth`]: EdDSA JWTs: user tokens (signed by the users service), service
+//!   tokens (each service signs its own, per target service), verification
+//!   for one service, and the [`auth::Caller`] a request was made by.
 //! - [`email`]: the one definition of a valid, normalized email address.
 //! - [`ids`]: identifiers every service agrees on (`UserId`).
 //! - [`pagination`]: page sizes and opaque cursor page tokens for `List*` RPCs.
@@ -29,6 +32,7 @@
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod deadline;
 pub mod email;
 pub mod error;
 pub mod ids;

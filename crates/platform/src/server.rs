@@ -11,7 +11,9 @@
 //! One server can host several services (monolith mode) on one port. Every
 //! server also answers `grpc.health.v1.Health` (per service, from real
 //! dependency checks), and reflection v1 and v1alpha listing exactly the
-//! services it hosts. [`Application::run_until_stopped`] turns health to
+//! services it hosts. Each handler runs within the caller's `grpc-timeout`
+//! ([`DeadlineLayer`], [`crate::deadline`]), which bounds the calls it makes
+//! in turn. [`Application::run_until_stopped`] turns health to
 //! NOT_SERVING on shutdown, stops accepting, and lets in-flight calls finish
 //! for up to [`Server::drain_timeout`].
 
@@ -321,6 +323,9 @@ impl Application {
         let serve = tonic::transport::Server::builder()
             // Outermost: one span per RPC, so everything below is inside it.
             .layer(RpcTraceLayer)
+            // Next: the handler runs within the caller's `grpc-timeout`, so
+            // the calls it makes are bounded by what the caller has left.
+            .layer(DeadlineLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         tracing::info!(addr = %local_addr, "serving gRPC");
@@ -436,6 +441,55 @@ fn status(serving: bool) -> ServingStatus {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing
+    }
+}
+
+/// Runs every request's handler inside [`crate::deadline::scope`] of the
+/// deadline its `grpc-timeout` header states (requests without one run
+/// without a deadline).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeadlineLayer;
+
+impl<S> tower::Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Deadline { inner }
+    }
+}
+
+/// The service made by [`DeadlineLayer`].
+#[derive(Clone, Debug)]
+pub struct Deadline<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Deadline<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        tokio::task::futures::TaskLocalFuture<tokio::time::Instant, S::Future>,
+        S::Future,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // Read before the handler runs: the budget starts when the call arrives.
+        let deadline = crate::deadline::grpc_timeout(request.headers())
+            .and_then(|timeout| tokio::time::Instant::now().checked_add(timeout));
+        match deadline {
+            Some(deadline) => futures::future::Either::Left(crate::deadline::scope(
+                deadline,
+                self.inner.call(request),
+            )),
+            None => futures::future::Either::Right(self.inner.call(request)),
+        }
     }
 }
 

@@ -6,8 +6,9 @@
 //! # Layout
 //! - [`TestEnv`]: a configuration for one test: a fresh database on the chosen
 //!   [`Backend`] (a new PostgreSQL database on the test server, or a SQLite
-//!   file in a temp folder), a fresh Ed25519 key pair, a temp data folder, and
-//!   helpers that mint user, admin and service tokens.
+//!   file in a temp folder), fresh Ed25519 key pairs (the user-token pair and
+//!   one per service), a temp data folder, and helpers that mint user, admin
+//!   and service tokens.
 //! - [`TestServer`]: hosts services on port 0 and hands back a channel.
 //! - [`NatsServer`]: a private `nats-server` with JetStream (`sync_interval:
 //!   always`) on a free port, from the pinned binary the justfile installs.

@@ -1,8 +1,11 @@
 //! Services on port 0 with a configuration of their own.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use agora_platform::auth::{TokenIssuer, generate_keypair_pem};
+use agora_platform::auth::{
+    Claims, ServiceTokenSigner, TokenIssuer, TokenKind, generate_keypair_pem,
+};
 use agora_platform::config::{Config, Secret};
 use agora_platform::server::{HostedService, Server};
 use agora_platform::shutdown::CancellationToken;
@@ -11,11 +14,16 @@ use tonic::transport::{Channel, Endpoint};
 use crate::database::{Backend, TestDatabase};
 
 /// Everything one test needs to start services: a [`Config`] pointing at a
-/// fresh database and data folder, and the key pair its tokens are signed with.
+/// fresh database and data folder, the user-token key pair, and one
+/// service-token key pair per service (each private key in its service's
+/// settings, every public key in `auth`), as in production.
 pub struct TestEnv {
     /// The configuration to start services with; adjust it before starting.
     pub config: Config,
     issuer: TokenIssuer,
+    /// Per service: its token signer and its private key (for tokens the
+    /// signer would never make, such as expired ones).
+    service_keys: BTreeMap<&'static str, (ServiceTokenSigner, Secret<String>)>,
     databases: Vec<TestDatabase>,
     _data_dir: tempfile::TempDir,
 }
@@ -81,6 +89,31 @@ impl TestEnv {
         };
         config.auth.private_key_pem = Some(private_pem.clone());
         config.auth.public_key_pem = Some(public_pem);
+        let mut service_keys = BTreeMap::new();
+        for name in SERVICES {
+            let (service_private, service_public) = generate_keypair_pem()?;
+            let signer = ServiceTokenSigner::from_pem(
+                service_private.expose().as_bytes(),
+                &config.auth.issuer,
+                name,
+                config.auth.service_token_ttl_secs,
+            )?;
+            config
+                .auth
+                .service_public_keys
+                .insert(name.to_owned(), service_public);
+            service_keys.insert(name, (signer, service_private));
+        }
+        for (name, service) in [
+            ("users", &mut config.users),
+            ("catalog", &mut config.catalog),
+            ("inventory", &mut config.inventory),
+            ("payments", &mut config.payments),
+            ("orders", &mut config.orders),
+            ("notifications", &mut config.notifications),
+        ] {
+            service.signing_key_pem = service_keys.get(name).map(|(_, key)| key.clone());
+        }
         let url = Some(Secret::new(database.url().to_owned()));
         for service in [
             &mut config.users,
@@ -101,6 +134,7 @@ impl TestEnv {
         Ok(Self {
             config,
             issuer,
+            service_keys,
             databases: vec![database],
             _data_dir: data_dir,
         })
@@ -136,9 +170,38 @@ impl TestEnv {
         self.user_token(&id, "admin@agora.test", &["admin"])
     }
 
-    /// A service token for internal-only RPCs.
-    pub fn service_token(&self, service: &str) -> anyhow::Result<String> {
-        Ok(self.issuer.issue_service_token(service)?.token)
+    /// A token of service `caller` for calling service `audience`'s
+    /// internal RPCs, signed with `caller`'s own key as that service would.
+    pub fn service_token(&self, caller: &str, audience: &str) -> anyhow::Result<String> {
+        Ok(self.service_key(caller)?.0.token_for(audience)?)
+    }
+
+    /// A token of service `caller` for `audience`, signed with its key, that
+    /// expired ten minutes ago (well beyond the tolerated clock skew).
+    pub fn expired_service_token(&self, caller: &str, audience: &str) -> anyhow::Result<String> {
+        let (_, private_pem) = self.service_key(caller)?;
+        let now = agora_platform::time::now_micros() / 1_000_000;
+        let claims = Claims {
+            iss: self.config.auth.issuer.clone(),
+            sub: caller.to_owned(),
+            aud: Some(audience.to_owned()),
+            iat: now - 660,
+            exp: now - 600,
+            jti: uuid::Uuid::now_v7().to_string(),
+            kind: TokenKind::Service,
+            email: None,
+            roles: Vec::new(),
+        };
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some(caller.to_owned());
+        let key = jsonwebtoken::EncodingKey::from_ed_pem(private_pem.expose().as_bytes())?;
+        Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+    }
+
+    fn service_key(&self, caller: &str) -> anyhow::Result<&(ServiceTokenSigner, Secret<String>)> {
+        self.service_keys
+            .get(caller)
+            .ok_or_else(|| anyhow::anyhow!("no service {caller} (one of {SERVICES:?})"))
     }
 }
 

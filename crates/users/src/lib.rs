@@ -45,7 +45,7 @@ pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
     let db = Db::connect_and_migrate(&config.database_url("users"), MIGRATIONS).await?;
     let events = ServiceEvents::start(config, &db, "users").await?;
     let issuer = TokenIssuer::from_config(&config.auth)?;
-    let verifier = TokenVerifier::from_config(&config.auth)?;
+    let verifier = TokenVerifier::for_service(&config.auth, "users")?;
     let api = grpc::UserApi::new(
         store::SqlUserStore::new(events.outbox.clone()),
         issuer,

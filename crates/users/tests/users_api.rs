@@ -391,14 +391,21 @@ async fn access_rules_per_caller(backend: Backend) -> anyhow::Result<()> {
     h.client.get_user(get(&ada_token)).await?;
     h.client.get_user(get(&h.env.admin_token()?)).await?;
     h.client
-        .get_user(get(&h.env.service_token("orders")?))
+        .get_user(get(&h.env.service_token("orders", "users")?))
         .await?;
+    // Only the services that need it: others see no such user.
+    let status = h
+        .client
+        .get_user(get(&h.env.service_token("catalog", "users")?))
+        .await
+        .expect_err("catalog may not read users");
+    assert_eq!(status.code(), Code::NotFound);
     // A service may not read the audit trail.
     let status = h
         .client
         .list_user_events(with_token(
             pb::ListUserEventsRequest { id: ada.id.clone() },
-            &h.env.service_token("orders")?,
+            &h.env.service_token("orders", "users")?,
         ))
         .await
         .expect_err("service and history");

@@ -40,6 +40,18 @@ impl AgoraProcess {
     pub fn start(targets: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("data");
+        Self::start_in(dir, data, targets, env)
+    }
+
+    /// [`AgoraProcess::start`] on data folder `data` (created if missing;
+    /// its keys are kept if it has some, so that processes sharing it trust
+    /// each other's tokens), kept alive by `dir`.
+    pub fn start_in(
+        dir: tempfile::TempDir,
+        data: PathBuf,
+        targets: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let keygen = Command::new(AGORA)
             .arg("keygen")
             .arg("--dir")

@@ -1,0 +1,623 @@
+//! The checkout saga end to end: real users, catalog, inventory, payments,
+//! notifications and orders services on loopback, a private nats-server,
+//! and each service's own database (PostgreSQL and SQLite).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use agora_orders::checkout::BreakerState;
+use agora_platform::error::reason_of;
+use agora_platform::server::{HostedService, Server};
+use agora_platform::shutdown::CancellationToken;
+use agora_platform_events::DomainEvent;
+use agora_proto::catalog::v1 as catalog;
+use agora_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
+use agora_proto::common::v1::Money;
+use agora_proto::inventory::v1 as inventory;
+use agora_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use agora_proto::orders::v1 as orders;
+use agora_proto::orders::v1::order_service_client::OrderServiceClient;
+use agora_proto::payments::v1 as payments;
+use agora_proto::payments::v1::payment_service_client::PaymentServiceClient;
+use agora_proto::users::v1 as users;
+use agora_proto::users::v1::user_service_client::UserServiceClient;
+use agora_testkit::{Backend, NatsServer, TestEnv, TestServer, backend_tests, with_token};
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use prost::Message as _;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt as _;
+
+const GOOD_CARD: &str = "4242424242424242";
+const DECLINED_CARD: &str = "4000000000000002";
+/// Only a guard against a hang turning into a stuck test run.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// The whole mesh: orders on its own server, the services it calls (and
+/// users and notifications) on another.
+struct Mesh {
+    env: TestEnv,
+    nats: NatsServer,
+    _services: TestServer,
+    orders_server: TestServer,
+    checkout: agora_orders::checkout::Checkout,
+    admin: String,
+    users: UserServiceClient<Channel>,
+    catalog: CatalogServiceClient<Channel>,
+    inventory: InventoryServiceClient<Channel>,
+    payments: PaymentServiceClient<Channel>,
+    orders: OrderServiceClient<Channel>,
+}
+
+/// A customer with an account (so that emails find their address).
+struct Shopper {
+    email: String,
+    token: String,
+}
+
+async fn mesh(backend: Backend) -> anyhow::Result<Mesh> {
+    mesh_with(backend, |_| {}, None).await
+}
+
+/// The mesh with `adjust` applied to the configuration, payments served on
+/// `payments_addr` by a server of the test's own when given.
+async fn mesh_with(
+    backend: Backend,
+    adjust: impl FnOnce(&mut agora_platform::config::Config),
+    payments_addr: Option<SocketAddr>,
+) -> anyhow::Result<Mesh> {
+    let mut env = TestEnv::per_service(backend).await?;
+    let nats = NatsServer::start().await?;
+    env.use_nats(&nats);
+    adjust(&mut env.config);
+    let mut hosted = vec![
+        agora_users::hosted(&env.config).await?,
+        agora_catalog::hosted(&env.config).await?,
+        agora_inventory::hosted(&env.config).await?,
+        agora_notifications::hosted(&env.config).await?,
+    ];
+    if payments_addr.is_none() {
+        hosted.push(agora_payments::hosted(&env.config).await?);
+    }
+    let services = TestServer::start(hosted).await?;
+    let url = format!("http://{}", services.addr());
+    env.config.inventory.addresses = vec![url.clone()];
+    env.config.catalog.addresses = vec![url.clone()];
+    env.config.payments.addresses = vec![match payments_addr {
+        Some(addr) => format!("http://{addr}"),
+        None => url,
+    }];
+    let built = agora_orders::build(&env.config).await?;
+    let orders_server = TestServer::start(vec![built.hosted]).await?;
+    let channel = services.channel()?;
+    let payments_channel = match payments_addr {
+        Some(addr) => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_lazy(),
+        None => channel.clone(),
+    };
+    Ok(Mesh {
+        admin: env.admin_token()?,
+        users: UserServiceClient::new(channel.clone()),
+        catalog: CatalogServiceClient::new(channel.clone()),
+        inventory: InventoryServiceClient::new(channel),
+        payments: PaymentServiceClient::new(payments_channel),
+        orders: OrderServiceClient::new(orders_server.channel()?),
+        checkout: built.checkout,
+        orders_server,
+        _services: services,
+        env,
+        nats,
+    })
+}
+
+fn eur(amount_minor: i64) -> Money {
+    Money {
+        currency_code: "EUR".into(),
+        amount_minor,
+    }
+}
+
+impl Mesh {
+    /// A new product priced `price` cents with `stock` units.
+    async fn product(&mut self, price: i64, stock: i64) -> anyhow::Result<String> {
+        let sku = format!("sku-{}", uuid::Uuid::now_v7().simple());
+        let product = self
+            .catalog
+            .create_product(with_token(
+                catalog::CreateProductRequest {
+                    sku,
+                    name: "Field notebook".into(),
+                    description: "Dot grid, 80 pages".into(),
+                    price: Some(eur(price)),
+                    categories: vec!["stationery".into()],
+                },
+                &self.admin,
+            ))
+            .await?
+            .into_inner()
+            .product
+            .context("no product")?;
+        self.inventory
+            .set_stock(with_token(
+                inventory::SetStockRequest {
+                    product_id: product.id.clone(),
+                    quantity: stock,
+                },
+                &self.admin,
+            ))
+            .await?;
+        Ok(product.id)
+    }
+
+    /// (available, reserved) of a product.
+    async fn stock(&mut self, product_id: &str) -> anyhow::Result<(i64, i64)> {
+        let level = self
+            .inventory
+            .get_stock(inventory::GetStockRequest {
+                product_id: product_id.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .stock
+            .context("no stock level")?;
+        Ok((level.available, level.reserved))
+    }
+
+    async fn shopper(&mut self, email: &str) -> anyhow::Result<Shopper> {
+        let password = "correct horse battery";
+        self.users
+            .create_user(users::CreateUserRequest {
+                email: email.into(),
+                name: "Grace Hopper".into(),
+                password: password.into(),
+            })
+            .await?;
+        let token = self
+            .users
+            .authenticate(users::AuthenticateRequest {
+                email: email.into(),
+                password: password.into(),
+            })
+            .await?
+            .into_inner()
+            .access_token;
+        Ok(Shopper {
+            email: email.to_owned(),
+            token,
+        })
+    }
+
+    async fn place(
+        &mut self,
+        shopper: &Shopper,
+        request_id: &str,
+        items: &[(&str, i64)],
+        card: &str,
+    ) -> Result<orders::Order, tonic::Status> {
+        let request = orders::PlaceOrderRequest {
+            request_id: request_id.to_owned(),
+            items: items
+                .iter()
+                .map(|(product_id, quantity)| orders::LineItem {
+                    product_id: (*product_id).to_owned(),
+                    quantity: *quantity,
+                })
+                .collect(),
+            card_number: card.to_owned(),
+        };
+        let placed = tokio::time::timeout(
+            HANG_GUARD,
+            self.orders.place_order(with_token(request, &shopper.token)),
+        )
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("test hang guard"))??;
+        placed
+            .into_inner()
+            .order
+            .ok_or_else(|| tonic::Status::internal("no order"))
+    }
+
+    async fn order(&mut self, shopper: &Shopper, id: &str) -> anyhow::Result<orders::Order> {
+        self.orders
+            .get_order(with_token(
+                orders::GetOrderRequest { id: id.to_owned() },
+                &shopper.token,
+            ))
+            .await?
+            .into_inner()
+            .order
+            .context("no order")
+    }
+
+    /// The payment of an order's saga, as payments has it.
+    async fn payment(&mut self, order_id: &str) -> Result<payments::Payment, tonic::Status> {
+        self.payments
+            .get_payment(with_token(
+                payments::GetPaymentRequest {
+                    id: format!("{order_id}:charge"),
+                },
+                &self.admin,
+            ))
+            .await?
+            .into_inner()
+            .payment
+            .ok_or_else(|| tonic::Status::internal("no payment"))
+    }
+
+    /// Waits until the order leaves PENDING.
+    async fn settled(&mut self, shopper: &Shopper, id: &str) -> anyhow::Result<orders::Order> {
+        let until = tokio::time::Instant::now() + HANG_GUARD;
+        loop {
+            let order = self.order(shopper, id).await?;
+            if order.status() != orders::OrderStatus::Pending {
+                return Ok(order);
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < until, "order {id} stays PENDING");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The subjects of the ORDERS stream's events about `order_id`, in order.
+    async fn order_events(&self, order_id: &str) -> anyhow::Result<Vec<String>> {
+        let client = async_nats::connect(self.nats.url()).await?;
+        let jetstream = async_nats::jetstream::new(client);
+        let stream = jetstream.get_stream("ORDERS").await?;
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+            .await?;
+        let count = stream.get_info().await?.state.messages;
+        let mut messages = consumer.messages().await?.take(usize::try_from(count)?);
+        let mut subjects = Vec::new();
+        while let Some(message) = tokio::time::timeout(HANG_GUARD, messages.next())
+            .await?
+            .transpose()
+            .map_err(|err| anyhow::anyhow!("{err}"))?
+        {
+            let subject = message.subject.to_string();
+            let about = match subject.as_str() {
+                s if s == <orders::OrderPlaced as DomainEvent>::SUBJECT => {
+                    orders::OrderPlaced::decode(message.payload.clone())?.order_id
+                }
+                s if s == <orders::OrderCompleted as DomainEvent>::SUBJECT => {
+                    orders::OrderCompleted::decode(message.payload.clone())?.order_id
+                }
+                s if s == <orders::OrderFailed as DomainEvent>::SUBJECT => {
+                    orders::OrderFailed::decode(message.payload.clone())?.order_id
+                }
+                s if s == <orders::OrderCancelled as DomainEvent>::SUBJECT => {
+                    orders::OrderCancelled::decode(message.payload.clone())?.order_id
+                }
+                _ => String::new(),
+            };
+            if about == order_id {
+                subjects.push(subject);
+            }
+        }
+        Ok(subjects)
+    }
+}
+
+/// Waits until `count` events about `order_id` are on the stream.
+async fn wait_for_events(mesh: &Mesh, order_id: &str, count: usize) -> anyhow::Result<Vec<String>> {
+    let until = tokio::time::Instant::now() + HANG_GUARD;
+    loop {
+        let events = mesh.order_events(order_id).await?;
+        if events.len() >= count || tokio::time::Instant::now() > until {
+            return Ok(events);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for `.eml` files to `email` whose subject contains `subject`.
+async fn wait_for_email(data: &Path, email: &str, subject: &str) -> anyhow::Result<String> {
+    let until = tokio::time::Instant::now() + HANG_GUARD;
+    loop {
+        if let Ok(entries) = std::fs::read_dir(data.join("mail")) {
+            for entry in entries.flatten() {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                if text.contains(&format!("To: {email}")) && text.contains(subject) {
+                    return Ok(text);
+                }
+            }
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "no email to {email} about {subject:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn order_id_of(status: &tonic::Status) -> Option<String> {
+    status
+        .get_details_error_info()
+        .and_then(|info| info.metadata.get("order_id").cloned())
+}
+
+async fn a_checkout_reserves_charges_and_completes_once(backend: Backend) -> anyhow::Result<()> {
+    let mut mesh = mesh(backend).await?;
+    let book = mesh.product(1250, 5).await?;
+    let pen = mesh.product(300, 10).await?;
+    let shopper = mesh.shopper("grace@example.com").await?;
+
+    let order = mesh
+        .place(&shopper, "req-1", &[(&book, 2), (&pen, 1)], GOOD_CARD)
+        .await?;
+    assert_eq!(order.status(), orders::OrderStatus::Completed, "{order:?}");
+    assert_eq!(order.total, Some(eur(2 * 1250 + 300)));
+    assert_eq!(order.failure_code, "");
+    assert_eq!(mesh.stock(&book).await?, (3, 0));
+    assert_eq!(mesh.stock(&pen).await?, (9, 0));
+    let payment = mesh.payment(&order.id).await?;
+    assert_eq!(payment.status(), payments::PaymentStatus::Succeeded);
+    assert_eq!(payment.amount, Some(eur(2800)));
+
+    // The same request again: the same order, nothing charged or reserved twice.
+    let again = mesh
+        .place(&shopper, "req-1", &[(&book, 2), (&pen, 1)], GOOD_CARD)
+        .await?;
+    assert_eq!(again.id, order.id);
+    assert_eq!(again.status(), orders::OrderStatus::Completed);
+    assert_eq!(mesh.stock(&book).await?, (3, 0));
+    // The same request id with other items is another request: refused.
+    let reused = mesh
+        .place(&shopper, "req-1", &[(&book, 1)], GOOD_CARD)
+        .await
+        .expect_err("other items");
+    assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+    assert_eq!(reason_of(&reused).as_deref(), Some("REQUEST_ID_REUSED"));
+
+    // Its steps, in order, each once.
+    let steps: Vec<_> = mesh
+        .checkout
+        .sagas()
+        .steps(&order.id)
+        .await?
+        .into_iter()
+        .map(|s| (s.step, s.outcome))
+        .collect();
+    let ok = |step: &str| (step.to_owned(), "ok".to_owned());
+    assert_eq!(
+        steps,
+        [
+            ok("RESERVING"),
+            ok("CHARGING"),
+            ok("CONFIRMING"),
+            ok("COMMITTING")
+        ]
+    );
+    // Events OrderPlaced then OrderCompleted, and the confirmation email.
+    let events = wait_for_events(&mesh, &order.id, 2).await?;
+    assert_eq!(
+        events,
+        [
+            <orders::OrderPlaced as DomainEvent>::SUBJECT,
+            <orders::OrderCompleted as DomainEvent>::SUBJECT
+        ]
+    );
+    let email = wait_for_email(&mesh.env.config.data_dir, &shopper.email, &order.id).await?;
+    assert!(email.contains("confirmed"), "{email}");
+    mesh.orders_server.stop().await
+}
+
+async fn a_declined_card_fails_the_order_and_releases_the_stock(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut mesh = mesh(backend).await?;
+    let book = mesh.product(1250, 5).await?;
+    let shopper = mesh.shopper("ada@example.com").await?;
+    let status = mesh
+        .place(&shopper, "req-1", &[(&book, 2)], DECLINED_CARD)
+        .await
+        .expect_err("declined");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason_of(&status).as_deref(), Some("CARD_DECLINED"));
+    let order_id = order_id_of(&status).context("order_id in ErrorInfo")?;
+    let order = mesh.settled(&shopper, &order_id).await?;
+    assert_eq!(order.status(), orders::OrderStatus::Failed);
+    assert_eq!(order.failure_code, "CARD_DECLINED");
+    assert!(order.failure_reason.contains("declined"), "{order:?}");
+    assert_eq!(mesh.stock(&book).await?, (5, 0));
+    let payment = mesh.payment(&order_id).await?;
+    assert_eq!(payment.status(), payments::PaymentStatus::Declined);
+    let events = wait_for_events(&mesh, &order_id, 2).await?;
+    assert_eq!(
+        events,
+        [
+            <orders::OrderPlaced as DomainEvent>::SUBJECT,
+            <orders::OrderFailed as DomainEvent>::SUBJECT
+        ]
+    );
+    // Asking again answers the same, without charging.
+    let again = mesh
+        .place(&shopper, "req-1", &[(&book, 2)], DECLINED_CARD)
+        .await
+        .expect_err("still declined");
+    assert_eq!(reason_of(&again).as_deref(), Some("CARD_DECLINED"));
+    assert_eq!(order_id_of(&again).as_deref(), Some(order_id.as_str()));
+    mesh.orders_server.stop().await
+}
+
+async fn an_order_beyond_the_stock_fails_without_a_charge(backend: Backend) -> anyhow::Result<()> {
+    let mut mesh = mesh(backend).await?;
+    let book = mesh.product(1250, 5).await?;
+    let shopper = mesh.shopper("alan@example.com").await?;
+    let status = mesh
+        .place(&shopper, "req-1", &[(&book, 6)], GOOD_CARD)
+        .await
+        .expect_err("short");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason_of(&status).as_deref(), Some("INSUFFICIENT_STOCK"));
+    let order_id = order_id_of(&status).context("order_id")?;
+    let order = mesh.settled(&shopper, &order_id).await?;
+    assert_eq!(order.status(), orders::OrderStatus::Failed);
+    assert_eq!(order.failure_code, "INSUFFICIENT_STOCK");
+    assert_eq!(mesh.stock(&book).await?, (5, 0));
+    // Payments never heard of it.
+    let missing = mesh.payment(&order_id).await.expect_err("never charged");
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+
+    // A product the catalog does not know: refused before any order exists.
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let status = mesh
+        .place(&shopper, "req-2", &[(&unknown, 1)], GOOD_CARD)
+        .await
+        .expect_err("unknown product");
+    assert_eq!(reason_of(&status).as_deref(), Some("UNKNOWN_PRODUCT"));
+    // Bad input never reaches the saga.
+    let status = mesh
+        .place(&shopper, "", &[(&book, 0)], "not a card")
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        agora_testkit::bad_fields(&status),
+        ["card_number", "items[0].quantity", "request_id"]
+    );
+    mesh.orders_server.stop().await
+}
+
+async fn cancelling_a_completed_order_refunds_and_restocks(backend: Backend) -> anyhow::Result<()> {
+    let mut mesh = mesh(backend).await?;
+    let book = mesh.product(1250, 5).await?;
+    let shopper = mesh.shopper("barbara@example.com").await?;
+    let order = mesh
+        .place(&shopper, "req-1", &[(&book, 2)], GOOD_CARD)
+        .await?;
+    assert_eq!(mesh.stock(&book).await?, (3, 0));
+    for _ in 0..2 {
+        let cancelled = mesh
+            .orders
+            .cancel_order(with_token(
+                orders::CancelOrderRequest {
+                    id: order.id.clone(),
+                },
+                &shopper.token,
+            ))
+            .await?
+            .into_inner()
+            .order
+            .context("no order")?;
+        assert_eq!(cancelled.status(), orders::OrderStatus::Cancelled);
+        assert_eq!(cancelled.failure_code, "CANCELLED_BY_CUSTOMER");
+    }
+    assert_eq!(mesh.stock(&book).await?, (5, 0));
+    let payment = mesh.payment(&order.id).await?;
+    assert_eq!(payment.status(), payments::PaymentStatus::Refunded);
+    // Someone else's order is not theirs to cancel.
+    let other = mesh.shopper("eve@example.com").await?;
+    let status = mesh
+        .orders
+        .cancel_order(with_token(
+            orders::CancelOrderRequest {
+                id: order.id.clone(),
+            },
+            &other.token,
+        ))
+        .await
+        .expect_err("not the owner");
+    assert_eq!(status.code(), Code::NotFound);
+    mesh.orders_server.stop().await
+}
+
+/// A payments server of the test's own on a fixed address, to stop and
+/// start again.
+struct Payments {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn serve_payments(hosted: HostedService, addr: SocketAddr) -> anyhow::Result<Payments> {
+    let app = Server::new().host(hosted).bind(addr).await?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+    Ok(Payments { stop, task })
+}
+
+impl Payments {
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
+fn payments_breaker(mesh: &Mesh) -> Option<BreakerState> {
+    mesh.checkout
+        .breaker_states()
+        .into_iter()
+        .find(|(service, _, _)| *service == "payments")
+        .map(|(_, _, state)| state)
+}
+
+async fn with_payments_down_the_breaker_opens_and_sagas_compensate(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], agora_testkit::free_port()?));
+    let mut mesh = mesh_with(
+        backend,
+        |config| {
+            config.clients.breaker_failure_threshold = 2;
+            config.clients.breaker_recovery_ms = 300;
+            config.checkout.step_timeout_ms = 1_000;
+        },
+        Some(addr),
+    )
+    .await?;
+    let book = mesh.product(1250, 50).await?;
+    let shopper = mesh.shopper("katherine@example.com").await?;
+
+    // Payments is not running: the first checkouts find it unreachable, the
+    // breaker opens, and the ones after fail at once, without a call.
+    let mut failed = Vec::new();
+    for n in 0..4 {
+        let status = mesh
+            .place(&shopper, &format!("req-{n}"), &[(&book, 1)], GOOD_CARD)
+            .await
+            .expect_err("payments is down");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(reason_of(&status).as_deref(), Some("PAYMENT_UNAVAILABLE"));
+        failed.push(order_id_of(&status).context("order_id")?);
+    }
+    assert_eq!(payments_breaker(&mesh), Some(BreakerState::Open));
+    let started = tokio::time::Instant::now();
+    let status = mesh
+        .place(&shopper, "req-fast", &[(&book, 1)], GOOD_CARD)
+        .await
+        .expect_err("fails fast");
+    assert_eq!(status.code(), Code::Unavailable);
+    failed.push(order_id_of(&status).context("order_id")?);
+    // Not a timing target: only far below the step deadline it would
+    // otherwise have waited for.
+    assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+
+    // Payments comes back: the breaker half-opens, a probe succeeds, it
+    // closes, and every failed checkout finishes compensating.
+    let payments = serve_payments(agora_payments::hosted(&mesh.env.config).await?, addr).await?;
+    for id in &failed {
+        let order = mesh.settled(&shopper, id).await?;
+        assert_eq!(order.status(), orders::OrderStatus::Failed, "{order:?}");
+        assert_eq!(order.failure_code, "PAYMENT_UNAVAILABLE");
+        // Voided: never charged, and can never be.
+        let payment = mesh.payment(id).await?;
+        assert_eq!(payment.status(), payments::PaymentStatus::Voided);
+    }
+    assert_eq!(mesh.stock(&book).await?, (50, 0));
+    let order = mesh
+        .place(&shopper, "req-after", &[(&book, 1)], GOOD_CARD)
+        .await?;
+    assert_eq!(order.status(), orders::OrderStatus::Completed);
+    assert_eq!(payments_breaker(&mesh), Some(BreakerState::Closed));
+    payments.stop().await?;
+    mesh.orders_server.stop().await
+}
+
+backend_tests!(
+    a_checkout_reserves_charges_and_completes_once,
+    a_declined_card_fails_the_order_and_releases_the_stock,
+    an_order_beyond_the_stock_fails_without_a_charge,
+    cancelling_a_completed_order_refunds_and_restocks,
+    with_payments_down_the_breaker_opens_and_sagas_compensate,
+);

@@ -1,0 +1,886 @@
+//! The checkout saga's orchestrator: `PlaceOrder` and `CancelOrder` as a
+//! durable distributed transaction across inventory and payments.
+//!
+//! `PlaceOrder` prices the items in the catalog, then creates the PENDING
+//! order and its saga in one transaction (idempotent per user and request
+//! id) and starts a task that drives the saga step by step (see
+//! [`crate::saga`]). Each step is one idempotent call keyed by the saga id;
+//! its outcome is persisted, with the order change it makes and the
+//! step's history row, in one transaction ([`SagaStore::advance`]) before
+//! the next step starts. The caller waits for the outcome up to a bound and
+//! gets the order PENDING after it.
+//!
+//! The replica that drives a saga holds a lease on it, renewed before each
+//! call. A replica that dies leaves its sagas' leases to run out; every
+//! replica's [`Checkout::resume_expired`] (a worker) then takes them over and
+//! drives them on, without the card number, which is never stored: a saga
+//! resumed before its charge compensates with `CHECKOUT_INTERRUPTED`.
+//!
+//! Deadlines: each call has `checkout.step_timeout_ms` (the client stack
+//! retries within it where safe); a checkout that has not reached
+//! CONFIRMING by `checkout.saga_timeout_ms` compensates. Compensation and the
+//! final commit must happen, so they are retried until they do, with
+//! backoff.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agora_platform::auth::Caller;
+use agora_platform::config::{CheckoutConfig, Secret};
+use agora_platform::error::{Error, ErrorKind, Result, Violations};
+use agora_platform::money::Money;
+use agora_platform::time::now_micros;
+use agora_proto::catalog::v1 as catalog;
+use agora_proto::catalog::v1::catalog_service_client::CatalogServiceClient;
+use agora_proto::inventory::v1 as inventory;
+use agora_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use agora_proto::payments::v1 as payments;
+use agora_proto::payments::v1::payment_service_client::PaymentServiceClient;
+use tracing::Instrument as _;
+
+use crate::domain::{
+    MAX_ITEMS, MAX_QUANTITY, NewOrder, Order, OrderItem, OrderStatus, check_identifier,
+};
+use crate::saga::{CallOutcome, SagaStep, payment_id, reason, reservation_id};
+use crate::saga_store::{Advance, Saga, SagaStart, SagaStore};
+use crate::store::{Failure, OrderStore, SqlOrderStore};
+
+/// The channel the orders service reaches other services through.
+pub type Channel = agora_platform_client::ServiceChannel;
+pub use agora_platform_client::BreakerState;
+
+/// Channels to the services the saga calls.
+#[derive(Clone, Debug)]
+pub struct Backends {
+    /// Stock reservations.
+    pub inventory: Channel,
+    /// Charges and refunds.
+    pub payments: Channel,
+    /// Prices.
+    pub catalog: Channel,
+}
+
+/// A validated `PlaceOrder`.
+#[derive(Clone, Debug)]
+pub struct PlaceOrder {
+    /// The client's idempotency key.
+    pub request_id: String,
+    /// Products and quantities, as ordered.
+    pub lines: Vec<(String, i64)>,
+    /// Charged once, kept in memory only while the saga needs it.
+    pub card_number: Secret<String>,
+}
+
+/// Longest card number accepted here, spaces included; payments checks
+/// the number itself.
+const MAX_CARD_CHARS: usize = 32;
+
+impl PlaceOrder {
+    /// Validates a request, naming every bad field.
+    pub fn parse(request: agora_proto::orders::v1::PlaceOrderRequest) -> Result<Self> {
+        let mut violations = Violations::default();
+        violations.check("request_id", check_identifier(&request.request_id));
+        if request.items.is_empty() {
+            violations.add("items", "must have at least one item");
+        }
+        if request.items.len() > MAX_ITEMS {
+            violations.add("items", format!("must have at most {MAX_ITEMS} items"));
+        } else {
+            for (index, item) in request.items.iter().enumerate() {
+                violations.check(
+                    &format!("items[{index}].product_id"),
+                    check_identifier(&item.product_id),
+                );
+                if !(1..=MAX_QUANTITY).contains(&item.quantity) {
+                    violations.add(
+                        format!("items[{index}].quantity"),
+                        format!("must be between 1 and {MAX_QUANTITY}"),
+                    );
+                }
+            }
+        }
+        let card = request.card_number;
+        if card.trim().is_empty() {
+            violations.add("card_number", "must not be empty");
+        } else if card.chars().count() > MAX_CARD_CHARS
+            || !card.chars().all(|c| c.is_ascii_digit() || c == ' ')
+        {
+            violations.add(
+                "card_number",
+                format!("must be at most {MAX_CARD_CHARS} digits and spaces"),
+            );
+        }
+        violations.finish()?;
+        Ok(Self {
+            request_id: request.request_id,
+            lines: request
+                .items
+                .into_iter()
+                .map(|item| (item.product_id, item.quantity))
+                .collect(),
+            card_number: Secret::new(card),
+        })
+    }
+}
+
+/// Saga timing, from [`CheckoutConfig`].
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    step: Duration,
+    saga: Duration,
+    wait: Duration,
+    lease: Duration,
+}
+
+/// Resumed sagas one replica drives at once: bounds the work a burst of
+/// take-overs (a dead replica's sagas) puts on this one.
+const MAX_RESUMED: usize = 64;
+/// Expired sagas claimed per scan.
+const RESUME_BATCH: i64 = 64;
+/// Longest pause between two attempts of a step that must happen.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
+/// How often a waiting `PlaceOrder` re-reads without a notice (another
+/// replica may be driving the saga).
+const WAIT_RECHECK: Duration = Duration::from_millis(250);
+
+/// The orchestrator. Clones share everything.
+#[derive(Clone)]
+pub struct Checkout {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    orders: SqlOrderStore,
+    sagas: SagaStore,
+    backends: Backends,
+    timing: Timing,
+    /// This replica's name in leases.
+    owner: String,
+    resumed: Arc<tokio::sync::Semaphore>,
+    /// Chance of SIGKILLing this process at each step boundary; only the
+    /// chaos test sets it (`AGORA_CHAOS_KILL_PROBABILITY`).
+    chaos: f64,
+}
+
+impl std::fmt::Debug for Checkout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkout")
+            .field("owner", &self.inner.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl Checkout {
+    /// The orchestrator over `orders`, calling `backends`.
+    pub fn new(orders: SqlOrderStore, backends: Backends, config: &CheckoutConfig) -> Self {
+        let chaos = std::env::var("AGORA_CHAOS_KILL_PROBABILITY")
+            .ok()
+            .and_then(|p| p.parse::<f64>().ok())
+            .filter(|p| *p > 0.0)
+            .unwrap_or(0.0);
+        if chaos > 0.0 {
+            tracing::warn!(
+                probability = chaos,
+                "chaos testing: this process kills itself at random saga step boundaries"
+            );
+        }
+        let timing = Timing {
+            step: Duration::from_millis(config.step_timeout_ms.max(1)),
+            saga: Duration::from_millis(config.saga_timeout_ms.max(1)),
+            wait: Duration::from_millis(config.place_order_wait_ms),
+            // A lease shorter than a step would run out mid-call.
+            lease: Duration::from_millis(config.lease_ms.max(config.step_timeout_ms * 2)),
+        };
+        Self {
+            inner: Arc::new(Inner {
+                sagas: SagaStore::new(orders.clone()),
+                orders,
+                backends,
+                timing,
+                owner: format!("orders-{}", uuid::Uuid::now_v7().simple()),
+                resumed: Arc::new(tokio::sync::Semaphore::new(MAX_RESUMED)),
+                chaos,
+            }),
+        }
+    }
+
+    /// The sagas this orchestrator keeps.
+    pub fn sagas(&self) -> &SagaStore {
+        &self.inner.sagas
+    }
+
+    /// The circuit breakers of the services it calls: `(service, endpoint,
+    /// state)`.
+    pub fn breaker_states(&self) -> Vec<(&'static str, String, BreakerState)> {
+        let backends = &self.inner.backends;
+        let mut states = Vec::new();
+        for (service, channel) in [
+            ("inventory", &backends.inventory),
+            ("payments", &backends.payments),
+            ("catalog", &backends.catalog),
+        ] {
+            states.extend(
+                channel
+                    .breaker_states()
+                    .into_iter()
+                    .map(|(endpoint, state)| (service, endpoint, state)),
+            );
+        }
+        states
+    }
+
+    /// Places an order for `user_id`: creates it with its saga (or finds the
+    /// one made with the same request id), drives the saga and waits for
+    /// its outcome (see the module docs).
+    pub async fn place(&self, user_id: &str, request: PlaceOrder) -> Result<Order> {
+        let inner = &self.inner;
+        if let Some(existing) = inner
+            .orders
+            .find_by_request(user_id, &request.request_id)
+            .await?
+        {
+            return self.replay(existing, &request).await;
+        }
+        let (items, currency) = self.price(&request.lines).await?;
+        let now = now_micros();
+        let start = SagaStart {
+            lease_owner: inner.owner.clone(),
+            lease_until: now.saturating_add(micros(inner.timing.lease)),
+            deadline_at: now.saturating_add(micros(inner.timing.saga)),
+        };
+        let new = NewOrder {
+            user_id: user_id.to_owned(),
+            request_id: request.request_id.clone(),
+            items,
+            currency,
+        };
+        let (order, created) = inner.orders.create_order(new, Some(&start)).await?;
+        if !created {
+            return self.replay(order, &request).await;
+        }
+        let saga = inner
+            .sagas
+            .get(&order.id)
+            .await?
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "a new order has no saga"))?;
+        tracing::info!(order_id = %order.id, total = order.total.amount_minor, "checkout started");
+        // Its own task: the saga goes on when the caller hangs up.
+        let driver = self.clone();
+        let card = request.card_number;
+        tokio::spawn(
+            async move { driver.drive(saga, Some(card)).await }
+                .instrument(tracing::info_span!("checkout saga", order_id = %order.id)),
+        );
+        self.outcome(&order.id).await
+    }
+
+    /// A `PlaceOrder` whose request id made `existing`: the same items get
+    /// the same order (waiting for its saga like the first call), other
+    /// items are ALREADY_EXISTS. The card is never charged again: only the
+    /// saga that made the order charges, once.
+    async fn replay(&self, existing: Order, request: &PlaceOrder) -> Result<Order> {
+        let same = existing.items.len() == request.lines.len()
+            && existing
+                .items
+                .iter()
+                .zip(&request.lines)
+                .all(|(item, (product, quantity))| {
+                    item.product_id == *product && item.quantity == *quantity
+                });
+        if !same {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "request_id {} was used for order {} with other items",
+                    request.request_id, existing.id
+                ),
+            )
+            .with_reason(reason::REQUEST_ID_REUSED)
+            .with_metadata("order_id", existing.id));
+        }
+        self.outcome(&existing.id).await
+    }
+
+    /// Prices `lines` in the catalog: the order's items and its currency.
+    async fn price(&self, lines: &[(String, i64)]) -> Result<(Vec<OrderItem>, String)> {
+        let mut distinct: Vec<&str> = lines.iter().map(|(p, _)| p.as_str()).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let lookups = distinct.iter().map(|product_id| {
+            let mut catalog = CatalogServiceClient::new(self.inner.backends.catalog.clone());
+            let mut request = tonic::Request::new(catalog::GetProductRequest {
+                id: (*product_id).to_owned(),
+            });
+            request.set_timeout(self.inner.timing.step);
+            async move { (*product_id, catalog.get_product(request).await) }
+        });
+        let mut prices: HashMap<&str, Money> = HashMap::new();
+        for (product_id, answer) in futures::future::join_all(lookups).await {
+            let product = match answer {
+                Ok(response) => response.into_inner().product,
+                Err(status) if status.code() == tonic::Code::NotFound => None,
+                Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                    return Err(unknown_product(product_id));
+                }
+                Err(status) => {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        "the catalog is unavailable: try again",
+                    )
+                    .with_reason(reason::CATALOG_UNAVAILABLE)
+                    .with_source(status));
+                }
+            };
+            let price = product
+                .and_then(|p| p.price)
+                .ok_or_else(|| unknown_product(product_id))?;
+            let price = Money::parse_positive(Some(&price)).map_err(|err| {
+                Error::new(
+                    ErrorKind::Internal,
+                    format!("the catalog priced {product_id} badly: {err}"),
+                )
+            })?;
+            prices.insert(product_id, price);
+        }
+        let mut items = Vec::with_capacity(lines.len());
+        for (product_id, quantity) in lines {
+            let unit_price = prices
+                .get(product_id.as_str())
+                .cloned()
+                .ok_or_else(|| unknown_product(product_id))?;
+            items.push(OrderItem {
+                product_id: product_id.clone(),
+                quantity: *quantity,
+                unit_price,
+            });
+        }
+        let currency = items
+            .first()
+            .map(|item| item.unit_price.currency_code.clone())
+            .unwrap_or_default();
+        if items
+            .iter()
+            .any(|item| item.unit_price.currency_code != currency)
+        {
+            return Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                "the products are priced in different currencies: order them separately",
+            )
+            .with_reason(reason::MIXED_CURRENCIES));
+        }
+        Ok((items, currency))
+    }
+
+    /// Waits for the saga of order `id` to finish, up to the configured
+    /// wait (and the caller's deadline), and answers as PlaceOrder does: the
+    /// order when it completed (or is still running), the failure as an
+    /// error with its reason as soon as the saga decided to fail.
+    async fn outcome(&self, id: &str) -> Result<Order> {
+        let inner = &self.inner;
+        let wait = match agora_platform::deadline::remaining() {
+            // Answer a little before the caller gives up, with what we know.
+            Some(left) => inner
+                .timing
+                .wait
+                .min(left.saturating_sub(Duration::from_millis(50))),
+            None => inner.timing.wait,
+        };
+        let until = tokio::time::Instant::now() + wait;
+        let mut notices = inner.orders.changes().subscribe();
+        loop {
+            let saga = inner.sagas.get(id).await?;
+            let order = inner
+                .orders
+                .get(id)
+                .await?
+                .ok_or_else(|| Error::not_found(format_args!("order {id}")))?;
+            match saga {
+                Some(saga) if saga.step.is_compensating() && !saga.failure.code.is_empty() => {
+                    return Err(checkout_failed(&order.id, &saga.failure));
+                }
+                // Confirmed but not yet committed (or being cancelled):
+                // the stock is not settled yet.
+                Some(saga) if !saga.step.is_terminal() => {}
+                _ if order.status.is_terminal() => {
+                    if order.status == OrderStatus::Failed {
+                        return Err(checkout_failed(
+                            &order.id,
+                            &Failure::new(&order.failure_code, &order.failure_reason),
+                        ));
+                    }
+                    return Ok(order);
+                }
+                _ => {}
+            }
+            let notice = async {
+                loop {
+                    match notices.recv().await {
+                        Ok(changed) if &*changed == id => return,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                () = notice => {}
+                () = tokio::time::sleep(WAIT_RECHECK) => {}
+                () = tokio::time::sleep_until(until) => return Ok(order),
+            }
+        }
+    }
+
+    /// Cancels a COMPLETED order of `caller`'s: refund, restock, CANCELLED.
+    pub async fn cancel(&self, caller: &Caller, id: &str) -> Result<Order> {
+        let inner = &self.inner;
+        let order = inner
+            .orders
+            .get(id)
+            .await?
+            .filter(|order| caller.is_user(&order.user_id))
+            .ok_or_else(|| Error::not_found(format_args!("order {id}")))?;
+        let saga = inner.sagas.get(id).await?;
+        match (order.status, saga) {
+            (OrderStatus::Cancelled, _) => Ok(order),
+            (OrderStatus::Completed, Some(saga)) if saga.step == SagaStep::Completed => {
+                let now = now_micros();
+                let mine = Saga {
+                    lease_owner: inner.owner.clone(),
+                    ..saga.clone()
+                };
+                let advance = Advance {
+                    to: SagaStep::CancelRefunding,
+                    outcome: "ok".to_owned(),
+                    detail: "cancelled by the customer".to_owned(),
+                    failure: Some(Failure::new(
+                        reason::CANCELLED_BY_CUSTOMER,
+                        "cancelled by the customer",
+                    )),
+                    order: None,
+                };
+                let lease_until = now.saturating_add(micros(inner.timing.lease));
+                if let Some(cancelling) = inner.sagas.advance(&mine, &advance, lease_until).await? {
+                    let driver = self.clone();
+                    tokio::spawn(
+                        async move { driver.drive(cancelling, None).await }
+                            .instrument(tracing::info_span!("cancel saga", order_id = %id)),
+                    );
+                }
+                self.settled(id).await
+            }
+            // Cancelling already (another call started it).
+            (OrderStatus::Completed, Some(_)) => self.settled(id).await,
+            (status, _) => Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("order {id} is {status}: only a completed order can be cancelled"),
+            )),
+        }
+    }
+
+    /// Waits (up to the configured wait) for a cancellation of order `id` to
+    /// finish and returns the order as it is then.
+    async fn settled(&self, id: &str) -> Result<Order> {
+        let inner = &self.inner;
+        let until = tokio::time::Instant::now() + inner.timing.wait;
+        let mut notices = inner.orders.changes().subscribe();
+        loop {
+            let order = inner
+                .orders
+                .get(id)
+                .await?
+                .ok_or_else(|| Error::not_found(format_args!("order {id}")))?;
+            if order.status == OrderStatus::Cancelled {
+                return Ok(order);
+            }
+            tokio::select! {
+                _ = notices.recv() => {}
+                () = tokio::time::sleep(WAIT_RECHECK) => {}
+                () = tokio::time::sleep_until(until) => return Ok(order),
+            }
+        }
+    }
+
+    /// Takes over running sagas whose lease ran out (their replica died or
+    /// stalled) and drives them on in the background. Returns how many it
+    /// took.
+    pub async fn resume_expired(&self) -> Result<usize> {
+        let inner = &self.inner;
+        let now = now_micros();
+        let mut taken = 0;
+        for saga in inner.sagas.expired(now, RESUME_BATCH).await? {
+            let Ok(permit) = Arc::clone(&inner.resumed).try_acquire_owned() else {
+                break;
+            };
+            let lease_until = now.saturating_add(micros(inner.timing.lease));
+            let Some(claimed) = inner
+                .sagas
+                .claim_if(&saga, &inner.owner, lease_until, now)
+                .await?
+            else {
+                continue;
+            };
+            tracing::info!(order_id = %claimed.id, step = %claimed.step, "resuming checkout saga");
+            taken += 1;
+            let driver = self.clone();
+            let span = tracing::info_span!("resumed saga", order_id = %claimed.id);
+            tokio::spawn(
+                async move {
+                    driver.drive(claimed, None).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+        Ok(taken)
+    }
+
+    /// Drives `saga` until it is terminal or another replica takes it over.
+    /// `card` is known only to the replica that started the checkout.
+    async fn drive(&self, mut saga: Saga, card: Option<Secret<String>>) {
+        let inner = &self.inner;
+        let order = match inner.orders.get(&saga.id).await {
+            Ok(Some(order)) => order,
+            Ok(None) => {
+                tracing::error!(order_id = %saga.id, "a saga without its order");
+                return;
+            }
+            Err(err) => {
+                // The lease runs out and a later scan resumes it.
+                tracing::warn!(order_id = %saga.id, error = %err, "cannot read the order of a saga");
+                return;
+            }
+        };
+        let mut attempt: u32 = 0;
+        while !saga.step.is_terminal() {
+            match self.keep_lease(&saga).await {
+                Ok(Some(renewed)) => saga = renewed,
+                Ok(None) => return,
+                Err(err) => {
+                    tracing::warn!(order_id = %saga.id, error = %err, "cannot renew the saga lease");
+                    attempt = attempt.saturating_add(1);
+                    tokio::time::sleep(retry_pause(attempt)).await;
+                    continue;
+                }
+            }
+            self.chaos_point();
+            let started = tokio::time::Instant::now();
+            let step = saga.step;
+            let next = self.run_step(&saga, &order, card.as_ref()).await;
+            self.chaos_point();
+            let advance = match next {
+                Ok(advance) => advance,
+                Err(detail) => {
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(
+                        order_id = %saga.id, step = %step, attempt, error = %detail,
+                        "saga step failed, retrying"
+                    );
+                    tokio::time::sleep(retry_pause(attempt)).await;
+                    continue;
+                }
+            };
+            let lease_until = now_micros().saturating_add(micros(inner.timing.lease));
+            match inner.sagas.advance(&saga, &advance, lease_until).await {
+                Ok(Some(next)) => {
+                    attempt = 0;
+                    tracing::info!(
+                        order_id = %saga.id, from = %step, to = %next.step,
+                        outcome = %advance.outcome,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "saga step done"
+                    );
+                    saga = next;
+                }
+                Ok(None) => {
+                    tracing::info!(order_id = %saga.id, "saga taken over by another replica");
+                    return;
+                }
+                Err(err) => {
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(order_id = %saga.id, error = %err, "cannot record a saga step");
+                    tokio::time::sleep(retry_pause(attempt)).await;
+                    // Re-read: the step may have been recorded after all.
+                    match inner.sagas.get(&saga.id).await {
+                        Ok(Some(fresh)) if fresh.lease_owner == inner.owner => saga = fresh,
+                        Ok(_) => return,
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renews the lease when less than a step and a margin is left, so it
+    /// cannot run out during the next call. `None` when the saga was taken.
+    async fn keep_lease(&self, saga: &Saga) -> Result<Option<Saga>> {
+        let timing = self.inner.timing;
+        let now = now_micros();
+        let needed = micros(timing.step).saturating_add(micros(timing.lease) / 4);
+        if saga.lease_until.saturating_sub(now) > needed {
+            return Ok(Some(saga.clone()));
+        }
+        self.inner
+            .sagas
+            .renew(saga, now.saturating_add(micros(timing.lease)))
+            .await
+    }
+
+    /// Runs the saga's current step once: the move it leads to, or why it
+    /// must be tried again.
+    async fn run_step(
+        &self,
+        saga: &Saga,
+        order: &Order,
+        card: Option<&Secret<String>>,
+    ) -> std::result::Result<Advance, String> {
+        let past_deadline = now_micros() > saga.deadline_at;
+        let timeout = Failure::new(
+            reason::CHECKOUT_TIMEOUT,
+            "the checkout took too long and was undone",
+        );
+        Ok(match saga.step {
+            SagaStep::Reserving if past_deadline => compensate(SagaStep::Releasing, timeout),
+            SagaStep::Reserving => match self.reserve(order).await {
+                CallOutcome::Done => forward(SagaStep::Charging),
+                CallOutcome::Refused { code, message } => {
+                    compensate(SagaStep::Releasing, Failure::new(code, message))
+                }
+                CallOutcome::Unknown { message } => Advance {
+                    detail: message,
+                    ..compensate(
+                        SagaStep::Releasing,
+                        Failure::new(reason::INVENTORY_UNAVAILABLE, "inventory is unavailable"),
+                    )
+                },
+            },
+            SagaStep::Charging if past_deadline => compensate(SagaStep::Refunding, timeout),
+            SagaStep::Charging => match card {
+                None => compensate(
+                    SagaStep::Refunding,
+                    Failure::new(
+                        reason::CHECKOUT_INTERRUPTED,
+                        "the checkout was interrupted before payment: please order again",
+                    ),
+                ),
+                Some(card) => match self.charge(order, card).await {
+                    CallOutcome::Done => forward(SagaStep::Confirming),
+                    // Refused: nothing was charged, only stock to release.
+                    CallOutcome::Refused { code, message } => {
+                        compensate(SagaStep::Releasing, Failure::new(code, message))
+                    }
+                    CallOutcome::Unknown { message } => Advance {
+                        detail: message,
+                        ..compensate(
+                            SagaStep::Refunding,
+                            Failure::new(reason::PAYMENT_UNAVAILABLE, "payments is unavailable"),
+                        )
+                    },
+                },
+            },
+            SagaStep::Confirming if past_deadline => compensate(SagaStep::Refunding, timeout),
+            SagaStep::Confirming => Advance {
+                order: Some(OrderStatus::Completed),
+                ..forward(SagaStep::Committing)
+            },
+            SagaStep::Committing => match self.commit(order).await {
+                CallOutcome::Done => forward(SagaStep::Completed),
+                // The reservation expired and its stock is gone: the
+                // order cannot be delivered, so it is refunded and cancelled.
+                CallOutcome::Refused { code, message } => {
+                    compensate(SagaStep::CancelRefunding, Failure::new(code, message))
+                }
+                CallOutcome::Unknown { message } => return Err(message),
+            },
+            SagaStep::Refunding | SagaStep::CancelRefunding => match self.refund(order).await {
+                // Refused: there is nothing to refund.
+                CallOutcome::Done | CallOutcome::Refused { .. } => forward(match saga.step {
+                    SagaStep::Refunding => SagaStep::Releasing,
+                    _ => SagaStep::CancelRestocking,
+                }),
+                CallOutcome::Unknown { message } => return Err(message),
+            },
+            SagaStep::Releasing | SagaStep::CancelRestocking => match self.release(order).await {
+                CallOutcome::Done | CallOutcome::Refused { .. } => {
+                    let (to, status) = match saga.step {
+                        SagaStep::Releasing => (SagaStep::Failed, OrderStatus::Failed),
+                        _ => (SagaStep::Cancelled, OrderStatus::Cancelled),
+                    };
+                    Advance {
+                        order: Some(status),
+                        ..forward(to)
+                    }
+                }
+                CallOutcome::Unknown { message } => return Err(message),
+            },
+            SagaStep::Completed | SagaStep::Failed | SagaStep::Cancelled => {
+                return Err(format!("saga {} is already {}", saga.id, saga.step));
+            }
+        })
+    }
+
+    async fn reserve(&self, order: &Order) -> CallOutcome {
+        let mut client = InventoryServiceClient::new(self.inner.backends.inventory.clone());
+        let request = self.call(inventory::ReserveStockRequest {
+            reservation_id: reservation_id(&order.id),
+            items: order
+                .items
+                .iter()
+                .map(|item| inventory::ReservationItem {
+                    product_id: item.product_id.clone(),
+                    quantity: item.quantity,
+                })
+                .collect(),
+        });
+        outcome_of(
+            client.reserve_stock(request).await,
+            reason::INSUFFICIENT_STOCK,
+        )
+    }
+
+    async fn charge(&self, order: &Order, card: &Secret<String>) -> CallOutcome {
+        let mut client = PaymentServiceClient::new(self.inner.backends.payments.clone());
+        let request = self.call(payments::ChargeRequest {
+            payment_id: payment_id(&order.id),
+            user_id: order.user_id.clone(),
+            amount: Some(order.total.to_proto()),
+            card_number: card.expose().clone(),
+        });
+        match client.charge(request).await {
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                CallOutcome::Refused {
+                    code: reason::INVALID_CARD.to_owned(),
+                    message: status.message().to_owned(),
+                }
+            }
+            answer => outcome_of(answer, reason::CARD_DECLINED),
+        }
+    }
+
+    async fn commit(&self, order: &Order) -> CallOutcome {
+        let mut client = InventoryServiceClient::new(self.inner.backends.inventory.clone());
+        let request = self.call(inventory::CommitReservationRequest {
+            reservation_id: reservation_id(&order.id),
+        });
+        outcome_of(
+            client.commit_reservation(request).await,
+            reason::RESERVATION_EXPIRED,
+        )
+    }
+
+    async fn refund(&self, order: &Order) -> CallOutcome {
+        let mut client = PaymentServiceClient::new(self.inner.backends.payments.clone());
+        let request = self.call(payments::RefundRequest {
+            payment_id: payment_id(&order.id),
+        });
+        outcome_of(client.refund(request).await, "")
+    }
+
+    async fn release(&self, order: &Order) -> CallOutcome {
+        let mut client = InventoryServiceClient::new(self.inner.backends.inventory.clone());
+        let request = self.call(inventory::ReleaseReservationRequest {
+            reservation_id: reservation_id(&order.id),
+        });
+        outcome_of(client.release_reservation(request).await, "")
+    }
+
+    /// A request with the step deadline.
+    fn call<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.inner.timing.step);
+        request
+    }
+
+    /// With the chaos test's probability, SIGKILLs this process right here
+    /// (between two steps, or between a call and its record).
+    fn chaos_point(&self) {
+        if self.inner.chaos > 0.0 && rand::random::<f64>() < self.inner.chaos {
+            tracing::warn!("chaos: killing this process");
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &std::process::id().to_string()])
+                .status();
+            // `kill` returns once the signal is sent; never go on.
+            std::process::abort();
+        }
+    }
+}
+
+fn forward(to: SagaStep) -> Advance {
+    Advance {
+        to,
+        outcome: "ok".to_owned(),
+        detail: String::new(),
+        failure: None,
+        order: None,
+    }
+}
+
+fn compensate(to: SagaStep, failure: Failure) -> Advance {
+    Advance {
+        to,
+        outcome: failure.code.clone(),
+        detail: failure.message.clone(),
+        failure: Some(failure),
+        order: None,
+    }
+}
+
+fn outcome_of<T>(answer: std::result::Result<T, tonic::Status>, refused: &str) -> CallOutcome {
+    match answer {
+        Ok(_) => CallOutcome::Done,
+        Err(status) => CallOutcome::from_status(&status, refused),
+    }
+}
+
+/// Jittered exponential pause before attempt `attempt` (1-based) of a step
+/// that must happen: 100 ms, 200 ms ... up to [`MAX_RETRY_PAUSE`].
+fn retry_pause(attempt: u32) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1 << attempt.min(6));
+    let capped = base.min(MAX_RETRY_PAUSE);
+    // Full jitter over the upper half: replicas retrying together spread out.
+    capped / 2 + capped.mul_f64(rand::random::<f64>() / 2.0)
+}
+
+fn unknown_product(product_id: &str) -> Error {
+    Error::new(
+        ErrorKind::FailedPrecondition,
+        format!("product {product_id} does not exist"),
+    )
+    .with_reason(reason::UNKNOWN_PRODUCT)
+    .with_metadata("product_id", product_id)
+}
+
+/// The error a failed checkout answers with: the kind its reason calls for,
+/// the reason, and the order's id.
+fn checkout_failed(order_id: &str, failure: &Failure) -> Error {
+    let kind = match failure.code.as_str() {
+        reason::INVALID_CARD => ErrorKind::InvalidArgument,
+        reason::PAYMENT_UNAVAILABLE | reason::INVENTORY_UNAVAILABLE | reason::CHECKOUT_TIMEOUT => {
+            ErrorKind::Unavailable
+        }
+        // Placing the order again (with a new request id) may well work.
+        reason::CHECKOUT_INTERRUPTED => ErrorKind::Conflict,
+        // Declined, out of stock, unknown product, and reasons other
+        // services add later: the order cannot go through as it is.
+        _ => ErrorKind::FailedPrecondition,
+    };
+    let message = if failure.message.is_empty() {
+        "the checkout failed".to_owned()
+    } else {
+        failure.message.clone()
+    };
+    let code = if failure.code.is_empty() {
+        "CHECKOUT_FAILED".to_owned()
+    } else {
+        failure.code.clone()
+    };
+    Error::new(kind, message)
+        .with_reason(code)
+        .with_metadata("order_id", order_id)
+}
