@@ -24,8 +24,8 @@
 
 pub mod events;
 pub mod health;
-pub mod registry;
 pub mod loadgen;
+pub mod registry;
 pub mod sagas;
 pub mod seed;
 pub mod serve;

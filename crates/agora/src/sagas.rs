@@ -98,10 +98,7 @@ pub async fn run(args: SagasArgs) -> anyhow::Result<()> {
             println!("saga      {}", saga.id);
             println!("step      {}", saga.step);
             if !saga.failure.code.is_empty() {
-                println!(
-                    "failure   {}: {}",
-                    saga.failure.code, saga.failure.message
-                );
+                println!("failure   {}: {}", saga.failure.code, saga.failure.message);
             }
             println!("started   {}", micros_to_rfc3339(saga.created_at));
             println!("deadline  {}", micros_to_rfc3339(saga.deadline_at));

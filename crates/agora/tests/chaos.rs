@@ -46,7 +46,12 @@ struct Orders {
 }
 
 impl Orders {
-    fn start(data: &Path, addr: &str, services: &AgoraProcess, chaos: bool) -> anyhow::Result<Self> {
+    fn start(
+        data: &Path,
+        addr: &str,
+        services: &AgoraProcess,
+        chaos: bool,
+    ) -> anyhow::Result<Self> {
         let address = |service: &str| format!("[\"http://{}\"]", services.addr(service));
         let mut command = Command::new(AGORA);
         command
@@ -78,10 +83,7 @@ impl Orders {
     /// `Some(true)` when it died of SIGKILL, `Some(false)` for another exit.
     fn died(&mut self) -> anyhow::Result<Option<bool>> {
         use std::os::unix::process::ExitStatusExt as _;
-        Ok(self
-            .child
-            .try_wait()?
-            .map(|exit| exit.signal() == Some(9)))
+        Ok(self.child.try_wait()?.map(|exit| exit.signal() == Some(9)))
     }
 }
 
@@ -92,7 +94,10 @@ impl Drop for Orders {
     }
 }
 
-async fn token(users: &mut UserServiceClient<tonic::transport::Channel>, email: &str) -> anyhow::Result<String> {
+async fn token(
+    users: &mut UserServiceClient<tonic::transport::Channel>,
+    email: &str,
+) -> anyhow::Result<String> {
     users
         .create_user(users::CreateUserRequest {
             email: email.into(),
@@ -244,9 +249,10 @@ async fn sigkilled_orders_processes_leave_every_saga_terminal_and_the_books_bala
     // A last process without chaos takes over whatever is left.
     let addr = format!("127.0.0.1:{}", agora_testkit::free_port()?);
     let mut last = Orders::start(&data, &addr, &services, false)?;
-    let orders_db = agora_platform::db::Db::connect(&agora_platform::config::Secret::new(
-        format!("sqlite://{}", data.join("orders.db").display()),
-    ))
+    let orders_db = agora_platform::db::Db::connect(&agora_platform::config::Secret::new(format!(
+        "sqlite://{}",
+        data.join("orders.db").display()
+    )))
     .await?;
     let until = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {

@@ -93,8 +93,9 @@ async fn mesh_with(
     let orders_server = TestServer::start(vec![built.hosted]).await?;
     let channel = services.channel()?;
     let payments_channel = match payments_addr {
-        Some(addr) => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_lazy(),
+        Some(addr) => {
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy()
+        }
         None => channel.clone(),
     };
     Ok(Mesh {
@@ -254,7 +255,10 @@ impl Mesh {
             if order.status() != orders::OrderStatus::Pending {
                 return Ok(order);
             }
-            anyhow::ensure!(tokio::time::Instant::now() < until, "order {id} stays PENDING");
+            anyhow::ensure!(
+                tokio::time::Instant::now() < until,
+                "order {id} stays PENDING"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -591,7 +595,11 @@ async fn with_payments_down_the_breaker_opens_and_sagas_compensate(
     failed.push(order_id_of(&status).context("order_id")?);
     // Not a timing target: only far below the step deadline it would
     // otherwise have waited for.
-    assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Payments comes back: the breaker half-opens, a probe succeeds, it
     // closes, and every failed checkout finishes compensating.
@@ -621,3 +629,298 @@ backend_tests!(
     cancelling_a_completed_order_refunds_and_restocks,
     with_payments_down_the_breaker_opens_and_sagas_compensate,
 );
+
+/// A TCP proxy in front of one service instance that counts the bytes
+/// callers send through it (how the test sees where calls went) and can die
+/// like a crashed host: listener gone, open connections cut.
+struct CountingProxy {
+    addr: SocketAddr,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    async fn start(target: SocketAddr) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = std::sync::Arc::clone(&sent);
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let counter = std::sync::Arc::clone(&counter);
+                connections.spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut in_read, mut in_write) = inbound.split();
+                    let (mut out_read, mut out_write) = outbound.split();
+                    let upstream = async {
+                        let mut buffer = vec![0_u8; 16 * 1024];
+                        loop {
+                            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                            let n = match in_read.read(&mut buffer).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                            if out_write.write_all(&buffer[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let downstream = tokio::io::copy(&mut out_read, &mut in_write);
+                    tokio::select! {
+                        () = upstream => {}
+                        _ = downstream => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, sent, task })
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Dies at once: the accept loop and (with it) every connection task.
+    fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+/// Registers `address` as an instance of `service` in NATS, heartbeating
+/// until the returned task is aborted (a crash: the key stays until it
+/// expires) or its token cancelled (a shutdown: the key is deleted).
+fn register(
+    client: &async_nats::Client,
+    config: &agora_platform::config::Config,
+    service: &str,
+    instance: &str,
+    address: SocketAddr,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let settings = agora_platform_client::ClientSettings::from_config(&config.clients)?;
+    let registration =
+        agora_platform_client::registry::Registration::new(service, format!("http://{address}"))?
+            .with_instance_id(instance)?;
+    Ok(tokio::spawn(registration.run(
+        client.clone(),
+        settings,
+        || async { agora_platform_client::registry::Health::Serving },
+        CancellationToken::new(),
+    )))
+}
+
+async fn checkouts_spread_over_two_inventory_instances_and_survive_losing_one(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut env = TestEnv::per_service(backend).await?;
+    let nats = NatsServer::start().await?;
+    env.use_nats(&nats);
+    env.config.clients.discovery = agora_platform::config::DiscoveryMode::Nats;
+    env.config.clients.heartbeat_secs = 1;
+    env.config.clients.instance_ttl_secs = 3;
+    let services = TestServer::start(vec![
+        agora_users::hosted(&env.config).await?,
+        agora_catalog::hosted(&env.config).await?,
+        agora_payments::hosted(&env.config).await?,
+    ])
+    .await?;
+    // Two inventory instances on one database, each behind a proxy that
+    // counts what reaches it.
+    let inventory_a = TestServer::start(vec![agora_inventory::hosted(&env.config).await?]).await?;
+    let inventory_b = TestServer::start(vec![agora_inventory::hosted(&env.config).await?]).await?;
+    let proxy_a = CountingProxy::start(inventory_a.addr()).await?;
+    let proxy_b = CountingProxy::start(inventory_b.addr()).await?;
+    let client = async_nats::connect(nats.url()).await?;
+    let mut heartbeats = vec![
+        register(&client, &env.config, "catalog", "main", services.addr())?,
+        register(&client, &env.config, "payments", "main", services.addr())?,
+        register(&client, &env.config, "inventory", "a", proxy_a.addr)?,
+    ];
+    let heartbeat_b = register(&client, &env.config, "inventory", "b", proxy_b.addr)?;
+    let built = agora_orders::build(&env.config).await?;
+    let orders_server = TestServer::start(vec![built.hosted]).await?;
+
+    let admin = env.admin_token()?;
+    let mut catalog = CatalogServiceClient::new(services.channel()?);
+    let mut users = UserServiceClient::new(services.channel()?);
+    let product = catalog
+        .create_product(with_token(
+            catalog::CreateProductRequest {
+                sku: "spread-1".into(),
+                name: "Spread".into(),
+                description: String::new(),
+                price: Some(eur(500)),
+                categories: vec![],
+            },
+            &admin,
+        ))
+        .await?
+        .into_inner()
+        .product
+        .context("no product")?
+        .id;
+    let mut inventory = InventoryServiceClient::new(inventory_a.channel()?);
+    inventory
+        .set_stock(with_token(
+            inventory::SetStockRequest {
+                product_id: product.clone(),
+                quantity: 1_000,
+            },
+            &admin,
+        ))
+        .await?;
+    users
+        .create_user(users::CreateUserRequest {
+            email: "lin@example.com".into(),
+            name: "Lin".into(),
+            password: "correct horse battery".into(),
+        })
+        .await?;
+    let token = users
+        .authenticate(users::AuthenticateRequest {
+            email: "lin@example.com".into(),
+            password: "correct horse battery".into(),
+        })
+        .await?
+        .into_inner()
+        .access_token;
+    let orders = OrderServiceClient::new(orders_server.channel()?);
+    // Orders learns of both instances from the registry.
+    let until = tokio::time::Instant::now() + HANG_GUARD;
+    while built
+        .checkout
+        .breaker_states()
+        .iter()
+        .filter(|(service, _, _)| *service == "inventory")
+        .count()
+        < 2
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "orders never saw both instances"
+        );
+        let _ = place_one(&orders, &token, &product, "warm-up").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Checkouts four at a time: both instances get a fair share.
+    let (a0, b0) = (proxy_a.sent(), proxy_b.sent());
+    let failed = checkouts(&orders, &token, &product, "spread", 40, None).await?;
+    assert_eq!(failed, 0, "checkouts failed with both instances up");
+    let (a, b) = (proxy_a.sent() - a0, proxy_b.sent() - b0);
+    assert!(
+        a * 4 >= a + b && b * 4 >= a + b,
+        "calls did not spread: {a} bytes to a, {b} to b"
+    );
+
+    // Instance b crashes in the middle of a run (its key stays registered
+    // until it expires): only checkouts in flight at that moment may fail.
+    let kill_b = || {
+        proxy_b.kill();
+        heartbeat_b.abort();
+    };
+    let failed = checkouts(
+        &orders,
+        &token,
+        &product,
+        "failover",
+        40,
+        Some((10, &kill_b)),
+    )
+    .await?;
+    eprintln!("spread: {a} bytes to a, {b} to b; failover: {failed} of 40 failed");
+    assert!(
+        failed <= 4,
+        "{failed} checkouts failed, more than the 4 in flight"
+    );
+    let b_after = proxy_b.sent();
+    let failed = checkouts(&orders, &token, &product, "after", 20, None).await?;
+    assert_eq!(failed, 0, "checkouts failed after the failover");
+    assert_eq!(proxy_b.sent(), b_after, "the dead instance still got calls");
+    for heartbeat in heartbeats.drain(..) {
+        heartbeat.abort();
+    }
+    proxy_a.kill();
+    orders_server.stop().await
+}
+
+async fn place_one(
+    orders: &OrderServiceClient<Channel>,
+    token: &str,
+    product: &str,
+    request_id: &str,
+) -> Result<orders::Order, tonic::Status> {
+    let mut orders = orders.clone();
+    orders
+        .place_order(with_token(
+            orders::PlaceOrderRequest {
+                request_id: request_id.to_owned(),
+                items: vec![orders::LineItem {
+                    product_id: product.to_owned(),
+                    quantity: 1,
+                }],
+                card_number: GOOD_CARD.into(),
+            },
+            token,
+        ))
+        .await?
+        .into_inner()
+        .order
+        .ok_or_else(|| tonic::Status::internal("no order"))
+}
+
+/// Places `count` checkouts four at a time, running `event` before the
+/// first batch after `at` have been started; returns how many did not
+/// complete.
+async fn checkouts(
+    orders: &OrderServiceClient<Channel>,
+    token: &str,
+    product: &str,
+    prefix: &str,
+    count: usize,
+    event: Option<(usize, &dyn Fn())>,
+) -> anyhow::Result<usize> {
+    let mut failed = 0;
+    let mut started = 0;
+    let mut event = event;
+    while started < count {
+        if let Some((at, happen)) = event
+            && started >= at
+        {
+            happen();
+            event = None;
+        }
+        let batch: Vec<_> = (started..(started + 4).min(count))
+            .map(|n| {
+                let (orders, token, product) =
+                    (orders.clone(), token.to_owned(), product.to_owned());
+                let request_id = format!("{prefix}-{n}");
+                tokio::spawn(async move { place_one(&orders, &token, &product, &request_id).await })
+            })
+            .collect();
+        started += batch.len();
+        for call in batch {
+            match tokio::time::timeout(HANG_GUARD, call).await?? {
+                Ok(order) if order.status() == orders::OrderStatus::Completed => {}
+                _ => failed += 1,
+            }
+        }
+    }
+    Ok(failed)
+}
+
+mod discovery {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkouts_spread_over_two_inventory_instances_and_survive_losing_one()
+    -> anyhow::Result<()> {
+        super::checkouts_spread_over_two_inventory_instances_and_survive_losing_one(
+            Backend::Postgres,
+        )
+        .await
+    }
+}

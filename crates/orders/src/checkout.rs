@@ -753,12 +753,10 @@ impl Checkout {
             card_number: card.expose().clone(),
         });
         match client.charge(request).await {
-            Err(status) if status.code() == tonic::Code::InvalidArgument => {
-                CallOutcome::Refused {
-                    code: reason::INVALID_CARD.to_owned(),
-                    message: status.message().to_owned(),
-                }
-            }
+            Err(status) if status.code() == tonic::Code::InvalidArgument => CallOutcome::Refused {
+                code: reason::INVALID_CARD.to_owned(),
+                message: status.message().to_owned(),
+            },
             answer => outcome_of(answer, reason::CARD_DECLINED),
         }
     }

@@ -39,10 +39,10 @@ pub mod store;
 pub mod watch;
 
 use agora_platform::auth::{ServiceTokenSigner, TokenVerifier};
-use agora_platform_client::{CallPolicy, Clients, Credentials, Discovery};
 use agora_platform::config::{Config, DiscoveryMode};
 use agora_platform::db::{Db, Migrations};
 use agora_platform::server::HostedService;
+use agora_platform_client::{CallPolicy, Clients, Credentials, Discovery};
 use agora_platform_events::ServiceEvents;
 use agora_proto::orders::v1::SERVICE_NAME;
 use agora_proto::orders::v1::order_service_server::OrderServiceServer;
@@ -62,7 +62,8 @@ pub async fn build(config: &Config) -> anyhow::Result<Orders> {
     let events = ServiceEvents::start(config, &db, "orders").await?;
     let verifier = TokenVerifier::for_service(&config.auth, "orders")?;
     let store = store::SqlOrderStore::new(events.outbox.clone());
-    let checkout = checkout::Checkout::new(store.clone(), backends(config, &events)?, &config.checkout);
+    let checkout =
+        checkout::Checkout::new(store.clone(), backends(config, &events)?, &config.checkout);
     // Open WatchOrder streams end when the server begins to shut down,
     // rather than holding its drain until the timeout.
     let drain = tokio_util::sync::CancellationToken::new();
@@ -120,7 +121,10 @@ fn backends(config: &Config, events: &ServiceEvents) -> anyhow::Result<checkout:
         )?,
         payments: clients.channel(
             "payments",
-            idempotent(agora_proto::payments::v1::SERVICE_NAME, &["Charge", "Refund"]),
+            idempotent(
+                agora_proto::payments::v1::SERVICE_NAME,
+                &["Charge", "Refund"],
+            ),
         )?,
         catalog: clients.channel(
             "catalog",

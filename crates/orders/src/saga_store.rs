@@ -285,12 +285,10 @@ impl SagaStore {
                 .await?
             }
             None => {
-                sqlx::query(select_sagas!(
-                    "ORDER BY created_at DESC, id DESC LIMIT $1"
-                ))
-                .bind(limit)
-                .fetch_all(self.db().pool())
-                .await?
+                sqlx::query(select_sagas!("ORDER BY created_at DESC, id DESC LIMIT $1"))
+                    .bind(limit)
+                    .fetch_all(self.db().pool())
+                    .await?
             }
         };
         rows.iter().map(saga_from_row).collect()

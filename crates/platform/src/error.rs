@@ -427,7 +427,10 @@ mod tests {
         assert_eq!(status.code(), Code::FailedPrecondition);
         assert_eq!(reason_of(&status).as_deref(), Some("CARD_DECLINED"));
         let info = status.get_details_error_info().expect("error info");
-        assert_eq!(info.metadata.get("order_id").map(String::as_str), Some("o1"));
+        assert_eq!(
+            info.metadata.get("order_id").map(String::as_str),
+            Some("o1")
+        );
         assert_eq!(reason_of(&Status::unavailable("x")), None);
     }
 
