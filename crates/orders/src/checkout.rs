@@ -37,6 +37,7 @@ use agora_proto::inventory::v1 as inventory;
 use agora_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use agora_proto::payments::v1 as payments;
 use agora_proto::payments::v1::payment_service_client::PaymentServiceClient;
+use futures::StreamExt as _;
 use tracing::Instrument as _;
 
 use crate::domain::{
@@ -133,6 +134,8 @@ struct Timing {
     lease: Duration,
 }
 
+/// Catalog lookups one PlaceOrder makes at once.
+const PRICE_LOOKUPS_AT_ONCE: usize = 8;
 /// Resumed sagas one replica drives at once: bounds the work a burst of
 /// take-overs (a dead replica's sagas) puts on this one.
 const MAX_RESUMED: usize = 64;
@@ -319,8 +322,14 @@ impl Checkout {
             request.set_timeout(self.inner.timing.step);
             async move { (*product_id, catalog.get_product(request).await) }
         });
+        // A few lookups at a time: an order of 100 products must not become
+        // a burst of 100 concurrent calls on the catalog.
+        let answers: Vec<_> = futures::stream::iter(lookups)
+            .buffer_unordered(PRICE_LOOKUPS_AT_ONCE)
+            .collect()
+            .await;
         let mut prices: HashMap<&str, Money> = HashMap::new();
-        for (product_id, answer) in futures::future::join_all(lookups).await {
+        for (product_id, answer) in answers {
             let product = match answer {
                 Ok(response) => response.into_inner().product,
                 Err(status) if status.code() == tonic::Code::NotFound => None,

@@ -37,6 +37,10 @@ pub const ADMIN_ROLE: &str = "admin";
 /// Clock difference between pods tolerated on `exp`, in seconds.
 const CLOCK_LEEWAY_SECS: u64 = 30;
 
+/// The longest lifetime (`exp - iat`) a service token may claim, whatever
+/// `auth.service_token_ttl_secs` says: they are re-signed every few seconds.
+pub const MAX_SERVICE_TOKEN_SECS: i64 = 3600;
+
 /// Who a token speaks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -322,6 +326,15 @@ impl ServiceTokenSigner {
             settings.signing_key_file.as_deref(),
             &format!("{service}.signing_key_file"),
         )?;
+        if config.auth.service_token_ttl_secs > MAX_SERVICE_TOKEN_SECS.unsigned_abs() {
+            return Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "auth.service_token_ttl_secs must be at most {MAX_SERVICE_TOKEN_SECS}: \
+                     verifiers refuse longer-lived service tokens"
+                ),
+            ));
+        }
         Self::from_pem(
             pem.as_bytes(),
             &config.auth.issuer,
@@ -546,6 +559,18 @@ impl TokenVerifier {
                     return Err(unauthenticated(format!(
                         "service token of {} signed with the key of {kid}",
                         claims.sub
+                    )));
+                }
+                // Service tokens are short-lived by design: one that claims a
+                // long life, or was issued in the future, came from a signer
+                // that misbehaves (or a stolen key), not from ours.
+                let now = crate::time::now_micros() / 1_000_000;
+                let leeway = i64::try_from(CLOCK_LEEWAY_SECS).unwrap_or(i64::MAX);
+                if claims.iat > now.saturating_add(leeway)
+                    || claims.exp.saturating_sub(claims.iat) > MAX_SERVICE_TOKEN_SECS
+                {
+                    return Err(unauthenticated(format!(
+                        "service token lifetime must be at most {MAX_SERVICE_TOKEN_SECS} s from an issue time not in the future"
                     )));
                 }
                 Ok(claims)
@@ -907,6 +932,22 @@ mod tests {
     }
 
     #[test]
+    fn a_long_lived_or_future_service_token_is_unauthenticated() {
+        let mesh = mesh();
+        let mut long = service_claims("orders", "inventory");
+        long.exp = long.iat + MAX_SERVICE_TOKEN_SECS + 1;
+        let mut future = service_claims("orders", "inventory");
+        future.iat += 600;
+        future.exp = future.iat + 60;
+        for claims in [long, future] {
+            let token = forge(&mesh.orders_private, Some("orders"), &claims);
+            let err = refusal(&mesh.inventory, &token);
+            assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+            assert!(err.message().contains("lifetime"), "{err}");
+        }
+    }
+
+    #[test]
     fn a_service_token_signed_by_an_unknown_key_is_unauthenticated() {
         let mesh = mesh();
         // A key nobody trusts, in the name of a known service...
@@ -994,7 +1035,9 @@ mod tests {
     #[test]
     fn service_tokens_are_cached_per_audience_and_re_signed_near_expiry() {
         let mesh = mesh();
-        let now = now_secs();
+        // Signing "in the past", so that every token below is still valid
+        // (and none is issued in the future) when verified now.
+        let now = now_secs() - 40;
         let first = mesh.orders.token_at("inventory", now).expect("sign");
         // Half the lifetime left or more: the same token.
         assert_eq!(
