@@ -314,27 +314,31 @@ impl Checkout {
         let mut distinct: Vec<&str> = lines.iter().map(|(p, _)| p.as_str()).collect();
         distinct.sort_unstable();
         distinct.dedup();
-        let lookups = distinct.iter().map(|product_id| {
-            let mut catalog = CatalogServiceClient::new(self.inner.backends.catalog.clone());
-            let mut request = tonic::Request::new(catalog::GetProductRequest {
-                id: (*product_id).to_owned(),
-            });
-            request.set_timeout(self.inner.timing.step);
-            async move { (*product_id, catalog.get_product(request).await) }
-        });
+        let lookups: Vec<_> = distinct
+            .iter()
+            .map(|product_id| {
+                let mut catalog = CatalogServiceClient::new(self.inner.backends.catalog.clone());
+                let product_id = (*product_id).to_owned();
+                let mut request = tonic::Request::new(catalog::GetProductRequest {
+                    id: product_id.clone(),
+                });
+                request.set_timeout(self.inner.timing.step);
+                async move { (product_id, catalog.get_product(request).await) }
+            })
+            .collect();
         // A few lookups at a time: an order of 100 products must not become
         // a burst of 100 concurrent calls on the catalog.
         let answers: Vec<_> = futures::stream::iter(lookups)
             .buffer_unordered(PRICE_LOOKUPS_AT_ONCE)
             .collect()
             .await;
-        let mut prices: HashMap<&str, Money> = HashMap::new();
+        let mut prices: HashMap<String, Money> = HashMap::new();
         for (product_id, answer) in answers {
             let product = match answer {
                 Ok(response) => response.into_inner().product,
                 Err(status) if status.code() == tonic::Code::NotFound => None,
                 Err(status) if status.code() == tonic::Code::InvalidArgument => {
-                    return Err(unknown_product(product_id));
+                    return Err(unknown_product(&product_id));
                 }
                 Err(status) => {
                     return Err(Error::new(
@@ -347,7 +351,7 @@ impl Checkout {
             };
             let price = product
                 .and_then(|p| p.price)
-                .ok_or_else(|| unknown_product(product_id))?;
+                .ok_or_else(|| unknown_product(&product_id))?;
             let price = Money::parse_positive(Some(&price)).map_err(|err| {
                 Error::new(
                     ErrorKind::Internal,
