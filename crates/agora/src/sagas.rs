@@ -9,7 +9,8 @@
 //!   times and outcomes.
 //!
 //! Both read the orders database directly (`DATABASE_URL`, or the orders
-//! database of the configuration), read-only.
+//! database of the configuration) and change nothing in it; a SQLite file is
+//! opened read-only.
 
 use std::path::PathBuf;
 

@@ -601,6 +601,18 @@ async fn with_payments_down_the_breaker_opens_and_sagas_compensate(
         started.elapsed()
     );
 
+    // The stock does not wait for payments: the sagas release it while their
+    // refunds cannot get through.
+    let until = tokio::time::Instant::now() + HANG_GUARD;
+    while mesh.stock(&book).await? != (50, 0) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "stock held while payments is down: {:?}",
+            mesh.stock(&book).await?
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // Payments comes back: the breaker half-opens, a probe succeeds, it
     // closes, and every failed checkout finishes compensating.
     let payments = serve_payments(agora_payments::hosted(&mesh.env.config).await?, addr).await?;

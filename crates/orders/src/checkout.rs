@@ -17,10 +17,11 @@
 //! resumed before its charge compensates with `CHECKOUT_INTERRUPTED`.
 //!
 //! Deadlines: each call has `checkout.step_timeout_ms` (the client stack
-//! retries within it where safe); a checkout that has not reached
-//! CONFIRMING by `checkout.saga_timeout_ms` compensates. Compensation and the
-//! final commit must happen, so they are retried until they do, with
-//! backoff.
+//! retries within it where safe); a checkout not charged by
+//! `checkout.saga_timeout_ms` compensates (once paid, it completes).
+//! Compensation and the final commit must happen, so they are retried until
+//! they do, with backoff; the refund does not hold up the stock, which is
+//! released while payments does not answer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -136,9 +137,10 @@ struct Timing {
 
 /// Catalog lookups one PlaceOrder makes at once.
 const PRICE_LOOKUPS_AT_ONCE: usize = 8;
-/// Resumed sagas one replica drives at once: bounds the work a burst of
-/// take-overs (a dead replica's sagas) puts on this one.
-const MAX_RESUMED: usize = 64;
+/// Sagas one replica drives at once (new, cancelled and taken over): a
+/// bound on the tasks and the calls an outage can pile up. Beyond it,
+/// PlaceOrder is RESOURCE_EXHAUSTED and take-overs wait for the next scan.
+const MAX_DRIVERS: usize = 1024;
 /// Expired sagas claimed per scan.
 const RESUME_BATCH: i64 = 64;
 /// Longest pause between two attempts of a step that must happen.
@@ -160,7 +162,8 @@ struct Inner {
     timing: Timing,
     /// This replica's name in leases.
     owner: String,
-    resumed: Arc<tokio::sync::Semaphore>,
+    /// One permit per saga being driven here ([`MAX_DRIVERS`]).
+    drivers: Arc<tokio::sync::Semaphore>,
     /// Chance of SIGKILLing this process at each step boundary; only the
     /// chaos test sets it (`AGORA_CHAOS_KILL_PROBABILITY`).
     chaos: f64,
@@ -197,7 +200,11 @@ impl Checkout {
             saga: Duration::from_millis(config.saga_timeout_ms.max(1)),
             wait: Duration::from_millis(config.place_order_wait_ms),
             // A lease shorter than a step would run out mid-call.
-            lease: Duration::from_millis(config.lease_ms.max(config.step_timeout_ms * 2)),
+            lease: Duration::from_millis(
+                config
+                    .lease_ms
+                    .max(config.step_timeout_ms.saturating_mul(2)),
+            ),
         };
         Self {
             inner: Arc::new(Inner {
@@ -206,10 +213,29 @@ impl Checkout {
                 backends,
                 timing,
                 owner: format!("orders-{}", uuid::Uuid::now_v7().simple()),
-                resumed: Arc::new(tokio::sync::Semaphore::new(MAX_RESUMED)),
+                drivers: Arc::new(tokio::sync::Semaphore::new(MAX_DRIVERS)),
                 chaos,
             }),
         }
+    }
+
+    /// A permit to drive one more saga, or RESOURCE_EXHAUSTED.
+    fn driver_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.inner.drivers)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::ResourceExhausted,
+                    "too many checkouts in progress: try again in a moment",
+                )
+                .with_reason(reason::CHECKOUT_BUSY)
+            })
+    }
+
+    /// How often the resumer should look for sagas to take over: a quarter
+    /// of the lease in effect.
+    pub fn resume_interval(&self) -> Duration {
+        (self.inner.timing.lease / 4).max(Duration::from_millis(100))
     }
 
     /// The sagas this orchestrator keeps.
@@ -249,6 +275,7 @@ impl Checkout {
         {
             return self.replay(existing, &request).await;
         }
+        let permit = self.driver_permit()?;
         let (items, currency) = self.price(&request.lines).await?;
         let now = now_micros();
         let start = SagaStart {
@@ -264,6 +291,7 @@ impl Checkout {
         };
         let (order, created) = inner.orders.create_order(new, Some(&start)).await?;
         if !created {
+            drop(permit);
             return self.replay(order, &request).await;
         }
         let saga = inner
@@ -276,8 +304,11 @@ impl Checkout {
         let driver = self.clone();
         let card = request.card_number;
         tokio::spawn(
-            async move { driver.drive(saga, Some(card)).await }
-                .instrument(tracing::info_span!("checkout saga", order_id = %order.id)),
+            async move {
+                driver.drive(saga, Some(card)).await;
+                drop(permit);
+            }
+            .instrument(tracing::info_span!("checkout saga", order_id = %order.id)),
         );
         self.outcome(&order.id).await
     }
@@ -287,14 +318,19 @@ impl Checkout {
     /// items are ALREADY_EXISTS. The card is never charged again: only the
     /// saga that made the order charges, once.
     async fn replay(&self, existing: Order, request: &PlaceOrder) -> Result<Order> {
-        let same = existing.items.len() == request.lines.len()
-            && existing
+        // The same cart whatever the order of its lines (as inventory and
+        // payments compare their retries).
+        let same = cart(
+            existing
                 .items
                 .iter()
-                .zip(&request.lines)
-                .all(|(item, (product, quantity))| {
-                    item.product_id == *product && item.quantity == *quantity
-                });
+                .map(|item| (item.product_id.as_str(), item.quantity)),
+        ) == cart(
+            request
+                .lines
+                .iter()
+                .map(|(product, quantity)| (product.as_str(), *quantity)),
+        );
         if !same {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
@@ -391,12 +427,45 @@ impl Checkout {
 
     /// Waits for the saga of order `id` to finish, up to the configured
     /// wait (and the caller's deadline), and answers as PlaceOrder does: the
-    /// order when it completed (or is still running), the failure as an
-    /// error with its reason as soon as the saga decided to fail.
+    /// COMPLETED order once its stock is committed, the failure as an error
+    /// with its reason as soon as the saga decided to fail (compensation goes
+    /// on in the background), or the order PENDING when the wait ends first.
     async fn outcome(&self, id: &str) -> Result<Order> {
+        self.wait_for(id, |saga, order| match saga {
+            Some(saga) if !saga.failure.code.is_empty() && saga.step.is_compensating() => {
+                Some(Err(checkout_failed(&order.id, &saga.failure)))
+            }
+            // The reservation expired before the commit and the stock was
+            // gone: the paid order is being refunded and cancelled.
+            Some(saga)
+                if saga.failure.code == reason::RESERVATION_EXPIRED
+                    && saga.step.is_cancelling() =>
+            {
+                Some(Err(checkout_failed(&order.id, &saga.failure)))
+            }
+            // Confirmed but not yet committed: the stock is not settled.
+            Some(saga) if !saga.step.is_terminal() => None,
+            _ if order.status == OrderStatus::Failed => Some(Err(checkout_failed(
+                &order.id,
+                &Failure::new(&order.failure_code, &order.failure_reason),
+            ))),
+            _ if order.status.is_terminal() => Some(Ok(order.clone())),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Re-reads order `id` and its saga whenever they change (and every
+    /// [`WAIT_RECHECK`], for changes made by another replica) until `decide`
+    /// answers, or returns the order as it is when the configured wait, or
+    /// the caller's deadline (less a margin to answer in), runs out.
+    async fn wait_for<F>(&self, id: &str, decide: F) -> Result<Order>
+    where
+        F: Fn(Option<&Saga>, &Order) -> Option<Result<Order>>,
+    {
+        use tokio::sync::broadcast::error::RecvError;
         let inner = &self.inner;
         let wait = match agora_platform::deadline::remaining() {
-            // Answer a little before the caller gives up, with what we know.
             Some(left) => inner
                 .timing
                 .wait
@@ -404,6 +473,7 @@ impl Checkout {
             None => inner.timing.wait,
         };
         let until = tokio::time::Instant::now() + wait;
+        // Subscribed before the first read, so no change is missed.
         let mut notices = inner.orders.changes().subscribe();
         loop {
             let saga = inner.sagas.get(id).await?;
@@ -412,33 +482,17 @@ impl Checkout {
                 .get(id)
                 .await?
                 .ok_or_else(|| Error::not_found(format_args!("order {id}")))?;
-            match saga {
-                Some(saga) if saga.step.is_compensating() && !saga.failure.code.is_empty() => {
-                    return Err(checkout_failed(&order.id, &saga.failure));
-                }
-                // Confirmed but not yet committed (or being cancelled):
-                // the stock is not settled yet.
-                Some(saga) if !saga.step.is_terminal() => {}
-                _ if order.status.is_terminal() => {
-                    if order.status == OrderStatus::Failed {
-                        return Err(checkout_failed(
-                            &order.id,
-                            &Failure::new(&order.failure_code, &order.failure_reason),
-                        ));
-                    }
-                    return Ok(order);
-                }
-                _ => {}
+            if let Some(answer) = decide(saga.as_ref(), &order) {
+                return answer;
             }
             let notice = async {
                 loop {
                     match notices.recv().await {
                         Ok(changed) if &*changed == id => return,
                         Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                            std::future::pending::<()>().await;
-                        }
+                        Err(RecvError::Lagged(_)) => return,
+                        // No notices any more: the recheck still runs.
+                        Err(RecvError::Closed) => std::future::pending::<()>().await,
                     }
                 }
             };
@@ -463,6 +517,7 @@ impl Checkout {
         match (order.status, saga) {
             (OrderStatus::Cancelled, _) => Ok(order),
             (OrderStatus::Completed, Some(saga)) if saga.step == SagaStep::Completed => {
+                let permit = self.driver_permit()?;
                 let now = now_micros();
                 let mine = Saga {
                     lease_owner: inner.owner.clone(),
@@ -482,14 +537,24 @@ impl Checkout {
                 if let Some(cancelling) = inner.sagas.advance(&mine, &advance, lease_until).await? {
                     let driver = self.clone();
                     tokio::spawn(
-                        async move { driver.drive(cancelling, None).await }
-                            .instrument(tracing::info_span!("cancel saga", order_id = %id)),
+                        async move {
+                            driver.drive(cancelling, None).await;
+                            drop(permit);
+                        }
+                        .instrument(tracing::info_span!("cancel saga", order_id = %id)),
                     );
                 }
                 self.settled(id).await
             }
-            // Cancelling already (another call started it).
-            (OrderStatus::Completed, Some(_)) => self.settled(id).await,
+            // Being cancelled already (another call started it).
+            (OrderStatus::Completed, Some(saga)) if saga.step.is_cancelling() => {
+                self.settled(id).await
+            }
+            // Paid and confirmed, but the stock is still being committed.
+            (OrderStatus::Completed, _) => Err(Error::new(
+                ErrorKind::Conflict,
+                format!("order {id} is still being completed: cancel it again in a moment"),
+            )),
             (status, _) => Err(Error::new(
                 ErrorKind::FailedPrecondition,
                 format!("order {id} is {status}: only a completed order can be cancelled"),
@@ -500,24 +565,10 @@ impl Checkout {
     /// Waits (up to the configured wait) for a cancellation of order `id` to
     /// finish and returns the order as it is then.
     async fn settled(&self, id: &str) -> Result<Order> {
-        let inner = &self.inner;
-        let until = tokio::time::Instant::now() + inner.timing.wait;
-        let mut notices = inner.orders.changes().subscribe();
-        loop {
-            let order = inner
-                .orders
-                .get(id)
-                .await?
-                .ok_or_else(|| Error::not_found(format_args!("order {id}")))?;
-            if order.status == OrderStatus::Cancelled {
-                return Ok(order);
-            }
-            tokio::select! {
-                _ = notices.recv() => {}
-                () = tokio::time::sleep(WAIT_RECHECK) => {}
-                () = tokio::time::sleep_until(until) => return Ok(order),
-            }
-        }
+        self.wait_for(id, |_, order| {
+            (order.status == OrderStatus::Cancelled).then(|| Ok(order.clone()))
+        })
+        .await
     }
 
     /// Takes over running sagas whose lease ran out (their replica died or
@@ -528,7 +579,7 @@ impl Checkout {
         let now = now_micros();
         let mut taken = 0;
         for saga in inner.sagas.expired(now, RESUME_BATCH).await? {
-            let Ok(permit) = Arc::clone(&inner.resumed).try_acquire_owned() else {
+            let Ok(permit) = Arc::clone(&inner.drivers).try_acquire_owned() else {
                 break;
             };
             let lease_until = now.saturating_add(micros(inner.timing.lease));
@@ -558,19 +609,30 @@ impl Checkout {
     /// `card` is known only to the replica that started the checkout.
     async fn drive(&self, mut saga: Saga, card: Option<Secret<String>>) {
         let inner = &self.inner;
-        let order = match inner.orders.get(&saga.id).await {
-            Ok(Some(order)) => order,
-            Ok(None) => {
-                tracing::error!(order_id = %saga.id, "a saga without its order");
-                return;
-            }
-            Err(err) => {
-                // The lease runs out and a later scan resumes it.
-                tracing::warn!(order_id = %saga.id, error = %err, "cannot read the order of a saga");
-                return;
+        let mut attempt: u32 = 0;
+        // Read again on a passing error rather than give up: giving up would
+        // lose the card, and with it the checkout.
+        let order = loop {
+            match inner.orders.get(&saga.id).await {
+                Ok(Some(order)) => break order,
+                Ok(None) => {
+                    tracing::error!(order_id = %saga.id, "a saga without its order");
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(order_id = %saga.id, error = %err, "cannot read the order of a saga");
+                    attempt = attempt.saturating_add(1);
+                    tokio::time::sleep(retry_pause(attempt)).await;
+                    match self.keep_lease(&saga).await {
+                        Ok(Some(renewed)) => saga = renewed,
+                        // Taken over, or the lease cannot be kept: the
+                        // replica that holds it next goes on.
+                        Ok(None) | Err(_) => return,
+                    }
+                }
             }
         };
-        let mut attempt: u32 = 0;
+        attempt = 0;
         while !saga.step.is_terminal() {
             match self.keep_lease(&saga).await {
                 Ok(Some(renewed)) => saga = renewed,
@@ -658,7 +720,14 @@ impl Checkout {
             reason::CHECKOUT_TIMEOUT,
             "the checkout took too long and was undone",
         );
+        let interrupted = Failure::new(
+            reason::CHECKOUT_INTERRUPTED,
+            "the checkout was interrupted before payment: please order again",
+        );
         Ok(match saga.step {
+            // Taken over before the charge: without the card (never stored)
+            // it cannot go on, so nothing more is reserved or charged.
+            SagaStep::Reserving if card.is_none() => compensate(SagaStep::Releasing, interrupted),
             SagaStep::Reserving if past_deadline => compensate(SagaStep::Releasing, timeout),
             SagaStep::Reserving => match self.reserve(order).await {
                 CallOutcome::Done => forward(SagaStep::Charging),
@@ -673,15 +742,12 @@ impl Checkout {
                     )
                 },
             },
+            // A charge may have been sent before the interruption: the
+            // refund voids it (or refunds it) before the stock goes back.
+            SagaStep::Charging if card.is_none() => compensate(SagaStep::Refunding, interrupted),
             SagaStep::Charging if past_deadline => compensate(SagaStep::Refunding, timeout),
             SagaStep::Charging => match card {
-                None => compensate(
-                    SagaStep::Refunding,
-                    Failure::new(
-                        reason::CHECKOUT_INTERRUPTED,
-                        "the checkout was interrupted before payment: please order again",
-                    ),
-                ),
+                None => compensate(SagaStep::Refunding, interrupted),
                 Some(card) => match self.charge(order, card).await {
                     CallOutcome::Done => forward(SagaStep::Confirming),
                     // Refused: nothing was charged, only stock to release.
@@ -697,7 +763,8 @@ impl Checkout {
                     },
                 },
             },
-            SagaStep::Confirming if past_deadline => compensate(SagaStep::Refunding, timeout),
+            // Paid and reserved: confirming is local, so the deadline (which
+            // guards the calls before the charge) no longer applies.
             SagaStep::Confirming => Advance {
                 order: Some(OrderStatus::Completed),
                 ..forward(SagaStep::Committing)
@@ -717,7 +784,15 @@ impl Checkout {
                     SagaStep::Refunding => SagaStep::Releasing,
                     _ => SagaStep::CancelRestocking,
                 }),
-                CallOutcome::Unknown { message } => return Err(message),
+                CallOutcome::Unknown { message } => {
+                    // Payments is down, perhaps for long: the stock need not
+                    // wait for it. Releasing is idempotent, and RELEASING
+                    // releases again (a no-op) once the refund is through.
+                    if saga.step == SagaStep::Refunding {
+                        let _ = self.release(order).await;
+                    }
+                    return Err(message);
+                }
             },
             SagaStep::Releasing | SagaStep::CancelRestocking => match self.release(order).await {
                 CallOutcome::Done | CallOutcome::Refused { .. } => {
@@ -766,6 +841,17 @@ impl Checkout {
             card_number: card.expose().clone(),
         });
         match client.charge(request).await {
+            // Only a captured payment pays; an OK answer for a payment in
+            // another state (refunded, voided) is not a charge.
+            Ok(response)
+                if response.get_ref().payment.as_ref().map(|p| p.status())
+                    != Some(payments::PaymentStatus::Succeeded) =>
+            {
+                CallOutcome::Refused {
+                    code: reason::PAYMENT_VOIDED.to_owned(),
+                    message: "the payment was cancelled before it was charged".to_owned(),
+                }
+            }
             Err(status) if status.code() == tonic::Code::InvalidArgument => CallOutcome::Refused {
                 code: reason::INVALID_CARD.to_owned(),
                 message: status.message().to_owned(),
@@ -850,12 +936,24 @@ fn outcome_of<T>(answer: std::result::Result<T, tonic::Status>, refused: &str) -
 }
 
 /// Jittered exponential pause before attempt `attempt` (1-based) of a step
-/// that must happen: 100 ms, 200 ms ... up to [`MAX_RETRY_PAUSE`].
+/// that must happen: between half and all of 200 ms, 400 ms ... up to
+/// [`MAX_RETRY_PAUSE`].
 fn retry_pause(attempt: u32) -> Duration {
     let base = Duration::from_millis(100).saturating_mul(1 << attempt.min(6));
     let capped = base.min(MAX_RETRY_PAUSE);
     // Full jitter over the upper half: replicas retrying together spread out.
     capped / 2 + capped.mul_f64(rand::random::<f64>() / 2.0)
+}
+
+/// Lines merged per product, in product order.
+fn cart<'a>(
+    lines: impl Iterator<Item = (&'a str, i64)>,
+) -> std::collections::BTreeMap<&'a str, i64> {
+    let mut merged = std::collections::BTreeMap::new();
+    for (product, quantity) in lines {
+        *merged.entry(product).or_default() += quantity;
+    }
+    merged
 }
 
 fn unknown_product(product_id: &str) -> Error {

@@ -69,7 +69,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Orders> {
     let drain = tokio_util::sync::CancellationToken::new();
     let api = grpc::OrderApi::new(store.clone(), checkout.clone(), verifier)
         .with_drain_signal(drain.clone());
-    let resume_every = std::time::Duration::from_millis((config.checkout.lease_ms / 4).max(100));
+    let resume_every = checkout.resume_interval();
     let hosted = HostedService::new(SERVICE_NAME, OrderServiceServer::new(api))
         .with_check(db)
         .with_drain_signal(drain)

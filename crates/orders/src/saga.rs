@@ -96,6 +96,14 @@ impl SagaStep {
     pub fn is_compensating(self) -> bool {
         matches!(self, Self::Refunding | Self::Releasing | Self::Failed)
     }
+
+    /// Whether the saga is cancelling a completed order (or has).
+    pub fn is_cancelling(self) -> bool {
+        matches!(
+            self,
+            Self::CancelRefunding | Self::CancelRestocking | Self::Cancelled
+        )
+    }
 }
 
 impl fmt::Display for SagaStep {
@@ -142,6 +150,11 @@ pub mod reason {
     pub const RESERVATION_EXPIRED: &str = "RESERVATION_EXPIRED";
     /// The customer cancelled the order.
     pub const CANCELLED_BY_CUSTOMER: &str = "CANCELLED_BY_CUSTOMER";
+    /// The payment was voided (refunded before it was charged) or is not
+    /// a capture: nothing was charged.
+    pub const PAYMENT_VOIDED: &str = "PAYMENT_VOIDED";
+    /// Too many checkouts are in progress on this replica.
+    pub const CHECKOUT_BUSY: &str = "CHECKOUT_BUSY";
     /// The request id was used before for an order with other items.
     pub const REQUEST_ID_REUSED: &str = "REQUEST_ID_REUSED";
     /// The products are priced in different currencies.

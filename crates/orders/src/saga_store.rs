@@ -159,8 +159,9 @@ impl SagaStore {
             if let Some(status) = advance.order {
                 match move_order(&mut work, &saga.id, status, failure).await? {
                     Moved::Changed(_) | Moved::Already(_) => {}
-                    // The order moved under us (only sagas move orders, so
-                    // rarely): decide again on a fresh read.
+                    // The order moved between move_order's read and its
+                    // write (only sagas move orders, so rarely): the same
+                    // move again, on a fresh read.
                     Moved::Raced => continue,
                 }
             }
