@@ -634,8 +634,31 @@ async fn with_payments_down_the_breaker_opens_and_sagas_compensate(
     mesh.orders_server.stop().await
 }
 
+async fn a_checkout_past_its_deadline_is_undone_before_any_charge(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut mesh = mesh_with(backend, |config| config.checkout.saga_timeout_ms = 1, None).await?;
+    let book = mesh.product(1250, 5).await?;
+    let shopper = mesh.shopper("edsger@example.com").await?;
+    let status = mesh
+        .place(&shopper, "req-1", &[(&book, 1)], GOOD_CARD)
+        .await
+        .expect_err("too late");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason_of(&status).as_deref(), Some("CHECKOUT_TIMEOUT"));
+    let order_id = order_id_of(&status).context("order_id")?;
+    let order = mesh.settled(&shopper, &order_id).await?;
+    assert_eq!(order.status(), orders::OrderStatus::Failed);
+    assert_eq!(order.failure_code, "CHECKOUT_TIMEOUT");
+    assert_eq!(mesh.stock(&book).await?, (5, 0));
+    let missing = mesh.payment(&order_id).await.expect_err("never charged");
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    mesh.orders_server.stop().await
+}
+
 backend_tests!(
     a_checkout_reserves_charges_and_completes_once,
+    a_checkout_past_its_deadline_is_undone_before_any_charge,
     a_declined_card_fails_the_order_and_releases_the_stock,
     an_order_beyond_the_stock_fails_without_a_charge,
     cancelling_a_completed_order_refunds_and_restocks,

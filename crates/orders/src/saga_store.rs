@@ -340,3 +340,146 @@ fn saga_from_row(row: &AnyRow) -> Result<Saga> {
         updated_at: row.try_get("updated_at")?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use agora_platform::config::Secret;
+    use agora_platform::money::Money;
+
+    use super::*;
+    use crate::domain::{NewOrder, OrderItem};
+
+    async fn sagas(dir: &tempfile::TempDir) -> SagaStore {
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("orders.db").display()
+        );
+        let db = Db::connect_and_migrate(&Secret::new(url), crate::MIGRATIONS)
+            .await
+            .expect("sqlite database");
+        agora_platform_events::migrate(&db)
+            .await
+            .expect("events tables");
+        SagaStore::new(SqlOrderStore::new(agora_platform_events::Outbox::new(db)))
+    }
+
+    /// A new order with its saga, leased to `owner` until `lease_until`.
+    async fn started(store: &SagaStore, owner: &str, lease_until: i64) -> Saga {
+        let new = NewOrder {
+            user_id: "u1".into(),
+            request_id: uuid::Uuid::new_v4().to_string(),
+            items: vec![OrderItem {
+                product_id: "p1".into(),
+                quantity: 1,
+                unit_price: Money {
+                    currency_code: "EUR".into(),
+                    amount_minor: 100,
+                },
+            }],
+            currency: "EUR".into(),
+        };
+        let start = SagaStart {
+            lease_owner: owner.into(),
+            lease_until,
+            deadline_at: i64::MAX,
+        };
+        let (order, created) = store
+            .orders
+            .create_order(new, Some(&start))
+            .await
+            .expect("order");
+        assert!(created);
+        store.get(&order.id).await.expect("read").expect("saga")
+    }
+
+    fn to(step: SagaStep) -> Advance {
+        Advance {
+            to: step,
+            outcome: "ok".into(),
+            detail: String::new(),
+            failure: None,
+            order: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stale_copy_of_a_saga_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = sagas(&dir).await;
+        let saga = started(&store, "a", i64::MAX).await;
+        let moved = store
+            .advance(&saga, &to(SagaStep::Charging), i64::MAX)
+            .await
+            .expect("advance")
+            .expect("moved");
+        assert_eq!(moved.step, SagaStep::Charging);
+        assert_eq!(moved.version, saga.version + 1);
+        // The copy read before the move is stale: nothing happens, and the
+        // caller learns it must stop.
+        assert!(
+            store
+                .advance(&saga, &to(SagaStep::Releasing), i64::MAX)
+                .await
+                .expect("advance")
+                .is_none()
+        );
+        assert!(store.renew(&saga, i64::MAX).await.expect("renew").is_none());
+        let now = store.get(&saga.id).await.expect("read").expect("saga");
+        assert_eq!(now.step, SagaStep::Charging);
+        let history = store.steps(&saga.id).await.expect("steps");
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].step, "RESERVING");
+    }
+
+    #[tokio::test]
+    async fn of_two_replicas_taking_over_an_expired_saga_one_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = sagas(&dir).await;
+        let now = now_micros();
+        // A live lease cannot be taken.
+        let live = started(&store, "a", now + 60_000_000).await;
+        assert!(
+            store
+                .claim_if(&live, "b", now + 60_000_000, now)
+                .await
+                .expect("claim")
+                .is_none()
+        );
+        // An expired one is found, and taken by exactly one of two racers.
+        let dead = started(&store, "a", now - 1).await;
+        let expired = store.expired(now, 10).await.expect("scan");
+        assert_eq!(
+            expired.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            [dead.id.as_str()]
+        );
+        let (b, c) = tokio::join!(
+            store.claim_if(&dead, "b", now + 60_000_000, now),
+            store.claim_if(&dead, "c", now + 60_000_000, now),
+        );
+        let winners: Vec<_> = [b.expect("claim b"), c.expect("claim c")]
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        // The old owner's copy is stale now: it can neither renew nor move it.
+        assert!(store.renew(&dead, i64::MAX).await.expect("renew").is_none());
+        assert!(
+            store
+                .advance(&dead, &to(SagaStep::Charging), i64::MAX)
+                .await
+                .expect("advance")
+                .is_none()
+        );
+        let owner = &winners[0].lease_owner;
+        let stored = store.get(&dead.id).await.expect("read").expect("saga");
+        assert_eq!(&stored.lease_owner, owner);
+        // Terminal sagas are never resumed.
+        let done = store
+            .advance(&stored, &to(SagaStep::Failed), now - 1)
+            .await
+            .expect("advance")
+            .expect("moved");
+        assert!(done.step.is_terminal());
+        assert!(store.expired(now, 10).await.expect("scan").is_empty());
+    }
+}
