@@ -9,18 +9,21 @@
 //! UNAVAILABLE, and an instance whose breaker is open is only skipped until
 //! it recovers. The choice itself is the same: two instances at random, the
 //! one with fewer calls in flight.
+//!
+//! An instance is an address: registry keys sharing one (a process
+//! restarted on a fixed port while its old key lives on) are merged, the
+//! most recently received serving entry speaking for it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use rand::Rng as _;
 use tower::ServiceBuilder;
 
 use crate::ResponseFuture;
 use crate::breaker::{BreakerSettings, BreakerState, CircuitBreaker, Guarded};
-use crate::call::TriedEndpoints;
+use crate::call::{NoInstanceAdmits, TriedEndpoints};
 use crate::discovery::{Target, Targets};
 use crate::endpoint::EndpointChannel;
 
@@ -47,7 +50,6 @@ impl Instance {
 pub struct Balancer {
     service: Arc<str>,
     breaker: BreakerSettings,
-    instance_ttl: Duration,
     table: Mutex<Table>,
 }
 
@@ -58,16 +60,10 @@ struct Table {
 
 impl Balancer {
     /// The instances of `service` that `targets` announces.
-    pub fn new(
-        service: &str,
-        targets: Targets,
-        breaker: BreakerSettings,
-        instance_ttl: Duration,
-    ) -> Self {
+    pub fn new(service: &str, targets: Targets, breaker: BreakerSettings) -> Self {
         let balancer = Self {
             service: Arc::from(service),
             breaker,
-            instance_ttl,
             table: Mutex::new(Table {
                 targets,
                 instances: Vec::new(),
@@ -86,11 +82,10 @@ impl Balancer {
     pub fn breaker_states(&self) -> Vec<(String, BreakerState)> {
         let mut table = self.lock();
         self.sync(&mut table, false);
-        let now = agora_platform::time::now_micros();
         table
             .instances
             .iter()
-            .filter(|instance| instance.target.is_live(now, self.instance_ttl))
+            .filter(|instance| instance.target.is_live())
             .map(|instance| (instance.address.to_string(), instance.breaker.state()))
             .collect()
     }
@@ -106,7 +101,7 @@ impl Balancer {
         if !force && !table.targets.has_changed().unwrap_or(false) {
             return;
         }
-        let targets: Vec<Target> = table.targets.borrow_and_update().iter().cloned().collect();
+        let targets = merge_duplicates(table.targets.borrow_and_update().iter().cloned());
         let mut kept: HashMap<Arc<str>, Instance> = table
             .instances
             .drain(..)
@@ -116,14 +111,6 @@ impl Balancer {
             if let Some(mut instance) = kept.remove(target.address.as_str()) {
                 instance.target = target;
                 table.instances.push(instance);
-                continue;
-            }
-            if table
-                .instances
-                .iter()
-                .any(|instance| *instance.address == *target.address)
-            {
-                // Two registrations with one address (a restart): one instance.
                 continue;
             }
             match EndpointChannel::lazy(&self.service, &target.address) {
@@ -153,14 +140,17 @@ impl Balancer {
     }
 
     /// Chooses the instance for one attempt of a call and marks it as tried.
-    fn choose(&self, tried: Option<&TriedEndpoints>) -> Result<Chosen, tonic::Status> {
+    fn choose(
+        &self,
+        tried: Option<&TriedEndpoints>,
+        none_admits: Option<&NoInstanceAdmits>,
+    ) -> Result<Chosen, tonic::Status> {
         let mut table = self.lock();
         self.sync(&mut table, false);
-        let now = agora_platform::time::now_micros();
         let live: Vec<&Instance> = table
             .instances
             .iter()
-            .filter(|instance| instance.target.is_live(now, self.instance_ttl))
+            .filter(|instance| instance.target.is_live())
             .collect();
         let no_instance =
             || tonic::Status::unavailable(format!("no instance of {} is available", self.service));
@@ -173,6 +163,10 @@ impl Balancer {
             .filter(|instance| instance.breaker.admits_calls())
             .collect();
         if admitting.is_empty() {
+            // Tells the retry layer that trying again is pointless.
+            if let Some(none_admits) = none_admits {
+                none_admits.set();
+            }
             return Err(tonic::Status::unavailable(format!(
                 "circuit open for {} at {}",
                 self.service, first.address
@@ -198,6 +192,26 @@ impl Balancer {
             in_flight: Arc::clone(&chosen.in_flight),
         })
     }
+}
+
+/// One target per address, in the order addresses first appear: of the
+/// entries sharing one, the serving ones win over the others, and among
+/// those the most recently received. Which key sorts first (perhaps the
+/// dead process's) does not matter.
+fn merge_duplicates(targets: impl IntoIterator<Item = Target>) -> Vec<Target> {
+    let rank = |target: &Target| (target.serving, target.received);
+    let mut merged: Vec<Target> = Vec::new();
+    for target in targets {
+        match merged
+            .iter_mut()
+            .find(|known| known.address == target.address)
+        {
+            Some(known) if rank(&target) > rank(known) => *known = target,
+            Some(_) => {}
+            None => merged.push(target),
+        }
+    }
+    merged
 }
 
 /// Of two distinct items picked at random, the one with the lower load
@@ -250,7 +264,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for Balance {
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let tried = request.extensions().get::<TriedEndpoints>().cloned();
-        match self.balancer.choose(tried.as_ref()) {
+        let none_admits = request.extensions().get::<NoInstanceAdmits>().cloned();
+        match self.balancer.choose(tried.as_ref(), none_admits.as_ref()) {
             Ok(Chosen {
                 mut service,
                 in_flight,
@@ -290,5 +305,29 @@ mod tests {
         let single = [&7_usize];
         assert_eq!(power_of_two_choices(&single, |load| *load), Some(&7));
         assert_eq!(power_of_two_choices::<usize>(&[], |load| *load), None);
+    }
+
+    #[test]
+    fn keys_sharing_an_address_merge_into_the_latest_serving_entry() {
+        let start = tokio::time::Instant::now();
+        let at = |address: &str, serving: bool, secs: u64| Target {
+            address: address.into(),
+            serving,
+            received: Some(start + std::time::Duration::from_secs(secs)),
+        };
+        let merged = merge_duplicates([
+            at("http://a:1", true, 1),
+            at("http://b:1", true, 1),
+            at("http://a:1", true, 3),
+            at("http://a:1", false, 5),
+            at("http://a:1", true, 2),
+        ]);
+        assert_eq!(
+            merged,
+            [at("http://a:1", true, 3), at("http://b:1", true, 1)]
+        );
+        // None serving: the latest speaks.
+        let merged = merge_duplicates([at("http://a:1", false, 2), at("http://a:1", false, 1)]);
+        assert_eq!(merged, [at("http://a:1", false, 2)]);
     }
 }

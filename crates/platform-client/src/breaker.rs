@@ -8,7 +8,11 @@
 //! through; its success closes the breaker, its failure opens it again. Only
 //! failures saying the instance does not work count (UNAVAILABLE,
 //! DEADLINE_EXCEEDED, no connection): FAILED_PRECONDITION, INVALID_ARGUMENT
-//! and the like are answers, which only a working instance gives.
+//! and the like are answers, which only a working instance gives. Running
+//! out of time counts only for a call that had the full configured budget
+//! ([`crate::call::CallDeadline::full_budget`]): the deadline may come from
+//! the caller or from the request it serves, and a caller with 1 ms left
+//! must not be able to cut an instance off for everybody.
 //!
 //! Every change of state is logged and exported as the OpenTelemetry gauge
 //! `agora.client.circuit_breaker.state` (0 closed, 1 open, 2 half-open) with
@@ -23,7 +27,7 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use crate::ResponseFuture;
-use crate::call::outcome_code;
+use crate::call::{CallDeadline, outcome_code};
 
 /// Where a breaker stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,17 +80,24 @@ pub struct BreakerSettings {
 pub enum Outcome {
     /// The instance answered (whatever the answer).
     Success,
-    /// The instance did not answer properly: UNAVAILABLE, DEADLINE_EXCEEDED,
-    /// no connection.
+    /// The instance did not answer properly: UNAVAILABLE, DEADLINE_EXCEEDED
+    /// within the full budget, no connection.
     Failure,
+    /// The call ran out of a budget shorter than the configured one: too
+    /// little time says nothing about the instance. It counts for nothing,
+    /// and a probe's turn passes to the next call.
+    Inconclusive,
 }
 
 impl Outcome {
     /// The outcome of a call that ended with `code` (`None`: the response
-    /// started normally, its status is still to come).
-    pub fn of(code: Option<Code>) -> Self {
+    /// started normally, its status is still to come), sent with the full
+    /// configured budget or not.
+    pub fn of(code: Option<Code>, full_budget: bool) -> Self {
         match code {
-            Some(Code::Unavailable | Code::DeadlineExceeded) => Self::Failure,
+            Some(Code::Unavailable) => Self::Failure,
+            Some(Code::DeadlineExceeded) if full_budget => Self::Failure,
+            Some(Code::DeadlineExceeded) => Self::Inconclusive,
             _ => Self::Success,
         }
     }
@@ -211,16 +222,18 @@ impl CircuitBreaker {
                     self.change(&mut machine, BreakerState::Open);
                 }
             }
-            (BreakerState::HalfOpen, Some(outcome)) if probe => {
-                let next = match outcome {
-                    Outcome::Success => BreakerState::Closed,
-                    Outcome::Failure => BreakerState::Open,
-                };
-                self.change(&mut machine, next);
+            (BreakerState::HalfOpen, Some(Outcome::Success)) if probe => {
+                self.change(&mut machine, BreakerState::Closed);
             }
-            // The probe was abandoned (its caller went away): the next
-            // call probes instead.
-            (BreakerState::HalfOpen, None) if probe => machine.probe_in_flight = false,
+            (BreakerState::HalfOpen, Some(Outcome::Failure)) if probe => {
+                self.change(&mut machine, BreakerState::Open);
+            }
+            // The probe was abandoned (its caller went away) or proved
+            // nothing (its caller's budget was short): the next call probes
+            // instead.
+            (BreakerState::HalfOpen, None | Some(Outcome::Inconclusive)) if probe => {
+                machine.probe_in_flight = false;
+            }
             _ => {}
         }
     }
@@ -325,10 +338,16 @@ where
             ));
             return Box::pin(std::future::ready(Err(status)));
         };
+        // A call sent without a deadline of ours can only time out by the
+        // callee's doing: that counts.
+        let full_budget = request
+            .extensions()
+            .get::<CallDeadline>()
+            .is_none_or(|deadline| deadline.full_budget);
         let call = self.inner.call(request);
         Box::pin(async move {
             let result = call.await;
-            permit.settle(Outcome::of(outcome_code(&result)));
+            permit.settle(Outcome::of(outcome_code(&result), full_budget));
             result
         })
     }
@@ -480,14 +499,54 @@ mod tests {
 
     #[test]
     fn business_errors_are_answers_not_failures() {
-        assert_eq!(Outcome::of(None), Outcome::Success);
-        assert_eq!(Outcome::of(Some(Code::Ok)), Outcome::Success);
+        assert_eq!(Outcome::of(None, true), Outcome::Success);
+        assert_eq!(Outcome::of(Some(Code::Ok), true), Outcome::Success);
         assert_eq!(
-            Outcome::of(Some(Code::FailedPrecondition)),
+            Outcome::of(Some(Code::FailedPrecondition), true),
             Outcome::Success
         );
-        assert_eq!(Outcome::of(Some(Code::InvalidArgument)), Outcome::Success);
-        assert_eq!(Outcome::of(Some(Code::Unavailable)), Outcome::Failure);
-        assert_eq!(Outcome::of(Some(Code::DeadlineExceeded)), Outcome::Failure);
+        assert_eq!(
+            Outcome::of(Some(Code::InvalidArgument), true),
+            Outcome::Success
+        );
+        assert_eq!(Outcome::of(Some(Code::Unavailable), true), Outcome::Failure);
+        assert_eq!(
+            Outcome::of(Some(Code::DeadlineExceeded), true),
+            Outcome::Failure
+        );
+    }
+
+    #[test]
+    fn running_out_of_a_short_budget_proves_nothing() {
+        assert_eq!(
+            Outcome::of(Some(Code::DeadlineExceeded), false),
+            Outcome::Inconclusive
+        );
+        // No connection is a failure whatever the budget.
+        assert_eq!(
+            Outcome::of(Some(Code::Unavailable), false),
+            Outcome::Failure
+        );
+        assert_eq!(Outcome::of(None, false), Outcome::Success);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inconclusive_calls_neither_count_nor_reset_nor_decide_a_probe() {
+        let breaker = breaker(2);
+        assert!(call(&breaker, Outcome::Failure));
+        for _ in 0..10 {
+            assert!(call(&breaker, Outcome::Inconclusive));
+        }
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        // The failure before them still counts.
+        assert!(call(&breaker, Outcome::Failure));
+        assert_eq!(breaker.state(), BreakerState::Open);
+
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(call(&breaker, Outcome::Inconclusive));
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        assert!(breaker.admits_calls(), "the next call probes");
+        assert!(call(&breaker, Outcome::Success));
+        assert_eq!(breaker.state(), BreakerState::Closed);
     }
 }

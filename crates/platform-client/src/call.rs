@@ -1,15 +1,47 @@
 //! What the layers tell each other about one call, through the request's
 //! extensions, and how they read its outcome.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::time::Instant;
 use tonic::Code;
 
-/// When the call must be answered: set by the deadline layer, enforced on
-/// every attempt by the endpoint channel and respected by retries.
+/// When the attempt must be answered, and whether it had the whole
+/// configured budget for it: set by the deadline layer, enforced on every
+/// attempt by the endpoint channel, respected by retries, and read by the
+/// breaker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CallDeadline(pub Instant);
+pub struct CallDeadline {
+    /// When the time is up.
+    pub at: Instant,
+    /// Whether the attempt runs with the full `clients.default_timeout_ms`:
+    /// not cut short by the caller's own timeout or by what was left of
+    /// the request being served, and not a retry (which gets what the
+    /// earlier attempts left). Only then does running out of time say the
+    /// instance is too slow; otherwise any caller with a tiny budget could
+    /// open an instance's breaker for every other caller.
+    pub full_budget: bool,
+}
+
+/// Set by the balancer when it refuses an attempt because no instance of
+/// the service admits calls (every breaker open, or half-open with its
+/// probe out): a retry would only wait its pause to be refused again, so the
+/// retry layer gives up at once (an open breaker fails fast).
+#[derive(Clone, Debug, Default)]
+pub struct NoInstanceAdmits(Arc<AtomicBool>);
+
+impl NoInstanceAdmits {
+    /// Notes the refusal.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an attempt was refused so.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// The instances this call was already sent to: set by the retry layer for
 /// the attempts of one call, read and extended by the balancer so that a

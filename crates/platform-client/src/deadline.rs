@@ -5,7 +5,10 @@
 //!
 //! The callee learns it from `grpc-timeout`; the layers below learn it from
 //! [`CallDeadline`]; the call ends with DEADLINE_EXCEEDED when it passes,
-//! and a call with no time left is not sent at all.
+//! and a call with no time left is not sent at all. [`CallDeadline`] also
+//! says whether the call got the full configured budget: a call cut short by
+//! its caller that runs out of time says nothing about the instance, and
+//! the breaker does not count it.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -109,7 +112,11 @@ where
             return Box::pin(std::future::ready(Err(exceeded())));
         };
         set_grpc_timeout(&mut request, timeout);
-        request.extensions_mut().insert(CallDeadline(deadline));
+        request.extensions_mut().insert(CallDeadline {
+            at: deadline,
+            // Neither the caller's timeout nor the inbound request shortened it.
+            full_budget: timeout >= self.layer.default_timeout,
+        });
         let call = self.inner.clone().oneshot(request);
         Box::pin(async move {
             tokio::time::timeout_at(deadline, call)

@@ -2,17 +2,19 @@
 //! or the NATS registry, where instances come and go.
 //!
 //! Either way a channel sees a [`Targets`] value it re-reads before each
-//! call; an instance is called only while [`Target::is_live`]: healthy, and
-//! heard of within `clients.instance_ttl_secs` (registry instances).
-
-use std::collections::HashMap;
-use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+//! call; an instance is called only while [`Target::is_live`] (it says it
+//! serves). Registry instances not heard of within
+//! `clients.instance_ttl_secs` are dropped from [`Targets`] by the watch
+//! itself, which alone knows whether anything could be heard
+//! ([`crate::registry`]).
 
 use agora_platform::config::Config;
 use agora_platform::error::{Error, ErrorKind};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::ClientSettings;
 
@@ -46,9 +48,11 @@ pub struct Target {
     pub address: String,
     /// Whether the instance says it serves.
     pub serving: bool,
-    /// Its last heartbeat, in microseconds since the Unix epoch; `None` for
-    /// static addresses, which never go stale.
-    pub last_seen_micros: Option<i64>,
+    /// When this process last received its registry entry, by its own
+    /// monotonic clock (the registering host's clock plays no part, so
+    /// skew between hosts does not matter); `None` for configured
+    /// addresses.
+    pub received: Option<Instant>,
 }
 
 impl Target {
@@ -57,18 +61,16 @@ impl Target {
         Self {
             address: address.into(),
             serving: true,
-            last_seen_micros: None,
+            received: None,
         }
     }
 
-    /// Whether calls may go to it at `now_micros`: it serves, and its last
-    /// heartbeat is no older than `ttl`.
-    pub fn is_live(&self, now_micros: i64, ttl: Duration) -> bool {
-        let ttl_micros = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX);
+    /// Whether calls may go to it: it says it serves. (Staleness is not
+    /// judged here: the registry watch drops instances it has not heard of
+    /// for the TTL while it could hear them, and keeps them while NATS is
+    /// unreachable, leaving dead ones to the breakers.)
+    pub fn is_live(&self) -> bool {
         self.serving
-            && self
-                .last_seen_micros
-                .is_none_or(|seen| now_micros.saturating_sub(seen) <= ttl_micros)
     }
 }
 
@@ -160,19 +162,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn instances_are_live_while_serving_and_recently_seen() {
-        let ttl = Duration::from_secs(10);
-        let now = 100_000_000;
-        assert!(Target::fixed("http://a:1").is_live(now, ttl));
-        let seen = |ago_secs: i64, serving: bool| Target {
+    fn instances_are_live_while_serving() {
+        assert!(Target::fixed("http://a:1").is_live());
+        let received = |serving: bool| Target {
             address: "http://a:1".into(),
             serving,
-            last_seen_micros: Some(now - ago_secs * 1_000_000),
+            received: Some(Instant::now()),
         };
-        assert!(seen(9, true).is_live(now, ttl));
-        assert!(seen(10, true).is_live(now, ttl));
-        assert!(!seen(11, true).is_live(now, ttl));
-        assert!(!seen(1, false).is_live(now, ttl));
+        assert!(received(true).is_live());
+        assert!(!received(false).is_live());
     }
 
     #[test]

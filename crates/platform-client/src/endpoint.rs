@@ -74,8 +74,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for EndpointChannel {
         Box::pin(async move {
             let call = channel.oneshot(request);
             let result = match deadline {
-                Some(CallDeadline(deadline)) => match tokio::time::timeout_at(deadline, call).await
-                {
+                Some(CallDeadline { at, .. }) => match tokio::time::timeout_at(at, call).await {
                     Ok(result) => result,
                     Err(_elapsed) => {
                         return Err(tonic::Status::deadline_exceeded(format!(

@@ -78,7 +78,8 @@ pub struct ClientSettings {
     pub breaker: BreakerSettings,
     /// Time between heartbeats of a registered instance.
     pub heartbeat: Duration,
-    /// An instance not heard of for this long is gone.
+    /// A registered instance not heard of for this long, while the registry
+    /// can be heard, is gone.
     pub instance_ttl: Duration,
 }
 
@@ -88,6 +89,14 @@ impl ClientSettings {
         let invalid = |message: &str| Err(Error::new(ErrorKind::InvalidArgument, message));
         if config.default_timeout_ms == 0 {
             return invalid("clients.default_timeout_ms must be above 0");
+        }
+        // A breaker opening on no failure at all, or half-opening at once,
+        // is not a breaker: refused rather than silently changed.
+        if config.breaker_failure_threshold == 0 {
+            return invalid("clients.breaker_failure_threshold must be above 0");
+        }
+        if config.breaker_recovery_ms == 0 {
+            return invalid("clients.breaker_recovery_ms must be above 0");
         }
         if config.heartbeat_secs == 0 {
             return invalid("clients.heartbeat_secs must be above 0");
@@ -100,7 +109,7 @@ impl ClientSettings {
             max_retries: config.max_retries,
             retry_budget_percent: config.retry_budget_percent,
             breaker: BreakerSettings {
-                failure_threshold: config.breaker_failure_threshold.max(1),
+                failure_threshold: config.breaker_failure_threshold,
                 recovery: Duration::from_millis(config.breaker_recovery_ms),
             },
             heartbeat: Duration::from_secs(config.heartbeat_secs),
@@ -203,7 +212,6 @@ impl Clients {
             service,
             targets,
             self.settings.breaker,
-            self.settings.instance_ttl,
         ));
         let stack = ServiceBuilder::new()
             // Outermost: one client span per call, retries included, so the
@@ -312,10 +320,31 @@ mod tests {
         assert!(ClientSettings::from_config(&config).is_ok());
         config.instance_ttl_secs = config.heartbeat_secs;
         assert!(ClientSettings::from_config(&config).is_err());
-        let config = ClientsConfig {
-            default_timeout_ms: 0,
-            ..ClientsConfig::default()
+        let refused = |config: ClientsConfig| {
+            ClientSettings::from_config(&config)
+                .expect_err("refused")
+                .to_string()
         };
-        assert!(ClientSettings::from_config(&config).is_err());
+        assert!(
+            refused(ClientsConfig {
+                default_timeout_ms: 0,
+                ..ClientsConfig::default()
+            })
+            .contains("clients.default_timeout_ms must be above 0")
+        );
+        assert!(
+            refused(ClientsConfig {
+                breaker_failure_threshold: 0,
+                ..ClientsConfig::default()
+            })
+            .contains("clients.breaker_failure_threshold must be above 0")
+        );
+        assert!(
+            refused(ClientsConfig {
+                breaker_recovery_ms: 0,
+                ..ClientsConfig::default()
+            })
+            .contains("clients.breaker_recovery_ms must be above 0")
+        );
     }
 }

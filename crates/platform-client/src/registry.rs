@@ -10,14 +10,26 @@
 //!
 //! Clients follow the keys `<service>.*` ([`watch_service`]): the current
 //! values first, then every change. An instance is added on a put, removed
-//! on a delete, purge or expiry, and skipped while it is not SERVING or its
-//! last heartbeat is older than the TTL (the check that holds even if an
-//! expiry went unnoticed). NATS may be down when either side starts, or
-//! restart under them: registrations keep writing every heartbeat until it
-//! works (creating the bucket if it is missing), and a watch that fails or
-//! outlives its connection is opened again, with the current values.
+//! at once on a delete (it deregistered), skipped while it is not SERVING,
+//! and dropped once no put of it has been received for the TTL. That age is
+//! measured on the client's own monotonic clock from when the put arrived,
+//! not from `last_seen` (another host's clock), and only while the watch
+//! works: while NATS is unreachable no heartbeat can arrive, which says
+//! nothing about the instances, so the known set is kept and dead
+//! instances are left to the breakers. (An expiry marker or purge removes
+//! nothing by itself: the entry goes when it is stale by that clock. So
+//! entries NATS expired while it was down, and which the watch opened after
+//! the outage no longer shows, do not empty the set before their instances
+//! can write again.) At most [`MAX_INSTANCES_PER_SERVICE`] instances of a
+//! service are followed.
+//!
+//! NATS may be down when either side starts, or restart under them:
+//! registrations keep writing every heartbeat until it works (creating the
+//! bucket if it is missing), and a watch that fails or outlives its
+//! connection is opened again, with the current values, after a pause that
+//! grows while it keeps failing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +41,7 @@ use async_nats::jetstream::{self, kv};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::ClientSettings;
@@ -37,6 +50,14 @@ use crate::discovery::{Target, Targets};
 /// The key-value bucket of the registry.
 pub const BUCKET: &str = "agora_services";
 
+/// The most instances of one service a client follows. Every entry costs
+/// each client of the service a channel, a circuit breaker and a series of
+/// the breaker gauge, so a flood of bogus registrations (a bug, a
+/// misconfigured fleet, a hostile writer) must not grow them without bound.
+/// Far above the replicas an Agora service runs; entries beyond it are
+/// ignored, with a warning, until known instances leave.
+pub const MAX_INSTANCES_PER_SERVICE: usize = 64;
+
 /// How long one registry request (a put, opening the bucket) may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long shutdown waits for the instance's key to be deleted.
@@ -44,9 +65,14 @@ const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pauses between attempts to watch the bucket again.
 const WATCH_RETRY_MIN: Duration = Duration::from_millis(100);
 const WATCH_RETRY_MAX: Duration = Duration::from_secs(5);
-/// How often a watch checks whether its connection came back (a broker
-/// restart loses the watch's consumer: it is opened again at once).
-const RECONNECT_CHECK: Duration = Duration::from_millis(250);
+/// A watch that worked this long before it broke starts the pauses over.
+const WATCH_STABLE_AFTER: Duration = Duration::from_secs(10);
+/// How often a watch checks its connection (a broker restart loses the
+/// watch's consumer: it is opened again at once when the connection comes
+/// back) and drops the instances not heard of within the TTL.
+const HEALTH_CHECK: Duration = Duration::from_millis(250);
+/// At most one warning per this long about entries over the cap.
+const CAP_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Whether an instance says it can take calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,14 +113,6 @@ impl Instance {
     /// Its key in the bucket.
     pub fn key(&self) -> String {
         format!("{}.{}", self.service, self.instance_id)
-    }
-
-    fn target(&self) -> Target {
-        Target {
-            address: self.address.clone(),
-            serving: self.health == Health::Serving,
-            last_seen_micros: Some(self.last_seen),
-        }
     }
 }
 
@@ -331,9 +349,12 @@ async fn follow(
 ) {
     let jetstream = context(client.clone());
     let filter = format!("{service}.*");
-    let mut instances: BTreeMap<String, Instance> = BTreeMap::new();
-    let mut pause = WATCH_RETRY_MIN;
+    let mut followed = Followed::new(&service, instance_ttl);
+    let mut backoff = WatchBackoff::default();
     let mut failing = false;
+    // Since when nothing could be heard (no watch, or no connection); the
+    // TTL does not run meanwhile.
+    let mut deaf_since: Option<Instant> = Some(Instant::now());
     loop {
         let opened = async {
             let store = open_bucket(&jetstream, instance_ttl).await?;
@@ -362,10 +383,9 @@ async fn follow(
                 }
                 failing = true;
                 tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
+                    () = tokio::time::sleep(backoff.next_pause()) => {}
                     () = sender.closed() => return,
                 }
-                pause = (pause * 2).min(WATCH_RETRY_MAX);
                 continue;
             }
         };
@@ -373,69 +393,216 @@ async fn follow(
             tracing::info!(service, "following the service registry again");
         }
         failing = false;
-        pause = WATCH_RETRY_MIN;
+        let opened_at = Instant::now();
+        if let Some(since) = deaf_since.take() {
+            followed.forgive(since, opened_at);
+        }
 
-        // The values replayed first are the registry as it is now: entries
-        // kept from before (this may be a new watch after an outage) and not
-        // among them are dropped once the replay is over.
-        let mut replayed: Option<HashSet<String>> = Some(HashSet::new());
-        let mut reconnect_check = tokio::time::interval(RECONNECT_CHECK);
+        // The values replayed first are the registry as it is now; entries
+        // known from before and not replayed (NATS lost them, or they were
+        // deleted while nobody watched) go when they are stale.
+        let mut health_check = tokio::time::interval(HEALTH_CHECK);
         let mut was_connected = true;
-        loop {
+        let broke = loop {
             tokio::select! {
                 entry = entries.next() => match entry {
                     Some(Ok(entry)) => {
-                        apply(&mut instances, &entry);
-                        if let Some(seen) = replayed.as_mut() {
-                            seen.insert(entry.key.clone());
-                            if entry.seen_current {
-                                instances.retain(|key, _| seen.contains(key));
-                                replayed = None;
-                            }
+                        if followed.apply(&entry.key, entry.operation, &entry.value, Instant::now()) {
+                            sender.send_replace(followed.targets());
                         }
-                        let targets: Vec<Target> = instances.values().map(Instance::target).collect();
-                        sender.send_replace(Arc::from(targets));
                     }
                     Some(Err(err)) => {
                         tracing::warn!(service, error = %err, "service registry watch failed; watching again");
-                        break;
+                        break Broke::Failed;
                     }
                     None => {
                         tracing::warn!(service, "service registry watch ended; watching again");
-                        break;
+                        break Broke::Failed;
                     }
                 },
-                _ = reconnect_check.tick() => {
+                _ = health_check.tick() => {
                     let connected = client.connection_state() == State::Connected;
                     if connected && !was_connected {
                         tracing::debug!(service, "reconnected to NATS; watching the registry again");
-                        break;
+                        break Broke::Reconnected;
                     }
                     was_connected = connected;
+                    if !connected {
+                        // Nothing can arrive: keep what is known.
+                        deaf_since.get_or_insert_with(Instant::now);
+                    } else if followed.drop_stale(Instant::now()) {
+                        sender.send_replace(followed.targets());
+                    }
                 }
+                () = sender.closed() => return,
+            }
+        };
+        deaf_since.get_or_insert_with(Instant::now);
+        if opened_at.elapsed() >= WATCH_STABLE_AFTER {
+            backoff.reset();
+        }
+        if broke == Broke::Failed {
+            // A watch that breaks as soon as it is opened must not be
+            // reopened in a tight loop: the same pause as a failed open.
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next_pause()) => {}
                 () = sender.closed() => return,
             }
         }
     }
 }
 
-/// Applies one change of the bucket to `instances`.
-fn apply(instances: &mut BTreeMap<String, Instance>, entry: &kv::Entry) {
-    match entry.operation {
-        kv::Operation::Put => match serde_json::from_slice::<Instance>(&entry.value) {
-            Ok(instance) => {
-                instances.insert(entry.key.clone(), instance);
-            }
-            Err(err) => {
-                tracing::warn!(key = %entry.key, error = %err, "ignoring a malformed registry entry");
-                instances.remove(&entry.key);
-            }
-        },
-        // Deleted on shutdown, purged, or expired (a marker the server
-        // writes when an entry's age runs out).
-        kv::Operation::Delete | kv::Operation::Purge => {
-            instances.remove(&entry.key);
+/// Why a watch was given up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Broke {
+    /// It failed or ended: watched again after a pause.
+    Failed,
+    /// The connection came back (its consumer is lost): watched again at once.
+    Reconnected,
+}
+
+/// The pause before opening the watch again: doubling from
+/// [`WATCH_RETRY_MIN`] to [`WATCH_RETRY_MAX`] while opening fails or the
+/// watch keeps breaking, back to the minimum once a watch has worked for
+/// [`WATCH_STABLE_AFTER`].
+#[derive(Debug)]
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self {
+            next: WATCH_RETRY_MIN,
         }
+    }
+}
+
+impl WatchBackoff {
+    fn next_pause(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (pause * 2).min(WATCH_RETRY_MAX);
+        pause
+    }
+
+    fn reset(&mut self) {
+        self.next = WATCH_RETRY_MIN;
+    }
+}
+
+/// An instance as a watch knows it.
+#[derive(Debug)]
+struct Known {
+    instance: Instance,
+    /// When its last put arrived, on this process's clock (moved on by the
+    /// time nothing could be heard).
+    received: Instant,
+}
+
+/// The instances of one service, as its watch learns of them.
+struct Followed {
+    service: String,
+    ttl: Duration,
+    known: BTreeMap<String, Known>,
+    /// Entries ignored over the cap since the last warning, and when that was.
+    over_cap: u64,
+    warned_over_cap: Option<Instant>,
+}
+
+impl Followed {
+    fn new(service: &str, ttl: Duration) -> Self {
+        Self {
+            service: service.to_owned(),
+            ttl,
+            known: BTreeMap::new(),
+            over_cap: 0,
+            warned_over_cap: None,
+        }
+    }
+
+    /// Applies one change of the bucket, received at `now`; whether the
+    /// instances changed.
+    fn apply(&mut self, key: &str, operation: kv::Operation, value: &[u8], now: Instant) -> bool {
+        match operation {
+            kv::Operation::Put => match serde_json::from_slice::<Instance>(value) {
+                Ok(instance) => {
+                    if !self.known.contains_key(key)
+                        && self.known.len() >= MAX_INSTANCES_PER_SERVICE
+                    {
+                        self.ignore_over_cap(key, now);
+                        return false;
+                    }
+                    self.known.insert(
+                        key.to_owned(),
+                        Known {
+                            instance,
+                            received: now,
+                        },
+                    );
+                    true
+                }
+                Err(err) => {
+                    tracing::warn!(key, error = %err, "ignoring a malformed registry entry");
+                    self.known.remove(key).is_some()
+                }
+            },
+            // Deleted on shutdown: the instance is leaving.
+            kv::Operation::Delete => self.known.remove(key).is_some(),
+            // Expired (the marker NATS writes when an entry's age runs out,
+            // also for entries it expired while it was down) or purged: the
+            // entry is no longer written, and goes when it is stale here.
+            kv::Operation::Purge => false,
+        }
+    }
+
+    fn ignore_over_cap(&mut self, key: &str, now: Instant) {
+        self.over_cap += 1;
+        let due = self
+            .warned_over_cap
+            .is_none_or(|warned| now.saturating_duration_since(warned) >= CAP_WARNING_INTERVAL);
+        if due {
+            tracing::warn!(
+                service = %self.service, key, ignored = self.over_cap,
+                limit = MAX_INSTANCES_PER_SERVICE,
+                "too many instances registered for one service; ignoring the extra entries"
+            );
+            self.warned_over_cap = Some(now);
+            self.over_cap = 0;
+        }
+    }
+
+    /// Drops the instances not heard of for the TTL by `now` (called only
+    /// while the watch works); whether any was.
+    fn drop_stale(&mut self, now: Instant) -> bool {
+        let before = self.known.len();
+        let ttl = self.ttl;
+        self.known
+            .retain(|_, known| now.saturating_duration_since(known.received) <= ttl);
+        self.known.len() != before
+    }
+
+    /// The watch could hear nothing from `since` to `now`: that time does
+    /// not count towards any instance's TTL (an instance NATS lost meanwhile
+    /// has what was left of its TTL to write itself in again).
+    fn forgive(&mut self, since: Instant, now: Instant) {
+        let deaf_for = now.saturating_duration_since(since);
+        for known in self.known.values_mut() {
+            known.received = known
+                .received
+                .checked_add(deaf_for)
+                .map_or(now, |received| received.min(now));
+        }
+    }
+
+    fn targets(&self) -> Arc<[Target]> {
+        self.known
+            .values()
+            .map(|known| Target {
+                address: known.instance.address.clone(),
+                serving: known.instance.health == Health::Serving,
+                received: Some(known.received),
+            })
+            .collect()
     }
 }
 
@@ -559,6 +726,99 @@ mod tests {
             })
         );
         assert_eq!(instance.key(), "payments.pod-1-0000abcd");
+    }
+
+    fn put(followed: &mut Followed, id: &str, health: Health, now: Instant) -> bool {
+        let instance = Instance {
+            service: "payments".into(),
+            instance_id: id.into(),
+            address: format!("http://{id}:1"),
+            health,
+            // Another host's clock: plays no part.
+            last_seen: 0,
+        };
+        let value = serde_json::to_vec(&instance).expect("json");
+        followed.apply(&instance.key(), kv::Operation::Put, &value, now)
+    }
+
+    fn addresses(followed: &Followed) -> Vec<String> {
+        followed
+            .targets()
+            .iter()
+            .map(|target| target.address.clone())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instances_go_stale_by_local_receipt_and_only_while_heard() {
+        let ttl = Duration::from_secs(10);
+        let mut followed = Followed::new("payments", ttl);
+        let start = Instant::now();
+        assert!(put(&mut followed, "a", Health::Serving, start));
+        assert!(put(&mut followed, "b", Health::NotServing, start));
+        let secs = |n| start + Duration::from_secs(n);
+        assert!(put(&mut followed, "a", Health::Serving, secs(6)));
+        assert!(!followed.drop_stale(secs(10)));
+        // `b` was last received 11 s ago.
+        assert!(followed.drop_stale(secs(11)));
+        assert_eq!(addresses(&followed), ["http://a:1"]);
+        let targets = followed.targets();
+        assert!(targets[0].serving);
+        assert_eq!(targets[0].received, Some(secs(6)));
+
+        // Deaf from 12 s to 40 s (NATS unreachable): that time does not
+        // count, `a` has its remaining 4 s once the watch works again.
+        followed.forgive(secs(12), secs(40));
+        assert!(!followed.drop_stale(secs(44)));
+        assert!(followed.drop_stale(secs(45)));
+        assert!(addresses(&followed).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deletes_remove_at_once_and_expiry_markers_wait_for_staleness() {
+        let mut followed = Followed::new("payments", Duration::from_secs(10));
+        let now = Instant::now();
+        put(&mut followed, "a", Health::Serving, now);
+        put(&mut followed, "b", Health::Serving, now);
+        assert!(!followed.apply("payments.a", kv::Operation::Purge, &[], now));
+        assert_eq!(addresses(&followed), ["http://a:1", "http://b:1"]);
+        assert!(followed.apply("payments.b", kv::Operation::Delete, &[], now));
+        assert_eq!(addresses(&followed), ["http://a:1"]);
+        assert!(followed.apply("payments.a", kv::Operation::Put, b"{", now));
+        assert!(
+            addresses(&followed).is_empty(),
+            "a malformed entry replaces"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instances_over_the_cap_are_ignored_until_others_leave() {
+        let mut followed = Followed::new("payments", Duration::from_secs(10));
+        let now = Instant::now();
+        for i in 0..MAX_INSTANCES_PER_SERVICE {
+            assert!(put(&mut followed, &format!("i{i}"), Health::Serving, now));
+        }
+        assert!(!put(&mut followed, "extra", Health::Serving, now));
+        assert!(!put(&mut followed, "extra2", Health::Serving, now));
+        assert_eq!(followed.targets().len(), MAX_INSTANCES_PER_SERVICE);
+        // Known ones still update.
+        assert!(put(&mut followed, "i0", Health::NotServing, now));
+        assert!(followed.apply("payments.i1", kv::Operation::Delete, &[], now));
+        assert!(put(&mut followed, "extra", Health::Serving, now));
+        assert!(addresses(&followed).contains(&"http://extra:1".to_owned()));
+        assert_eq!(followed.targets().len(), MAX_INSTANCES_PER_SERVICE);
+    }
+
+    #[test]
+    fn watch_pauses_grow_until_a_watch_has_worked_a_while() {
+        let mut backoff = WatchBackoff::default();
+        let pauses: Vec<Duration> = (0..8).map(|_| backoff.next_pause()).collect();
+        assert_eq!(pauses[0], WATCH_RETRY_MIN);
+        assert_eq!(pauses[1], WATCH_RETRY_MIN * 2);
+        assert!(pauses.windows(2).all(|pair| pair[0] <= pair[1]));
+        assert_eq!(pauses[7], WATCH_RETRY_MAX);
+        backoff.reset();
+        assert_eq!(backoff.next_pause(), WATCH_RETRY_MIN);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! after a jittered exponential pause, within a budget of
 //! `clients.retry_budget_percent` of the calls made (so retries cannot
 //! multiply the load on a service that is down), and never past the call's
-//! deadline. Each retry prefers an instance not tried yet.
+//! deadline. Each retry prefers an instance not tried yet. A refusal because
+//! no instance admits calls (every breaker open) is not retried: it would
+//! only be refused again, after a pause.
 //!
 //! To be sent again a request body must be kept: it is buffered, up to
 //! [`MAX_REPLAY_BODY_BYTES`]; a longer one is sent once, unretried.
@@ -22,7 +24,7 @@ use tonic::Code;
 use tower::ServiceExt as _;
 use tower::retry::budget::{Budget as _, TpsBudget};
 
-use crate::call::{CallDeadline, TriedEndpoints, outcome_code};
+use crate::call::{CallDeadline, NoInstanceAdmits, TriedEndpoints, outcome_code};
 use crate::deadline::set_grpc_timeout;
 use crate::{CallPolicy, ClientSettings, ResponseFuture};
 
@@ -137,27 +139,35 @@ where
                 }
             };
             let tried = TriedEndpoints::default();
+            let none_admits = NoInstanceAdmits::default();
             let mut retries = 0;
             loop {
                 let mut attempt = template.request(tonic::body::Body::new(body.clone()));
                 attempt.extensions_mut().insert(tried.clone());
+                attempt.extensions_mut().insert(none_admits.clone());
                 if retries > 0
-                    && let Some(CallDeadline(deadline)) = template.deadline()
+                    && let Some(CallDeadline { at, .. }) = template.deadline()
                 {
                     // The callee gets what is left, not the whole budget again.
-                    set_grpc_timeout(
-                        &mut attempt,
-                        deadline.saturating_duration_since(Instant::now()),
-                    );
+                    set_grpc_timeout(&mut attempt, at.saturating_duration_since(Instant::now()));
+                    // And the breaker learns that this attempt runs short.
+                    attempt.extensions_mut().insert(CallDeadline {
+                        at,
+                        full_budget: false,
+                    });
                 }
                 let result = inner.clone().oneshot(attempt).await;
                 if outcome_code(&result) != Some(Code::Unavailable) || retries >= layer.max_retries
                 {
                     return result;
                 }
+                if none_admits.is_set() {
+                    // Every breaker is open: fail fast, as an open breaker should.
+                    return result;
+                }
                 let pause = backoff(retries);
-                if let Some(CallDeadline(deadline)) = template.deadline()
-                    && Instant::now() + pause >= deadline
+                if let Some(CallDeadline { at, .. }) = template.deadline()
+                    && Instant::now() + pause >= at
                 {
                     // No time for another attempt: the failure is the answer.
                     return result;

@@ -39,8 +39,18 @@ impl Registered {
         backend: &Backend,
         health: Health,
     ) -> anyhow::Result<Self> {
-        let registration =
-            Registration::new("catalog", backend.address())?.with_instance_id(backend.name())?;
+        Self::start_as(nats, settings, backend.name(), &backend.address(), health)
+    }
+
+    /// A registration of instance `instance_id` at `address`.
+    fn start_as(
+        nats: &async_nats::Client,
+        settings: ClientSettings,
+        instance_id: &str,
+        address: &str,
+        health: Health,
+    ) -> anyhow::Result<Self> {
+        let registration = Registration::new("catalog", address)?.with_instance_id(instance_id)?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(registration.run(
             nats.clone(),
@@ -257,5 +267,216 @@ async fn static_addresses_need_no_nats() -> anyhow::Result<()> {
     let (mut client, channel) = catalog(&config, Discovery::Static)?;
     assert_eq!(channel.breaker_states().len(), 1);
     assert_eq!(get(&mut client).await?, "a");
+    Ok(())
+}
+
+/// Writes `instance` into the registry directly, as a registering process
+/// does (or one with a wrong clock, or a bogus writer). The bucket must
+/// exist (a [`Registered`] creates it).
+async fn put_entry(nats: &async_nats::Client, instance: &registry::Instance) -> anyhow::Result<()> {
+    let store = async_nats::jetstream::new(nats.clone())
+        .get_key_value(registry::BUCKET)
+        .await?;
+    store
+        .put(instance.key(), serde_json::to_vec(instance)?.into())
+        .await?;
+    Ok(())
+}
+
+fn entry(instance_id: &str, address: &str, last_seen: i64) -> registry::Instance {
+    registry::Instance {
+        service: "catalog".into(),
+        instance_id: instance_id.into(),
+        address: address.into(),
+        health: Health::Serving,
+        last_seen,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_instances_outlive_a_nats_outage_and_dead_ones_still_expire() -> anyhow::Result<()> {
+    let mut nats_server = NatsServer::start().await?;
+    let nats = async_nats::ConnectOptions::new()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|_| Duration::from_millis(100))
+        .connect(nats_server.url())
+        .await?;
+    let ttl = Duration::from_secs(3);
+    let config = config(&[], |clients| {
+        clients.discovery = agora_platform::config::DiscoveryMode::Nats;
+        clients.heartbeat_secs = 1;
+        clients.instance_ttl_secs = ttl.as_secs();
+        clients.max_retries = 2;
+        clients.retry_budget_percent = 100;
+    });
+    let settings = ClientSettings::from_config(&config.clients)?;
+    let a = Backend::start("a").await?;
+    let mut b = Backend::start("b").await?;
+    let _registered_a = Registered::start(&nats, settings, &a, Health::Serving)?;
+    let registered_b = Registered::start(&nats, settings, &b, Health::Serving)?;
+    let (mut client, channel) = catalog(&config, Discovery::Nats(nats.clone()))?;
+    let mut both = vec![a.address(), b.address()];
+    both.sort();
+    eventually(Duration::from_secs(5), || addresses(&channel) == both).await?;
+
+    // NATS is gone for longer than the TTL: no heartbeat can arrive, which
+    // says nothing about the instances, and they keep answering.
+    nats_server.kill().await?;
+    let outage_over = tokio::time::Instant::now() + ttl + Duration::from_millis(500);
+    while tokio::time::Instant::now() < outage_over {
+        let (_, failed) = spread(&mut client, 5).await;
+        assert_eq!(failed, 0, "calls failed during the outage");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(addresses(&channel), both);
+
+    // NATS is back (it expired both entries meanwhile): calls go on while
+    // the instances write themselves in again.
+    nats_server.restart().await?;
+    let rewritten = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, failed) = spread(&mut client, 5).await;
+        assert_eq!(failed, 0, "calls failed after the outage");
+        let listed = tokio::time::timeout(Duration::from_secs(1), registry::list(nats.clone()))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map_or(0, |instances| instances.len());
+        if listed == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < rewritten,
+            "the instances never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(addresses(&channel), both);
+
+    // With NATS up, a dead instance's entry expires and it is dropped.
+    registered_b.kill();
+    b.stop().await?;
+    let gone = tokio::time::Instant::now() + ttl + Duration::from_secs(2);
+    while addresses(&channel) != [a.address()] {
+        assert!(
+            tokio::time::Instant::now() < gone,
+            "b was never dropped: {:?}",
+            channel.breaker_states()
+        );
+        let (_, failed) = spread(&mut client, 5).await;
+        assert_eq!(failed, 0, "idempotent calls must not fail while b expires");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clock_of_the_registering_host_plays_no_part() -> anyhow::Result<()> {
+    let nats_server = NatsServer::start().await?;
+    let nats = async_nats::connect(nats_server.url()).await?;
+    let config = registry_config();
+    let settings = ClientSettings::from_config(&config.clients)?;
+    let up = Backend::start("up").await?;
+    let behind = Backend::start("behind").await?;
+    let _up = Registered::start(&nats, settings, &up, Health::Serving)?;
+    let (mut client, channel) = catalog(&config, Discovery::Nats(nats.clone()))?;
+    eventually(Duration::from_secs(5), || {
+        addresses(&channel) == [up.address()]
+    })
+    .await?;
+
+    // `behind` heartbeats from a host whose clock is an hour behind.
+    let heartbeats = {
+        let (nats, address) = (nats.clone(), behind.address());
+        tokio::spawn(async move {
+            loop {
+                let an_hour_ago = agora_platform::time::now_micros() - 3_600_000_000;
+                if let Err(err) = put_entry(&nats, &entry("behind", &address, an_hour_ago)).await {
+                    eprintln!("heartbeat failed: {err}");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let mut both = vec![up.address(), behind.address()];
+    both.sort();
+    let found = eventually(Duration::from_secs(3), || addresses(&channel) == both).await;
+    let (answered, failed) = spread(&mut client, 40).await;
+    heartbeats.abort();
+    found?;
+    assert_eq!(failed, 0);
+    assert!(
+        answered.get("behind").copied().unwrap_or(0) > 0,
+        "{answered:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_registrations_is_capped() -> anyhow::Result<()> {
+    let nats_server = NatsServer::start().await?;
+    let nats = async_nats::connect(nats_server.url()).await?;
+    let config = config(&[], |clients| {
+        clients.discovery = agora_platform::config::DiscoveryMode::Nats;
+        clients.heartbeat_secs = 1;
+        // Long enough for the flood not to expire during the test.
+        clients.instance_ttl_secs = 30;
+    });
+    let settings = ClientSettings::from_config(&config.clients)?;
+    let up = Backend::start("up").await?;
+    let _up = Registered::start(&nats, settings, &up, Health::Serving)?;
+    let (_client, channel) = catalog(&config, Discovery::Nats(nats.clone()))?;
+    eventually(Duration::from_secs(5), || {
+        addresses(&channel) == [up.address()]
+    })
+    .await?;
+
+    let cap = registry::MAX_INSTANCES_PER_SERVICE;
+    let now = agora_platform::time::now_micros();
+    for i in 0..cap + 10 {
+        let address = format!("http://127.0.0.1:{}", 20_000 + i);
+        put_entry(&nats, &entry(&format!("bogus-{i}"), &address, now)).await?;
+    }
+    // The last bogus entry is in when a later write is.
+    put_entry(&nats, &entry("up", &up.address(), now)).await?;
+    eventually(Duration::from_secs(5), || addresses(&channel).len() >= cap).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let known = addresses(&channel);
+    assert_eq!(known.len(), cap, "{known:?}");
+    assert!(known.contains(&up.address()), "instances known first stay");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_sharing_an_address_are_one_instance_spoken_for_by_the_serving_one()
+-> anyhow::Result<()> {
+    let nats_server = NatsServer::start().await?;
+    let nats = async_nats::connect(nats_server.url()).await?;
+    let config = registry_config();
+    let settings = ClientSettings::from_config(&config.clients)?;
+    let backend = Backend::start("restarted").await?;
+    // Two keys for one address (a process restarted on a fixed port), the
+    // first in key order saying it does not serve.
+    let _old = Registered::start_as(
+        &nats,
+        settings,
+        "a-old",
+        &backend.address(),
+        Health::NotServing,
+    )?;
+    let _new = Registered::start_as(
+        &nats,
+        settings,
+        "b-new",
+        &backend.address(),
+        Health::Serving,
+    )?;
+    let (mut client, channel) = catalog(&config, Discovery::Nats(nats.clone()))?;
+    eventually(Duration::from_secs(5), || {
+        addresses(&channel) == [backend.address()]
+    })
+    .await?;
+    let (answered, failed) = spread(&mut client, 10).await;
+    assert_eq!((answered.get("restarted").copied(), failed), (Some(10), 0));
     Ok(())
 }

@@ -388,3 +388,100 @@ async fn calls_without_time_left_are_not_sent_and_slow_ones_are_cut_off() -> any
     assert!(timeout <= Duration::from_millis(100), "{timeout:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn short_deadlines_of_callers_do_not_open_breakers_and_hanging_instances_do()
+-> anyhow::Result<()> {
+    let backend = Backend::start("a").await?;
+    // Healthy, just slower than the callers below are willing to wait.
+    backend.set_mode(Mode::Slow(Duration::from_millis(3)));
+    let config = config(&[backend.address()], |clients| {
+        clients.default_timeout_ms = 300;
+        clients.breaker_failure_threshold = 3;
+        clients.max_retries = 0;
+    });
+    let (mut client, channel) = catalog(&config, Discovery::Static)?;
+    let closed = [(backend.address(), BreakerState::Closed)];
+
+    // A request served with an inbound `grpc-timeout: 1m` (1 ms) makes its
+    // calls within `deadline::scope` of that deadline, which is what the
+    // server's deadline layer does (called here directly: through a real
+    // relay, the relay's server would cancel the handler, and with it the
+    // call, before the client stack could notice anything).
+    for _ in 0..20 {
+        let inbound = Instant::now() + Duration::from_millis(1);
+        let status = agora_platform::deadline::scope(inbound, get(&mut client))
+            .await
+            .expect_err("1 ms is too short");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    assert_eq!(channel.breaker_states(), closed);
+    // The caller's own short timeout says no more about the instance.
+    for _ in 0..20 {
+        let mut request = Request::new(pb::GetProductRequest::default());
+        request.set_timeout(Duration::from_millis(1));
+        let status = client.get_product(request).await.expect_err("too short");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    assert_eq!(channel.breaker_states(), closed);
+    assert_eq!(
+        get(&mut client).await?,
+        "a",
+        "with the full budget it answers"
+    );
+
+    // An instance that hangs through the whole configured budget is cut
+    // off, also when the request being served had more time than that.
+    backend.set_mode(Mode::Slow(Duration::from_secs(30)));
+    for _ in 0..3 {
+        let inbound = Instant::now() + Duration::from_secs(60);
+        let status = agora_platform::deadline::scope(inbound, get(&mut client))
+            .await
+            .expect_err("hangs");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    assert_eq!(
+        channel.breaker_states(),
+        [(backend.address(), BreakerState::Open)]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_open_breaker_fails_idempotent_calls_at_once_when_no_other_instance_admits()
+-> anyhow::Result<()> {
+    let backend = Backend::start("a").await?;
+    backend.set_mode(Mode::Unavailable);
+    let config = config(&[backend.address()], |clients| {
+        clients.breaker_failure_threshold = 1;
+        clients.breaker_recovery_ms = 60_000;
+        clients.max_retries = 2;
+        // Plenty of budget: the budget is not what stops the retries here.
+        clients.retry_budget_percent = 1_000;
+    });
+    let (mut client, channel) = catalog(&config, Discovery::Static)?;
+    assert!(get(&mut client).await.is_err());
+    assert_eq!(backend.calls(), 1);
+    assert_eq!(
+        channel.breaker_states(),
+        [(backend.address(), BreakerState::Open)]
+    );
+
+    // Retrying would mean waiting 25-100 ms per retry to be refused again.
+    let started = Instant::now();
+    for _ in 0..10 {
+        let status = get(&mut client).await.expect_err("open");
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            format!("circuit open for catalog at {}", backend.address())
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "10 refusals took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.calls(), 1);
+    Ok(())
+}
