@@ -39,6 +39,7 @@ use agora_proto::inventory::v1::inventory_service_client::InventoryServiceClient
 use agora_proto::payments::v1 as payments;
 use agora_proto::payments::v1::payment_service_client::PaymentServiceClient;
 use futures::StreamExt as _;
+use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use crate::domain::{
@@ -162,6 +163,9 @@ struct Inner {
     timing: Timing,
     /// This replica's name in leases.
     owner: String,
+    /// The progress of each saga this process started and drives, for its
+    /// PlaceOrder to follow without reading the database.
+    local: std::sync::Mutex<HashMap<String, watch::Receiver<Saga>>>,
     /// One permit per saga being driven here ([`MAX_DRIVERS`]).
     drivers: Arc<tokio::sync::Semaphore>,
     /// Chance of SIGKILLing this process at each step boundary; only the
@@ -214,6 +218,7 @@ impl Checkout {
                 timing,
                 owner: format!("orders-{}", uuid::Uuid::now_v7().simple()),
                 drivers: Arc::new(tokio::sync::Semaphore::new(MAX_DRIVERS)),
+                local: std::sync::Mutex::new(HashMap::new()),
                 chaos,
             }),
         }
@@ -301,11 +306,24 @@ impl Checkout {
             .ok_or_else(|| Error::new(ErrorKind::Internal, "a new order has no saga"))?;
         tracing::info!(order_id = %order.id, total = order.total.amount_minor, "checkout started");
         // Its own task: the saga goes on when the caller hangs up.
+        let (progress, following) = watch::channel(saga.clone());
+        self.inner
+            .local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(order.id.clone(), following);
         let driver = self.clone();
         let card = request.card_number;
+        let id = order.id.clone();
         tokio::spawn(
             async move {
-                driver.drive(saga, Some(card)).await;
+                driver.drive(saga, Some(card), Some(progress)).await;
+                driver
+                    .inner
+                    .local
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
                 drop(permit);
             }
             .instrument(tracing::info_span!("checkout saga", order_id = %order.id)),
@@ -431,20 +449,17 @@ impl Checkout {
     /// with its reason as soon as the saga decided to fail (compensation goes
     /// on in the background), or the order PENDING when the wait ends first.
     async fn outcome(&self, id: &str) -> Result<Order> {
-        self.wait_for(id, |saga, order| match saga {
-            Some(saga) if !saga.failure.code.is_empty() && saga.step.is_compensating() => {
-                Some(Err(checkout_failed(&order.id, &saga.failure)))
-            }
-            // The reservation expired before the commit and the stock was
-            // gone: the paid order is being refunded and cancelled.
-            Some(saga)
-                if saga.failure.code == reason::RESERVATION_EXPIRED
-                    && saga.step.is_cancelling() =>
-            {
-                Some(Err(checkout_failed(&order.id, &saga.failure)))
-            }
-            // Confirmed but not yet committed: the stock is not settled.
-            Some(saga) if !saga.step.is_terminal() => None,
+        match self.local_progress(id) {
+            Some(progress) => self.outcome_from(id, progress).await,
+            None => self.outcome_polled(id).await,
+        }
+    }
+
+    /// [`Self::outcome`] of a saga driven elsewhere: follows the database.
+    async fn outcome_polled(&self, id: &str) -> Result<Order> {
+        self.wait_for(id, |saga, order| match saga.map(verdict) {
+            Some(Verdict::Failed(failure)) => Some(Err(checkout_failed(&order.id, &failure))),
+            Some(Verdict::Running) => None,
             _ if order.status == OrderStatus::Failed => Some(Err(checkout_failed(
                 &order.id,
                 &Failure::new(&order.failure_code, &order.failure_reason),
@@ -453,6 +468,72 @@ impl Checkout {
             _ => None,
         })
         .await
+    }
+
+    /// [`Self::outcome`] of a saga driven in this process: follows its
+    /// progress in memory, and reads the database once, at the end.
+    async fn outcome_from(&self, id: &str, mut progress: watch::Receiver<Saga>) -> Result<Order> {
+        let until = self.wait_until();
+        loop {
+            let saga = progress.borrow_and_update().clone();
+            match verdict(&saga) {
+                Verdict::Failed(failure) => return Err(checkout_failed(id, &failure)),
+                Verdict::Settled => break,
+                Verdict::Running => {}
+            }
+            tokio::select! {
+                changed = progress.changed() => {
+                    // The driver stopped here (taken over, or its task
+                    // ended): follow the saga in the database.
+                    if changed.is_err() {
+                        return self.outcome_polled(id).await;
+                    }
+                }
+                () = tokio::time::sleep_until(until) => break,
+            }
+        }
+        self.outcome_stored(id).await
+    }
+
+    /// The order as stored, answered as PlaceOrder does once its saga is
+    /// settled (or the wait is over).
+    async fn outcome_stored(&self, id: &str) -> Result<Order> {
+        let saga = self.inner.sagas.get(id).await?;
+        let order = self
+            .inner
+            .orders
+            .get(id)
+            .await?
+            .ok_or_else(|| Error::not_found(format_args!("order {id}")))?;
+        match saga.as_ref().map(verdict) {
+            Some(Verdict::Failed(failure)) => Err(checkout_failed(id, &failure)),
+            _ if order.status == OrderStatus::Failed => Err(checkout_failed(
+                id,
+                &Failure::new(&order.failure_code, &order.failure_reason),
+            )),
+            _ => Ok(order),
+        }
+    }
+
+    /// The progress of saga `id`, when this process drives it.
+    fn local_progress(&self, id: &str) -> Option<watch::Receiver<Saga>> {
+        self.inner
+            .local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// When a wait for a saga ends: after the configured wait, or a little
+    /// before the caller's deadline, to answer with what is known.
+    fn wait_until(&self) -> tokio::time::Instant {
+        let wait = self.inner.timing.wait;
+        let wait = match agora_platform::deadline::remaining() {
+            Some(left) => wait.min(left.saturating_sub(Duration::from_millis(50))),
+            None => wait,
+        };
+        tokio::time::Instant::now() + wait
     }
 
     /// Re-reads order `id` and its saga whenever they change (and every
@@ -465,14 +546,7 @@ impl Checkout {
     {
         use tokio::sync::broadcast::error::RecvError;
         let inner = &self.inner;
-        let wait = match agora_platform::deadline::remaining() {
-            Some(left) => inner
-                .timing
-                .wait
-                .min(left.saturating_sub(Duration::from_millis(50))),
-            None => inner.timing.wait,
-        };
-        let until = tokio::time::Instant::now() + wait;
+        let until = self.wait_until();
         // Subscribed before the first read, so no change is missed.
         let mut notices = inner.orders.changes().subscribe();
         loop {
@@ -538,7 +612,7 @@ impl Checkout {
                     let driver = self.clone();
                     tokio::spawn(
                         async move {
-                            driver.drive(cancelling, None).await;
+                            driver.drive(cancelling, None, None).await;
                             drop(permit);
                         }
                         .instrument(tracing::info_span!("cancel saga", order_id = %id)),
@@ -596,7 +670,7 @@ impl Checkout {
             let span = tracing::info_span!("resumed saga", order_id = %claimed.id);
             tokio::spawn(
                 async move {
-                    driver.drive(claimed, None).await;
+                    driver.drive(claimed, None, None).await;
                     drop(permit);
                 }
                 .instrument(span),
@@ -606,8 +680,14 @@ impl Checkout {
     }
 
     /// Drives `saga` until it is terminal or another replica takes it over.
-    /// `card` is known only to the replica that started the checkout.
-    async fn drive(&self, mut saga: Saga, card: Option<Secret<String>>) {
+    /// `card` is known only to the replica that started the checkout;
+    /// `progress`, when given, gets every new state of the saga.
+    async fn drive(
+        &self,
+        mut saga: Saga,
+        card: Option<Secret<String>>,
+        progress: Option<watch::Sender<Saga>>,
+    ) {
         let inner = &self.inner;
         let mut attempt: u32 = 0;
         // Read again on a passing error rather than give up: giving up would
@@ -671,6 +751,9 @@ impl Checkout {
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "saga step done"
                     );
+                    if let Some(progress) = &progress {
+                        progress.send_replace(next.clone());
+                    }
                     saga = next;
                 }
                 Ok(None) => {
@@ -905,6 +988,30 @@ impl Checkout {
             // `kill` returns once the signal is sent; never go on.
             std::process::abort();
         }
+    }
+}
+
+/// What a saga's state says about its checkout.
+enum Verdict {
+    /// The checkout failed (compensation may still run), or a paid order
+    /// was cancelled because its reservation had expired.
+    Failed(Failure),
+    /// Done: completed, failed before this was asked, or cancelled.
+    Settled,
+    /// Still going.
+    Running,
+}
+
+fn verdict(saga: &Saga) -> Verdict {
+    let failed = !saga.failure.code.is_empty()
+        && (saga.step.is_compensating()
+            || (saga.failure.code == reason::RESERVATION_EXPIRED && saga.step.is_cancelling()));
+    if failed {
+        Verdict::Failed(saga.failure.clone())
+    } else if saga.step.is_terminal() {
+        Verdict::Settled
+    } else {
+        Verdict::Running
     }
 }
 
