@@ -197,6 +197,9 @@ pub enum ReservationStatus {
     Released,
     /// Not committed in time: the sweeper returned the units to available
     /// stock. Stored as `released` with `expired_at` set; shown as RELEASED.
+    /// Only the sweeper sets `expired_at`, and committing an expired
+    /// reservation clears it, so sold units returned by a cancel are
+    /// RELEASED (never committable again), not EXPIRED.
     Expired,
 }
 

@@ -452,8 +452,11 @@ impl SqlInventoryStore {
     async fn commit_expired(&self, expired: &Reservation) -> Result<Option<Reservation>> {
         let mut tx = self.db.begin_write().await?;
         let now = now_micros();
+        // `expired_at` is cleared: from here on the units are sold, and a
+        // later release of them (a cancelled order) must read back as
+        // RELEASED, not as EXPIRED, which a commit would take again.
         let claimed = sqlx::query(
-            "UPDATE reservations SET status = $1, updated_at = $2 \
+            "UPDATE reservations SET status = $1, updated_at = $2, expired_at = NULL \
              WHERE reservation_id = $3 AND status = $4 AND expired_at IS NOT NULL",
         )
         .bind(ReservationStatus::Committed.as_str())
@@ -592,6 +595,13 @@ async fn mark(
 }
 
 /// Moves reservation `id` from `from` to `to`; whether it was `from`.
+///
+/// `expired_at` is cleared on the way: only the sweeper's move to EXPIRED
+/// (in [`InventoryStore::release_expired`]) may leave it set, so a
+/// reservation released any other way (a cancelled order returning sold
+/// units, including rows an older build committed after expiry without
+/// clearing it) reads back as RELEASED, and a late commit is refused
+/// instead of selling its units again.
 async fn mark_from(
     tx: &mut Transaction<'static, Any>,
     id: &ReservationId,
@@ -600,7 +610,7 @@ async fn mark_from(
     now: i64,
 ) -> Result<bool> {
     let updated = sqlx::query(
-        "UPDATE reservations SET status = $1, updated_at = $2 \
+        "UPDATE reservations SET status = $1, updated_at = $2, expired_at = NULL \
          WHERE reservation_id = $3 AND status = $4",
     )
     .bind(to.as_str())

@@ -958,6 +958,40 @@ async fn commit_after_expiry_reserves_again_or_fails(backend: Backend) -> anyhow
     h.server.stop().await
 }
 
+/// A reservation committed after it expired, then released by a cancelled
+/// order: its sold units come back once, and a late or retried commit is
+/// RESERVATION_RELEASED (the cancel wins) instead of selling them again.
+async fn cancel_of_a_commit_after_expiry_is_final(backend: Backend) -> anyhow::Result<()> {
+    let mut h = start_with(backend, short_lived_reservations).await?;
+    let product = new_product();
+    h.set_stock(&product, 5).await?;
+    h.reserve("order-1:reserve", vec![item(&product, 3)])
+        .await?;
+    h.await_stock(&product, (5, 0)).await?;
+    h.commit("order-1:reserve").await?;
+    assert_eq!(h.stock(&product).await?, (2, 0));
+    // CancelOrder: the sold units return to stock.
+    h.release("order-1:reserve").await?;
+    assert_eq!(h.stock(&product).await?, (5, 0));
+    let cancelled = h
+        .reserve("order-1:reserve", vec![item(&product, 3)])
+        .await?;
+    assert_eq!(cancelled.status(), pb::ReservationStatus::Released);
+    for _ in 0..2 {
+        let status = h.commit("order-1:reserve").await.expect_err("cancelled");
+        assert_eq!(
+            (status.code(), reason_of(&status).as_deref()),
+            (Code::FailedPrecondition, Some(reason::RESERVATION_RELEASED)),
+            "{status:?}"
+        );
+        assert_eq!(h.stock(&product).await?, (5, 0));
+    }
+    // Releasing again returns nothing twice.
+    h.release("order-1:reserve").await?;
+    assert_eq!(h.stock(&product).await?, (5, 0));
+    h.server.stop().await
+}
+
 /// Two replicas sweeping one database, with commits racing the expiry:
 /// every unit is returned or sold exactly once.
 async fn replicas_expire_each_reservation_once(backend: Backend) -> anyhow::Result<()> {
@@ -1007,5 +1041,6 @@ backend_tests!(
     health_reports_the_service_serving,
     uncommitted_reservations_expire,
     commit_after_expiry_reserves_again_or_fails,
+    cancel_of_a_commit_after_expiry_is_final,
     replicas_expire_each_reservation_once,
 );

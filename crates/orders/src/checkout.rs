@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agora_platform::auth::Caller;
+use agora_platform::card::CardNumber;
 use agora_platform::config::{CheckoutConfig, Secret};
 use agora_platform::error::{Error, ErrorKind, Result, Violations};
 use agora_platform::money::Money;
@@ -75,10 +76,6 @@ pub struct PlaceOrder {
     pub card_number: Secret<String>,
 }
 
-/// Longest card number accepted here, spaces included; payments checks
-/// the number itself.
-const MAX_CARD_CHARS: usize = 32;
-
 impl PlaceOrder {
     /// Validates a request, naming every bad field.
     pub fn parse(request: agora_proto::orders::v1::PlaceOrderRequest) -> Result<Self> {
@@ -103,17 +100,10 @@ impl PlaceOrder {
                 }
             }
         }
+        // The same rule payments applies, checked before any order exists,
+        // so that a mistyped number never uses up the request id.
         let card = request.card_number;
-        if card.trim().is_empty() {
-            violations.add("card_number", "must not be empty");
-        } else if card.chars().count() > MAX_CARD_CHARS
-            || !card.chars().all(|c| c.is_ascii_digit() || c == ' ')
-        {
-            violations.add(
-                "card_number",
-                format!("must be at most {MAX_CARD_CHARS} digits and spaces"),
-            );
-        }
+        violations.check("card_number", CardNumber::parse(&card));
         violations.finish()?;
         Ok(Self {
             request_id: request.request_id,

@@ -14,9 +14,9 @@
 //! from it.
 //!
 //! # Layout
-//! - [`domain`]: validated newtypes (`PaymentId`, `UserId`, `CardNumber` with
-//!   the Luhn check), the amount check, the records (`ChargeAttempt`,
-//!   `Payment`) and the error reasons.
+//! - [`domain`]: validated newtypes (`PaymentId`; `UserId` and `CardNumber`,
+//!   with the Luhn check, from the platform, shared with orders), the amount
+//!   check, the records (`ChargeAttempt`, `Payment`) and the error reasons.
 //! - [`processor`]: the [`processor::CardProvider`] trait (async, idempotent
 //!   on a key) and the simulated provider with its test cards, whose ledger
 //!   proves every card was charged at most once.

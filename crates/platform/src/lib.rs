@@ -22,6 +22,8 @@
 //!   tokens (each service signs its own, per target service), verification
 //!   for one service, and the [`auth::Caller`] a request was made by.
 //! - [`email`]: the one definition of a valid, normalized email address.
+//! - [`card`]: the one definition of a valid card number (Luhn, 12 to 19
+//!   digits), redacted in `Debug`, for orders and payments alike.
 //! - [`ids`]: identifiers every service agrees on (`UserId`).
 //! - [`pagination`]: page sizes and opaque cursor page tokens for `List*` RPCs.
 //! - [`money`]: validated `agora.common.v1.Money` amounts.
@@ -30,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod card;
 pub mod config;
 pub mod db;
 pub mod deadline;
