@@ -175,7 +175,7 @@ impl InventoryStore for SqlInventoryStore {
                 let reservation = read_reservation(&mut tx, id).await?.ok_or_else(|| {
                     Error::new(ErrorKind::Internal, "released reservation vanished")
                 })?;
-                return_units(&mut tx, &reservation.items, now).await?;
+                return_units(&mut tx, &reservation.items, HeldAs::Reserved, now).await?;
                 tx.commit().await?;
                 tracing::info!(reservation_id = %id, "reservation released");
                 return Ok(reservation);
@@ -199,7 +199,7 @@ impl InventoryStore for SqlInventoryStore {
                     )
                     .await?
                     {
-                        restock(&mut tx, &existing.items, now).await?;
+                        return_units(&mut tx, &existing.items, HeldAs::Sold, now).await?;
                         tx.commit().await?;
                         tracing::info!(reservation_id = %id, "sold units returned to stock");
                         return Ok(Reservation {
@@ -334,7 +334,7 @@ impl InventoryStore for SqlInventoryStore {
             let reservation = read_reservation(&mut tx, &id)
                 .await?
                 .ok_or_else(|| Error::new(ErrorKind::Internal, "expired reservation vanished"))?;
-            return_units(&mut tx, &reservation.items, now).await?;
+            return_units(&mut tx, &reservation.items, HeldAs::Reserved, now).await?;
             tx.commit().await?;
             tracing::info!(reservation_id = %id, "expired reservation released");
             released += 1;
@@ -498,43 +498,40 @@ impl SqlInventoryStore {
     }
 }
 
-/// Returns a reservation's units to available stock (a release or an
-/// expiry), inside the transaction that marked it.
+/// Where units go back to available stock from.
+#[derive(Clone, Copy)]
+enum HeldAs {
+    /// Reserved units (a release or an expiry).
+    Reserved,
+    /// Sold units of a committed reservation (a cancelled sale).
+    Sold,
+}
+
+/// Returns `items` to available stock, inside the transaction that marked
+/// their reservation.
 async fn return_units(
     tx: &mut Transaction<'static, Any>,
     items: &ReservationItems,
+    held: HeldAs,
     now: i64,
 ) -> Result<()> {
-    for (product_id, quantity) in items.iter() {
-        let returned = sqlx::query(
+    let sql = match held {
+        HeldAs::Reserved => {
             "UPDATE stock SET available = available + $1, reserved = reserved - $1, \
-             updated_at = $2 WHERE product_id = $3",
-        )
-        .bind(quantity)
-        .bind(now)
-        .bind(product_id.as_str())
-        .execute(&mut **tx)
-        .await?;
-        expect_one_stock_row(returned.rows_affected(), product_id)?;
-    }
-    Ok(())
-}
-
-/// Puts sold `items` back into available stock (a cancelled sale).
-async fn restock(
-    tx: &mut Transaction<'static, Any>,
-    items: &ReservationItems,
-    now: i64,
-) -> Result<()> {
+             updated_at = $2 WHERE product_id = $3"
+        }
+        // Sold units left `reserved` when they were committed.
+        HeldAs::Sold => {
+            "UPDATE stock SET available = available + $1, updated_at = $2 WHERE product_id = $3"
+        }
+    };
     for (product_id, quantity) in items.iter() {
-        let returned = sqlx::query(
-            "UPDATE stock SET available = available + $1, updated_at = $2 WHERE product_id = $3",
-        )
-        .bind(quantity)
-        .bind(now)
-        .bind(product_id.as_str())
-        .execute(&mut **tx)
-        .await?;
+        let returned = sqlx::query(sql)
+            .bind(quantity)
+            .bind(now)
+            .bind(product_id.as_str())
+            .execute(&mut **tx)
+            .await?;
         expect_one_stock_row(returned.rows_affected(), product_id)?;
     }
     Ok(())

@@ -1003,7 +1003,10 @@ async fn replicas_expire_each_reservation_once(backend: Backend) -> anyhow::Resu
         h.reserve(&format!("saga-{n}"), vec![item(&product, 1)])
             .await?;
     }
-    assert_eq!(h.stock(&product).await?, (0, 40));
+    // On a busy machine the first reservations may expire already: what
+    // matters is that no unit is lost or made.
+    let (available, reserved) = h.stock(&product).await?;
+    assert_eq!(available + reserved, 40);
     // Commits racing the sweepers, just as the reservations expire.
     tokio::time::sleep(Duration::from_millis(900)).await;
     let committers: Vec<_> = (0..10)

@@ -36,6 +36,8 @@ pub mod grpc;
 pub mod saga;
 pub mod saga_store;
 pub mod store;
+#[cfg(test)]
+mod test_support;
 pub mod watch;
 
 use agora_platform::auth::{ServiceTokenSigner, TokenVerifier};

@@ -343,41 +343,16 @@ fn saga_from_row(row: &AnyRow) -> Result<Saga> {
 
 #[cfg(test)]
 mod tests {
-    use agora_platform::config::Secret;
-    use agora_platform::money::Money;
-
     use super::*;
-    use crate::domain::{NewOrder, OrderItem};
+    use crate::changes::OrderChanges;
 
     async fn sagas(dir: &tempfile::TempDir) -> SagaStore {
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("orders.db").display()
-        );
-        let db = Db::connect_and_migrate(&Secret::new(url), crate::MIGRATIONS)
-            .await
-            .expect("sqlite database");
-        agora_platform_events::migrate(&db)
-            .await
-            .expect("events tables");
-        SagaStore::new(SqlOrderStore::new(agora_platform_events::Outbox::new(db)))
+        SagaStore::new(crate::test_support::sqlite_store(dir, OrderChanges::new()).await)
     }
 
     /// A new order with its saga, leased to `owner` until `lease_until`.
     async fn started(store: &SagaStore, owner: &str, lease_until: i64) -> Saga {
-        let new = NewOrder {
-            user_id: "u1".into(),
-            request_id: uuid::Uuid::new_v4().to_string(),
-            items: vec![OrderItem {
-                product_id: "p1".into(),
-                quantity: 1,
-                unit_price: Money {
-                    currency_code: "EUR".into(),
-                    amount_minor: 100,
-                },
-            }],
-            currency: "EUR".into(),
-        };
+        let new = crate::test_support::new_order();
         let start = SagaStart {
             lease_owner: owner.into(),
             lease_until,

@@ -123,14 +123,11 @@ async fn forward_changes<S: OrderStore>(
 
 #[cfg(test)]
 mod tests {
-    use agora_platform::config::Secret;
-    use agora_platform::db::Db;
-    use agora_platform::money::Money;
     use tokio_stream::StreamExt as _;
 
     use super::*;
     use crate::changes::OrderChanges;
-    use crate::domain::{NewOrder, OrderItem, OrderStatus};
+    use crate::domain::OrderStatus;
     use crate::store::SqlOrderStore;
 
     /// Long enough that only notices can explain a delivered change.
@@ -139,34 +136,14 @@ mod tests {
     const GUARD: Duration = Duration::from_secs(30);
 
     async fn store(dir: &tempfile::TempDir, changes: OrderChanges) -> SqlOrderStore {
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("orders.db").display()
-        );
-        let db = Db::connect_and_migrate(&Secret::new(url), crate::MIGRATIONS)
-            .await
-            .expect("sqlite database");
-        agora_platform_events::migrate(&db)
-            .await
-            .expect("events tables");
-        SqlOrderStore::with_changes(agora_platform_events::Outbox::new(db), changes)
+        crate::test_support::sqlite_store(dir, changes).await
     }
 
     async fn pending(store: &SqlOrderStore) -> Order {
-        let new = NewOrder {
-            user_id: "u1".into(),
-            request_id: uuid::Uuid::new_v4().to_string(),
-            items: vec![OrderItem {
-                product_id: "p1".into(),
-                quantity: 1,
-                unit_price: Money {
-                    currency_code: "EUR".into(),
-                    amount_minor: 100,
-                },
-            }],
-            currency: "EUR".into(),
-        };
-        store.create(new).await.expect("order")
+        store
+            .create(crate::test_support::new_order())
+            .await
+            .expect("order")
     }
 
     async fn next(stream: &mut ReceiverStream<Result<Order>>) -> Option<Order> {

@@ -26,8 +26,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::Code;
 
-use crate::ResponseFuture;
 use crate::call::{CallDeadline, outcome_code};
+use crate::{CallService, ResponseFuture};
 
 /// Where a breaker stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -312,14 +312,7 @@ impl<S> Guarded<S> {
 
 impl<S> tower::Service<http::Request<tonic::body::Body>> for Guarded<S>
 where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = tonic::Status,
-            Future = ResponseFuture,
-        > + Clone
-        + Send
-        + 'static,
+    S: CallService,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = tonic::Status;

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use agora_platform::error::Error;
 use tower::ServiceExt as _;
 
-use crate::ResponseFuture;
+use crate::{CallService, ResponseFuture};
 
 /// Returns the token (a bare JWT) to call the named target service with;
 /// the caller signs or caches it. Called on every call.
@@ -51,14 +51,7 @@ pub struct Authorized<S> {
 
 impl<S> tower::Service<http::Request<tonic::body::Body>> for Authorized<S>
 where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = tonic::Status,
-            Future = ResponseFuture,
-        > + Clone
-        + Send
-        + 'static,
+    S: CallService,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = tonic::Status;

@@ -18,8 +18,8 @@ use agora_platform::deadline::{GRPC_TIMEOUT, format_grpc_timeout, grpc_timeout, 
 use tokio::time::Instant;
 use tower::ServiceExt as _;
 
-use crate::ResponseFuture;
 use crate::call::CallDeadline;
+use crate::{CallService, ResponseFuture};
 
 /// Sets the deadline of every call.
 #[derive(Clone, Debug)]
@@ -77,14 +77,7 @@ pub fn set_grpc_timeout<B>(request: &mut http::Request<B>, timeout: Duration) {
 
 impl<S> tower::Service<http::Request<tonic::body::Body>> for Deadlined<S>
 where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = tonic::Status,
-            Future = ResponseFuture,
-        > + Clone
-        + Send
-        + 'static,
+    S: CallService,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = tonic::Status;

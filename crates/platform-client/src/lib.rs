@@ -65,6 +65,32 @@ pub use discovery::Discovery;
 pub type ResponseFuture =
     futures::future::BoxFuture<'static, Result<http::Response<tonic::body::Body>, tonic::Status>>;
 
+/// What each layer wraps: the rest of the stack below it, a cloneable
+/// service from a gRPC request to a response or a status.
+pub trait CallService:
+    tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = tonic::Status,
+        Future = ResponseFuture,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> CallService for S where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = tonic::Status,
+            Future = ResponseFuture,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// The settings of the stack, read from [`ClientsConfig`].
 #[derive(Clone, Copy, Debug)]
 pub struct ClientSettings {

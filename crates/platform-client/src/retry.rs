@@ -26,7 +26,7 @@ use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::call::{CallDeadline, NoInstanceAdmits, TriedEndpoints, outcome_code};
 use crate::deadline::set_grpc_timeout;
-use crate::{CallPolicy, ClientSettings, ResponseFuture};
+use crate::{CallPolicy, CallService, ClientSettings, ResponseFuture};
 
 /// The largest request body kept for retries (unary requests between
 /// services are far smaller).
@@ -96,14 +96,7 @@ pub fn backoff(retry: u32) -> Duration {
 
 impl<S> tower::Service<http::Request<tonic::body::Body>> for Retrying<S>
 where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = tonic::Status,
-            Future = ResponseFuture,
-        > + Clone
-        + Send
-        + 'static,
+    S: CallService,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = tonic::Status;

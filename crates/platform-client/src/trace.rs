@@ -9,8 +9,8 @@ use tonic::Code;
 use tower::ServiceExt as _;
 use tracing::Instrument as _;
 
-use crate::ResponseFuture;
 use crate::call::response_code;
+use crate::{CallService, ResponseFuture};
 
 /// Traces every call.
 #[derive(Clone, Debug)]
@@ -47,14 +47,7 @@ pub struct Traced<S> {
 
 impl<S> tower::Service<http::Request<tonic::body::Body>> for Traced<S>
 where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = tonic::Status,
-            Future = ResponseFuture,
-        > + Clone
-        + Send
-        + 'static,
+    S: CallService,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = tonic::Status;
