@@ -104,7 +104,8 @@ postgres_pids() {
     pgrep -P "$postmaster" || true
 }
 
-# One sample of every group: "group pid ticks" lines, then "machine busy total".
+# One sample of every group: "group pid ticks" lines, then "machine busy
+# total" and "time µs".
 cpu_sample() {
     proc_ticks "$agora_pid" | sed 's/^/agora /'
     proc_ticks "$nats_pid" | sed 's/^/nats-server /'
@@ -112,23 +113,27 @@ cpu_sample() {
     # shellcheck disable=SC2046
     proc_ticks $(postgres_pids) | sed 's/^/postgres /'
     awk '/^cpu / { busy = $2 + $3 + $4 + $7 + $8 + $9; print "machine", busy, busy + $5 + $6 }' /proc/stat
+    echo "time $(now_micros) -"
 }
 
 # CPU use per group between two samples, in percent of one core.
-cpu_report() { # before after seconds
-    "$python" - "$1" "$2" "$3" "$(getconf CLK_TCK)" "$(nproc)" <<'PY'
+cpu_report() { # before after
+    "$python" - "$1" "$2" "$(getconf CLK_TCK)" "$(nproc)" <<'PY'
 import sys
-before, after, seconds, hz, cores = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+before, after, hz, cores = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 def load(path):
-    groups, machine = {}, None
+    groups, machine, time = {}, None, 0
     for line in open(path):
         parts = line.split()
         if parts[0] == "machine":
             machine = (int(parts[1]), int(parts[2]))
+        elif parts[0] == "time":
+            time = int(parts[1])
         else:
             groups.setdefault(parts[0], {})[parts[1]] = int(parts[2])
-    return groups, machine
-(b, bm), (a, am) = load(before), load(after)
+    return groups, machine, time
+(b, bm, bt), (a, am, at) = load(before), load(after)
+seconds = max(1e-3, (at - bt) / 1e6)
 line, ours = [], 0.0
 for group in ["agora", "postgres", "nats-server", "loadgen"]:
     if group not in a:
@@ -142,6 +147,57 @@ machine = 100.0 * (am[0] - bm[0]) / hz / seconds
 line.append(f"other processes {max(0.0, machine - ours):.0f}%")
 busy = 100.0 * (am[0] - bm[0]) / max(1, am[1] - bm[1])
 print(f"CPU over {seconds:.0f} s (100% = one core, {cores} cores): " + ", ".join(line) + f"; machine busy {busy:.0f}%")
+PY
+}
+
+# Transactions and rows written so far per service database of this run
+# (PostgreSQL's own statistics), as "service commits rows" lines.
+pg_writes() {
+    "$(scripts/pg.sh bin)/psql" -X -A -t -q -F ' ' "$AGORA_TEST_POSTGRES_URL" -c "
+        SELECT substr(datname, length('$db_prefix') + 2), xact_commit + xact_rollback,
+               tup_inserted + tup_updated + tup_deleted
+        FROM pg_stat_database WHERE starts_with(datname, '${db_prefix}_') ORDER BY datname"
+}
+
+# Transactions and rows written per completed checkout, per service database.
+pg_writes_report() { # before after loadgen-json
+    "$python" - "$1" "$2" "$3" <<'PY'
+import json, sys
+load = lambda path: {p[0]: (int(p[1]), int(p[2])) for p in (l.split() for l in open(path)) if len(p) == 3}
+before, after = load(sys.argv[1]), load(sys.argv[2])
+checkouts = max(1, json.load(open(sys.argv[3]))["checkouts"])
+parts = []
+for service, (commits, rows) in sorted(after.items()):
+    b = before.get(service, (0, 0))
+    parts.append(f"{service} {(commits - b[0]) / checkouts:.1f}/{(rows - b[1]) / checkouts:.1f}")
+print("PostgreSQL transactions/rows written per checkout (background polling included): " + ", ".join(parts))
+PY
+}
+
+# What the run's busy PostgreSQL backends are doing, twice a second for
+# `seconds`: one "wait_event_type/wait_event" line per active backend per
+# sample ("CPU" when not waiting).
+pg_wait_samples() { # seconds
+    local psql end
+    psql="$(scripts/pg.sh bin)/psql"
+    end=$((SECONDS + $1))
+    while [ "$SECONDS" -lt "$end" ]; do
+        "$psql" -X -A -t -q "$AGORA_TEST_POSTGRES_URL" -c "
+            SELECT coalesce(wait_event_type || '/' || wait_event, 'CPU')
+            FROM pg_stat_activity
+            WHERE starts_with(datname, '${db_prefix}_') AND state = 'active'" 2>/dev/null || true
+        sleep 0.5
+    done
+}
+
+pg_wait_report() { # samples file
+    "$python" - "$1" <<'PY'
+import collections, sys
+counts = collections.Counter(l.strip() for l in open(sys.argv[1]) if l.strip())
+total = sum(counts.values())
+if total:
+    top = ", ".join(f"{event} {100 * n / total:.0f}%" for event, n in counts.most_common(6))
+    print(f"PostgreSQL active backends by wait event ({total} samples): {top}")
 PY
 }
 
@@ -254,16 +310,29 @@ loadgen() { # name, mix, extra loadgen arguments...
     done
     run_started="$(now_micros)"
     cpu_sample > "$work/$name.cpu0"
-    # The last sample a second before the end, while loadgen still runs.
-    local window=$((duration > 2 ? duration - 1 : 1))
+    [ "$backend" != postgres ] || pg_writes > "$work/$name.writes0"
+    # The last sample a little before the end, while loadgen still runs.
+    local window=$((duration > 4 ? duration - 2 : 1)) sampler=
+    if [ "$backend" = postgres ]; then
+        pg_wait_samples "$window" > "$work/$name.waits" &
+        sampler=$!
+    fi
     sleep "$window"
     cpu_sample > "$work/$name.cpu1"
+    [ -z "$sampler" ] || wait "$sampler" || true
     local code=0
     wait "$loadgen_pid" || code=$?
     loadgen_pid=
     run_finished="$(now_micros)"
     cat "$work/$name.out"
-    cpu_report "$work/$name.cpu0" "$work/$name.cpu1" "$window" | tee "$work/$name.cpuline"
+    cpu_report "$work/$name.cpu0" "$work/$name.cpu1" | tee "$work/$name.cpuline"
+    if [ "$backend" = postgres ] && [ -e "$work/$name.json" ]; then
+        # Backends report their statistics within a second or so.
+        sleep 1.5
+        pg_writes > "$work/$name.writes1"
+        pg_writes_report "$work/$name.writes0" "$work/$name.writes1" "$work/$name.json"
+        pg_wait_report "$work/$name.waits"
+    fi
     if [ "$code" != 0 ]; then
         tail -n 5 "$work/$name.err" >&2
         echo "loadgen $name exited with status $code" >&2
@@ -289,8 +358,7 @@ bench_backend() { # postgres | sqlite
     health=()
     # One database per service, named after the run: the services create
     # them on first start (scripts/up.sh does the same).
-    local suffix
-    suffix="bench_$(basename "$work" | tr -dc 'a-zA-Z0-9' | tr '[:upper:]' '[:lower:]')"
+    db_prefix="bench_$(basename "$work" | tr -dc 'a-zA-Z0-9' | tr '[:upper:]' '[:lower:]')"
     local pg_base="${AGORA_TEST_POSTGRES_URL:-}"
     pg_base="${pg_base%%\?*}"
     pg_base="${pg_base%/*}"
@@ -299,7 +367,7 @@ bench_backend() { # postgres | sqlite
         port="$(free_port)"
         env+=("AGORA_${upper}__LISTEN_ADDR=127.0.0.1:$port")
         if [ "$backend" = postgres ]; then
-            env+=("AGORA_${upper}__DATABASE_URL=$pg_base/${suffix}_$name")
+            env+=("AGORA_${upper}__DATABASE_URL=$pg_base/${db_prefix}_$name")
         fi
         health+=("$name=127.0.0.1:$port")
         case "$name" in
@@ -336,7 +404,7 @@ bench_backend() { # postgres | sqlite
     echo
     echo "--- $backend: checkout saga steps during the checkout run (ms) ---"
     if [ "$backend" = postgres ]; then
-        step_table_postgres "$pg_base/${suffix}_orders" "$since" "$until"
+        step_table_postgres "$pg_base/${db_prefix}_orders" "$since" "$until"
     else
         step_table_sqlite "$data/orders.db" "$since" "$until"
     fi
