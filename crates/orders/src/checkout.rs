@@ -270,8 +270,8 @@ impl Checkout {
         {
             return self.replay(existing, &request).await;
         }
-        let permit = self.driver_permit()?;
         let (items, currency) = self.price(&request.lines).await?;
+        let permit = self.driver_permit()?;
         let now = now_micros();
         let start = SagaStart {
             lease_owner: inner.owner.clone(),
@@ -289,11 +289,18 @@ impl Checkout {
             drop(permit);
             return self.replay(order, &request).await;
         }
-        let saga = inner
-            .sagas
-            .get(&order.id)
-            .await?
-            .ok_or_else(|| Error::new(ErrorKind::Internal, "a new order has no saga"))?;
+        // The saga as just written with the order (same time, version 1).
+        let saga = Saga {
+            id: order.id.clone(),
+            step: SagaStep::Reserving,
+            failure: Failure::default(),
+            version: 1,
+            lease_owner: start.lease_owner,
+            lease_until: start.lease_until,
+            deadline_at: start.deadline_at,
+            created_at: order.created_at,
+            updated_at: order.created_at,
+        };
         tracing::info!(order_id = %order.id, total = order.total.amount_minor, "checkout started");
         // Its own task: the saga goes on when the caller hangs up.
         let (progress, following) = watch::channel(saga.clone());
@@ -372,12 +379,11 @@ impl Checkout {
             .collect();
         // A few lookups at a time: an order of 100 products must not become
         // a burst of 100 concurrent calls on the catalog.
-        let answers: Vec<_> = futures::stream::iter(lookups)
-            .buffer_unordered(PRICE_LOOKUPS_AT_ONCE)
-            .collect()
-            .await;
+        let mut answers = futures::stream::iter(lookups).buffer_unordered(PRICE_LOOKUPS_AT_ONCE);
         let mut prices: HashMap<String, Money> = HashMap::new();
-        for (product_id, answer) in answers {
+        // The first failure ends the pricing (dropping the lookups still
+        // running): there is no order to make without every price.
+        while let Some((product_id, answer)) = answers.next().await {
             let product = match answer {
                 Ok(response) => response.into_inner().product,
                 Err(status) if status.code() == tonic::Code::NotFound => None,
@@ -695,14 +701,16 @@ impl Checkout {
                     tokio::time::sleep(retry_pause(attempt)).await;
                     match self.keep_lease(&saga).await {
                         Ok(Some(renewed)) => saga = renewed,
-                        // Taken over, or the lease cannot be kept: the
-                        // replica that holds it next goes on.
-                        Ok(None) | Err(_) => return,
+                        // Taken over: the replica that holds it goes on.
+                        Ok(None) => return,
+                        // The database is still away: keep trying.
+                        Err(_) => {}
                     }
                 }
             }
         };
         attempt = 0;
+        let mut released_early = false;
         while !saga.step.is_terminal() {
             match self.keep_lease(&saga).await {
                 Ok(Some(renewed)) => saga = renewed,
@@ -722,6 +730,21 @@ impl Checkout {
             let advance = match next {
                 Ok(advance) => advance,
                 Err(detail) => {
+                    if step == SagaStep::Refunding && !released_early {
+                        // Payments does not answer, perhaps for long: the
+                        // stock need not wait for it. Once per driver, on a
+                        // renewed lease; RELEASING releases again (a no-op)
+                        // once the refund is through.
+                        match self.keep_lease(&saga).await {
+                            Ok(Some(renewed)) => saga = renewed,
+                            Ok(None) => return,
+                            Err(_) => {}
+                        }
+                        released_early = matches!(
+                            self.release(&order).await,
+                            CallOutcome::Done | CallOutcome::Refused { .. }
+                        );
+                    }
                     attempt = attempt.saturating_add(1);
                     tracing::warn!(
                         order_id = %saga.id, step = %step, attempt, error = %detail,
@@ -857,15 +880,7 @@ impl Checkout {
                     SagaStep::Refunding => SagaStep::Releasing,
                     _ => SagaStep::CancelRestocking,
                 }),
-                CallOutcome::Unknown { message } => {
-                    // Payments is down, perhaps for long: the stock need not
-                    // wait for it. Releasing is idempotent, and RELEASING
-                    // releases again (a no-op) once the refund is through.
-                    if saga.step == SagaStep::Refunding {
-                        let _ = self.release(order).await;
-                    }
-                    return Err(message);
-                }
+                CallOutcome::Unknown { message } => return Err(message),
             },
             SagaStep::Releasing | SagaStep::CancelRestocking => match self.release(order).await {
                 CallOutcome::Done | CallOutcome::Refused { .. } => {
@@ -993,9 +1008,11 @@ enum Verdict {
 }
 
 fn verdict(saga: &Saga) -> Verdict {
+    // Cancelled for any reason but its customer's (an expired reservation
+    // whose stock was gone): the checkout failed after the charge.
     let failed = !saga.failure.code.is_empty()
         && (saga.step.is_compensating()
-            || (saga.failure.code == reason::RESERVATION_EXPIRED && saga.step.is_cancelling()));
+            || (saga.step.is_cancelling() && saga.failure.code != reason::CANCELLED_BY_CUSTOMER));
     if failed {
         Verdict::Failed(saga.failure.clone())
     } else if saga.step.is_terminal() {

@@ -109,7 +109,15 @@ fn backends(config: &Config, events: &ServiceEvents) -> anyhow::Result<checkout:
         DiscoveryMode::Static => Discovery::Static,
         DiscoveryMode::Nats => Discovery::Nats(events.bus.client().clone()),
     };
-    let clients = Clients::new(config, "orders", discovery, credentials)?;
+    // Every saga call has the step deadline: made the stack's default, a
+    // call that runs out of it counts against the instance's breaker (a
+    // shorter explicit timeout would not, see agora_platform_client).
+    let mut settings = config.clone();
+    settings.clients.default_timeout_ms = config
+        .clients
+        .default_timeout_ms
+        .min(config.checkout.step_timeout_ms.max(1));
+    let clients = Clients::new(&settings, "orders", discovery, credentials)?;
     let idempotent = |service: &str, methods: &[&str]| {
         CallPolicy::idempotent_methods(methods.iter().map(|method| format!("/{service}/{method}")))
     };
