@@ -307,7 +307,13 @@ impl Mesh {
 async fn wait_for_events(mesh: &Mesh, order_id: &str, count: usize) -> anyhow::Result<Vec<String>> {
     let until = tokio::time::Instant::now() + HANG_GUARD;
     loop {
-        let events = mesh.order_events(order_id).await?;
+        let events = match mesh.order_events(order_id).await {
+            Ok(events) => events,
+            // The stream is made once the services' event bus is up: a
+            // fresh mesh may not have it yet.
+            Err(_) if tokio::time::Instant::now() < until => Vec::new(),
+            Err(err) => return Err(err),
+        };
         if events.len() >= count || tokio::time::Instant::now() > until {
             return Ok(events);
         }
