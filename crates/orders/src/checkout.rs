@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agora_platform::auth::Caller;
+use agora_platform::backoff::{exponential, jittered};
 use agora_platform::card::CardNumber;
 use agora_platform::config::{CheckoutConfig, Secret};
 use agora_platform::error::{Error, ErrorKind, Result, Violations};
@@ -1053,10 +1054,11 @@ fn outcome_of<T>(answer: std::result::Result<T, tonic::Status>, refused: &str) -
 /// that must happen: between half and all of 200 ms, 400 ms ... up to
 /// [`MAX_RETRY_PAUSE`].
 fn retry_pause(attempt: u32) -> Duration {
-    let base = Duration::from_millis(100).saturating_mul(1 << attempt.min(6));
-    let capped = base.min(MAX_RETRY_PAUSE);
-    // Full jitter over the upper half: replicas retrying together spread out.
-    capped / 2 + capped.mul_f64(rand::random::<f64>() / 2.0)
+    jittered(exponential(
+        attempt,
+        Duration::from_millis(100),
+        MAX_RETRY_PAUSE,
+    ))
 }
 
 /// Lines merged per product, in product order.

@@ -34,6 +34,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agora_platform::backoff::Backoff;
 use agora_platform::error::{Error, ErrorKind};
 use agora_platform::time::now_micros;
 use async_nats::connection::State;
@@ -350,7 +351,10 @@ async fn follow(
     let jetstream = context(client.clone());
     let filter = format!("{service}.*");
     let mut followed = Followed::new(&service, instance_ttl);
-    let mut backoff = WatchBackoff::default();
+    // The pause before opening the watch again: doubling while opening
+    // fails or the watch keeps breaking, back to the minimum once a watch
+    // has worked for WATCH_STABLE_AFTER.
+    let mut backoff = Backoff::new(WATCH_RETRY_MIN, WATCH_RETRY_MAX);
     let mut failing = false;
     // Since when nothing could be heard (no watch, or no connection); the
     // TTL does not run meanwhile.
@@ -383,7 +387,7 @@ async fn follow(
                 }
                 failing = true;
                 tokio::select! {
-                    () = tokio::time::sleep(backoff.next_pause()) => {}
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
                     () = sender.closed() => return,
                 }
                 continue;
@@ -445,7 +449,7 @@ async fn follow(
             // A watch that breaks as soon as it is opened must not be
             // reopened in a tight loop: the same pause as a failed open.
             tokio::select! {
-                () = tokio::time::sleep(backoff.next_pause()) => {}
+                () = tokio::time::sleep(backoff.next_delay()) => {}
                 () = sender.closed() => return,
             }
         }
@@ -459,35 +463,6 @@ enum Broke {
     Failed,
     /// The connection came back (its consumer is lost): watched again at once.
     Reconnected,
-}
-
-/// The pause before opening the watch again: doubling from
-/// [`WATCH_RETRY_MIN`] to [`WATCH_RETRY_MAX`] while opening fails or the
-/// watch keeps breaking, back to the minimum once a watch has worked for
-/// [`WATCH_STABLE_AFTER`].
-#[derive(Debug)]
-struct WatchBackoff {
-    next: Duration,
-}
-
-impl Default for WatchBackoff {
-    fn default() -> Self {
-        Self {
-            next: WATCH_RETRY_MIN,
-        }
-    }
-}
-
-impl WatchBackoff {
-    fn next_pause(&mut self) -> Duration {
-        let pause = self.next;
-        self.next = (pause * 2).min(WATCH_RETRY_MAX);
-        pause
-    }
-
-    fn reset(&mut self) {
-        self.next = WATCH_RETRY_MIN;
-    }
 }
 
 /// An instance as a watch knows it.
@@ -811,14 +786,14 @@ mod tests {
 
     #[test]
     fn watch_pauses_grow_until_a_watch_has_worked_a_while() {
-        let mut backoff = WatchBackoff::default();
-        let pauses: Vec<Duration> = (0..8).map(|_| backoff.next_pause()).collect();
+        let mut backoff = Backoff::new(WATCH_RETRY_MIN, WATCH_RETRY_MAX);
+        let pauses: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
         assert_eq!(pauses[0], WATCH_RETRY_MIN);
         assert_eq!(pauses[1], WATCH_RETRY_MIN * 2);
         assert!(pauses.windows(2).all(|pair| pair[0] <= pair[1]));
         assert_eq!(pauses[7], WATCH_RETRY_MAX);
         backoff.reset();
-        assert_eq!(backoff.next_pause(), WATCH_RETRY_MIN);
+        assert_eq!(backoff.next_delay(), WATCH_RETRY_MIN);
     }
 
     #[test]

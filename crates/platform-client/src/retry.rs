@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use agora_platform::backoff::{exponential, jittered};
 use bytes::{Bytes, BytesMut};
-use rand::Rng as _;
 use tokio::time::Instant;
 use tonic::Code;
 use tower::ServiceExt as _;
@@ -86,12 +86,7 @@ pub struct Retrying<S> {
 /// exponential delay, of which the second half is random, so that callers
 /// that failed together do not come back together.
 pub fn backoff(retry: u32) -> Duration {
-    let delay = BACKOFF_BASE
-        .saturating_mul(2u32.saturating_pow(retry.min(16)))
-        .min(BACKOFF_MAX);
-    let half = delay / 2;
-    let jitter_micros = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
-    half + Duration::from_micros(rand::thread_rng().gen_range(0..=jitter_micros))
+    jittered(exponential(retry, BACKOFF_BASE, BACKOFF_MAX))
 }
 
 impl<S> tower::Service<http::Request<tonic::body::Body>> for Retrying<S>

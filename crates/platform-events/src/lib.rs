@@ -20,7 +20,8 @@
 //! - [`consumer`]: [`EventConsumer`] and the [`EventHandler`] a service
 //!   implements: durable pull consumers with inbox, retry and dead letters.
 //! - [`dead_letters`]: listing and replaying dead letters.
-//! - [`backoff`]: the one retry schedule all of the above use.
+//! - [`backoff`]: the platform's one retry schedule, which all of the above
+//!   use (re-exported).
 //!
 //! Every service that publishes or consumes applies this crate's migrations
 //! to its database ([`migrate`]): the outbox and inbox tables, tracked apart
@@ -28,7 +29,7 @@
 
 #![forbid(unsafe_code)]
 
-pub mod backoff;
+pub use agora_platform::backoff;
 pub mod bus;
 pub mod consumer;
 pub mod dead_letters;

@@ -28,10 +28,13 @@
 //! - [`pagination`]: page sizes and opaque cursor page tokens for `List*` RPCs.
 //! - [`money`]: validated `agora.common.v1.Money` amounts.
 //! - [`shutdown`]: the process-wide stop signal (SIGTERM / SIGINT).
+//! - [`backoff`]: the one retry schedule (exponential, capped, optionally
+//!   jittered) every retry in Agora follows.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod backoff;
 pub mod card;
 pub mod config;
 pub mod db;

@@ -1,6 +1,7 @@
-//! Exponential backoff, the one schedule every retry here follows: the NATS
-//! reconnects, stream set-up, the relay while NATS is down, reopening a
-//! consumer, and redelivering a failed event.
+//! Exponential backoff, the one schedule every retry in Agora follows: the
+//! NATS reconnects, stream set-up, the relay while NATS is down, reopening a
+//! consumer or a registry watch, redelivering a failed event, retrying an
+//! internal call, and a checkout saga's steps that must happen.
 
 use std::time::Duration;
 
@@ -9,6 +10,12 @@ pub fn exponential(attempt: u32, initial: Duration, max: Duration) -> Duration {
     initial
         .saturating_mul(2u32.saturating_pow(attempt.min(30)))
         .min(max)
+}
+
+/// `delay` with its upper half random: between half of it and all of it,
+/// so that callers that failed together do not come back together.
+pub fn jittered(delay: Duration) -> Duration {
+    delay / 2 + delay.mul_f64(rand::random::<f64>() / 2.0)
 }
 
 /// A backoff that grows with each failure and resets on success.
@@ -63,5 +70,13 @@ mod tests {
             exponential(u32::MAX, Duration::from_secs(1), Duration::from_secs(60)),
             Duration::from_secs(60)
         );
+    }
+
+    #[test]
+    fn jitter_keeps_the_upper_half() {
+        for _ in 0..100 {
+            let pause = jittered(Duration::from_millis(200));
+            assert!(pause >= Duration::from_millis(100) && pause <= Duration::from_millis(200));
+        }
     }
 }
