@@ -7,10 +7,10 @@
 //!   gave up on) with why; `agora events dlq replay --id SEQ` (or `--all`)
 //!   publishes them again on their original subject.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agora_platform::config;
+use agora_platform::config::{self, Config};
 use agora_platform_events::bus::redact_url;
 use agora_platform_events::{EventBus, dead_letters};
 use anyhow::{Context as _, bail};
@@ -77,18 +77,29 @@ pub enum DlqCommand {
 /// The most dead letters one `replay --all` handles; run it again for more.
 const REPLAY_ALL_LIMIT: usize = 10_000;
 
-/// Runs `agora events ...`.
-pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
+/// The configuration (`config_file`, with `nats_url` over its NATS URL) and
+/// a connection to NATS as a command-line tool, ready: what every CLI verb
+/// that talks to NATS starts with. A tool reads and publishes; it never
+/// creates or resizes streams.
+pub async fn connect_tool(
+    nats_url: Option<&str>,
+    config_file: Option<&Path>,
+) -> anyhow::Result<(Config, EventBus)> {
     let mut overrides = Map::new();
-    if let Some(url) = &args.nats_url {
+    if let Some(url) = nats_url {
         overrides.insert("nats_url".into(), json!(url));
     }
-    let config = config::load(args.config.as_deref(), Value::Object(overrides))?;
-    // A tool: it reads and publishes, it never creates or resizes streams.
+    let config = config::load(config_file, Value::Object(overrides))?;
     let bus = EventBus::connect_as_tool(&config.nats_url, "agora-cli").await?;
     tokio::time::timeout(Duration::from_secs(10), bus.wait_ready())
         .await
         .with_context(|| format!("NATS at {} is not reachable", redact_url(&config.nats_url)))?;
+    Ok((config, bus))
+}
+
+/// Runs `agora events ...`.
+pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
+    let (_, bus) = connect_tool(args.nats_url.as_deref(), args.config.as_deref()).await?;
     match args.command {
         EventsCommand::Tail { subject, count } => {
             tail(&bus, subject.as_deref().unwrap_or("agora.>"), count).await

@@ -11,14 +11,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agora_platform::config::{self, Config, DiscoveryMode};
+use agora_platform::config::{Config, DiscoveryMode};
 use agora_platform::shutdown::CancellationToken;
 use agora_platform_client::ClientSettings;
 use agora_platform_client::registry::{self, Health, Registration};
 use agora_platform_events::EventBus;
-use agora_platform_events::bus::redact_url;
 use anyhow::Context as _;
-use serde_json::{Map, Value, json};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -39,15 +37,8 @@ pub struct RegistryArgs {
 
 /// Prints the registered instances as a table.
 pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
-    let mut overrides = Map::new();
-    if let Some(url) = &args.nats_url {
-        overrides.insert("nats_url".into(), json!(url));
-    }
-    let config = config::load(args.config.as_deref(), Value::Object(overrides))?;
-    let bus = EventBus::connect_as_tool(&config.nats_url, "agora-cli").await?;
-    tokio::time::timeout(Duration::from_secs(10), bus.wait_ready())
-        .await
-        .with_context(|| format!("NATS at {} is not reachable", redact_url(&config.nats_url)))?;
+    let (config, bus) =
+        crate::events::connect_tool(args.nats_url.as_deref(), args.config.as_deref()).await?;
     let instances = registry::list(bus.client().clone()).await?;
     if instances.is_empty() {
         println!(
