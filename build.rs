@@ -20,14 +20,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     collect_protos(proto_root, &mut files)?;
     files.sort();
 
-    let file_descriptors = protox::compile(&files, [proto_root])?;
+    let mut compiler = protox::Compiler::new([proto_root])?;
+    compiler
+        .include_source_info(true)
+        .include_imports(true)
+        .open_files(&files)?;
+    let file_descriptors = compiler.file_descriptor_set();
 
+    // Encoded by protox itself, not from `file_descriptors`: prost's
+    // `MethodOptions` has no field for custom options and would drop the
+    // `(agora.common.v1.access)` level of every RPC.
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let descriptor_path = out_dir.join("agora_descriptor.bin");
-    std::fs::write(
-        &descriptor_path,
-        prost::Message::encode_to_vec(&file_descriptors),
-    )?;
+    std::fs::write(&descriptor_path, compiler.encode_file_descriptor_set())?;
 
     tonic_prost_build::configure()
         .build_server(true)

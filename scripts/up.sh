@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Starts the six services (one process each, or all in one with `mono`), waits
-# until each is healthy, seeds a demo catalog and an admin account, prints the
+# Starts the six services and the gateway in front of them (one process each,
+# or all in one with `mono`), waits until each is healthy, seeds a demo catalog and an admin account, prints the
 # endpoints, then stays in the foreground streaming logs. Ctrl-C (or
 # `just down` from another terminal) stops everything gracefully.
 #
@@ -100,6 +100,12 @@ for entry in "${services[@]}"; do
     endpoints+=("$name=127.0.0.1:$port")
     printf '  %-14s localhost:%-6s %s\n' "$name" "$port" "$db" >> "$run/endpoints.txt"
 done
+# The one public port; its health "" is SERVING once every backend is.
+gateway_port="${AGORA_GATEWAY_PORT:-8080}"
+export AGORA_GATEWAY__LISTEN_ADDR="127.0.0.1:$gateway_port"
+# Browser apps on the usual development servers may call it (CORS).
+export AGORA_GATEWAY__CORS_ALLOWED_ORIGINS="${AGORA_GATEWAY__CORS_ALLOWED_ORIGINS:-[\"http://localhost:5173\",\"http://localhost:3000\"]}"
+endpoints+=("gateway=127.0.0.1:$gateway_port")
 
 pids=()
 pidfiles=()
@@ -191,6 +197,7 @@ else
     for entry in "${services[@]}"; do
         start "${entry%%:*}" "${entry%%:*}"
     done
+    start gateway gateway
 fi
 
 echo "waiting for the services to become healthy ..."
@@ -224,12 +231,15 @@ echo
 "$agora" health "${endpoints[@]}"
 cat <<INFO
 
-Agora is up ($mode mode${postgres:+, PostgreSQL at $DATABASE_URL}, events on $AGORA_NATS_URL). Endpoints (plaintext gRPC, reflection enabled):
+Agora is up ($mode mode${postgres:+, PostgreSQL at $DATABASE_URL}, events on $AGORA_NATS_URL).
+
+Gateway, the one public port: localhost:$gateway_port (gRPC, grpc-web, Connect JSON; reflection,
+/healthz, /readyz, /metrics). Services, for debugging (plaintext gRPC, reflection enabled):
 $(cat "$run/endpoints.txt")
 
 Events: \`just events tail\` prints them as they are published; emails land in $data/mail/.
-Try:  .venv/bin/grpcurl -plaintext localhost:50052 list
-      .venv/bin/grpcurl -plaintext localhost:50052 agora.catalog.v1.CatalogService/ListProducts
+Try:  .venv/bin/grpcurl -plaintext localhost:$gateway_port list
+      curl -H 'content-type: application/json' -d '{"page_size": 3}' localhost:$gateway_port/agora.catalog.v1.CatalogService/ListProducts
 Logs: $logs/   Stop: Ctrl-C here, or \`just down\` elsewhere.
 
 INFO

@@ -16,6 +16,9 @@ for service in users catalog inventory payments orders notifications; do
     cp -p "/keys/services/$service.pem" "$out/services/"
 done
 cp -p /keys/jwt_ed25519.pem /out/users/
+# The gateway verifies user tokens only: the user-token public key, no
+# private key at all.
+cp /keys/jwt_ed25519.pub.pem /out/gateway/
 # The services run as the image's `agora` user (uid 10001); private keys
 # keep keygen's owner-only mode (cp -p).
 chown -R 10001:10001 /out

@@ -79,7 +79,7 @@ pub async fn run(args: HealthArgs) -> anyhow::Result<ExitCode> {
 
 fn parse_targets(endpoints: &[String]) -> anyhow::Result<Vec<(String, String, String)>> {
     if endpoints.is_empty() {
-        return Ok(crate::SERVICES
+        return Ok(crate::ALL_TARGETS
             .iter()
             .map(|t| {
                 let addr = format!("127.0.0.1:{}", t.default_port());
@@ -93,7 +93,7 @@ fn parse_targets(endpoints: &[String]) -> anyhow::Result<Vec<(String, String, St
             let (name, addr) = spec
                 .split_once('=')
                 .ok_or_else(|| anyhow::anyhow!("expected NAME=HOST:PORT, got {spec:?}"))?;
-            let grpc_service = crate::SERVICES
+            let grpc_service = crate::ALL_TARGETS
                 .iter()
                 .find(|t| t.name() == name)
                 .map(|t| t.grpc_service().to_owned())

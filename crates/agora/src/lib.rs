@@ -83,6 +83,9 @@ pub enum Target {
     Orders,
     /// Emails sent in reaction to events (default port 50056).
     Notifications,
+    /// The edge gateway: gRPC, grpc-web and Connect on one public port
+    /// (default port 8080).
+    Gateway,
 }
 
 /// Every service, in start order.
@@ -95,17 +98,29 @@ pub const SERVICES: [Target; 6] = [
     Target::Notifications,
 ];
 
+/// What `all` runs: every service, then the gateway in front of them.
+pub const ALL_TARGETS: [Target; 7] = [
+    Target::Users,
+    Target::Catalog,
+    Target::Inventory,
+    Target::Payments,
+    Target::Orders,
+    Target::Notifications,
+    Target::Gateway,
+];
+
 impl Target {
     /// The services a target stands for.
     pub fn expand(self) -> &'static [Target] {
         match self {
-            Self::All => &SERVICES,
+            Self::All => &ALL_TARGETS,
             Self::Users => &[Self::Users],
             Self::Catalog => &[Self::Catalog],
             Self::Inventory => &[Self::Inventory],
             Self::Payments => &[Self::Payments],
             Self::Orders => &[Self::Orders],
             Self::Notifications => &[Self::Notifications],
+            Self::Gateway => &[Self::Gateway],
         }
     }
 
@@ -119,10 +134,12 @@ impl Target {
             Self::Payments => "payments",
             Self::Orders => "orders",
             Self::Notifications => "notifications",
+            Self::Gateway => "gateway",
         }
     }
 
-    /// The fully qualified gRPC service name (empty for `all`).
+    /// The fully qualified gRPC service name (empty for `all`, and for the
+    /// gateway, whose health "" stands for all of its backends).
     pub fn grpc_service(self) -> &'static str {
         match self {
             Self::All => "",
@@ -132,6 +149,7 @@ impl Target {
             Self::Payments => agora_proto::payments::v1::SERVICE_NAME,
             Self::Orders => agora_proto::orders::v1::SERVICE_NAME,
             Self::Notifications => agora_proto::notifications::v1::SERVICE_NAME,
+            Self::Gateway => "",
         }
     }
 
@@ -145,6 +163,7 @@ impl Target {
             Self::Payments => 50054,
             Self::Orders => 50055,
             Self::Notifications => 50056,
+            Self::Gateway => 8080,
         }
     }
 }

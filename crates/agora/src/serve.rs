@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use agora_platform::config::{self, LogFormat};
+use agora_platform::config::{self, DiscoveryMode, LogFormat};
+use agora_platform_client::Discovery;
+use agora_platform_events::EventBus;
 use agora_platform::server::{HostedService, Server};
 use agora_platform::{shutdown, telemetry};
 use anyhow::{Context as _, bail};
@@ -19,9 +21,10 @@ environment variables (nested keys joined by `__`, e.g. AGORA_USERS__DATABASE_UR
 AGORA_AUTH__TOKEN_TTL_SECS) < these flags.
 
 Defaults: users, catalog, inventory, payments, orders, notifications on
-127.0.0.1:50051..50056; SQLite at <data-dir>/<service>.db; token keys at
-<data-dir>/keys/jwt_ed25519{,.pub}.pem (make them with `agora keygen`).
-`all` runs every service in this one process, each on its own port.
+127.0.0.1:50051..50056, the gateway on 127.0.0.1:8080; SQLite at
+<data-dir>/<service>.db; token keys at <data-dir>/keys/jwt_ed25519{,.pub}.pem
+(make them with `agora keygen`). `all` runs every service and the gateway in
+this one process, each on its own port.
 
 Examples:
   agora serve users
@@ -94,6 +97,9 @@ impl ServeArgs {
             };
             root.insert("log_format".into(), serde_json::to_value(format)?);
         }
+        if self.database_url.is_some() && services.contains(&Target::Gateway) {
+            bail!("the gateway has no database: --database-url and DATABASE_URL apply to a service");
+        }
         if self.listen.is_some() || self.database_url.is_some() {
             let [single] = services.as_slice() else {
                 bail!(
@@ -135,6 +141,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let registrar = crate::registry::Registrar::connect(&config, &label).await?;
     let mut servers = JoinSet::new();
     for service in services {
+        if service == Target::Gateway {
+            let discovery = match config.clients.discovery {
+                DiscoveryMode::Static => Discovery::Static,
+                DiscoveryMode::Nats => Discovery::Nats(
+                    EventBus::connect_as_tool(&config.nats_url, "gateway-discovery")
+                        .await?
+                        .client()
+                        .clone(),
+                ),
+            };
+            let gateway = agora_gateway::Gateway::bind(&config, discovery)
+                .await
+                .context("starting the gateway")?;
+            tracing::info!(service = "gateway", addr = %gateway.local_addr(), "listening");
+            servers.spawn(gateway.run_until_stopped(stop.child_token()));
+            continue;
+        }
         let hosted = hosted(service, &config)
             .await
             .with_context(|| format!("starting the {} service", service.name()))?;
@@ -171,7 +194,9 @@ async fn hosted(service: Target, config: &config::Config) -> anyhow::Result<Host
         Target::Payments => agora_payments::hosted(config).await,
         Target::Orders => agora_orders::hosted(config).await,
         Target::Notifications => agora_notifications::hosted(config).await,
-        Target::All => bail!("`all` is expanded before services start"),
+        Target::All | Target::Gateway => {
+            bail!("`all` is expanded and the gateway started before services start")
+        }
     }
 }
 
@@ -208,7 +233,7 @@ mod tests {
     #[test]
     fn all_expands_once_per_service() {
         let args = serve_args(&["agora", "serve", "all", "users"]);
-        assert_eq!(args.services(), crate::SERVICES);
+        assert_eq!(args.services(), crate::ALL_TARGETS);
         let args = serve_args(&["agora", "serve", "orders", "users", "orders"]);
         assert_eq!(args.services(), [Target::Orders, Target::Users]);
     }

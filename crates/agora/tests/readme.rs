@@ -60,9 +60,21 @@ fn readme_walkthrough_runs_as_written_against_the_seeded_monolith() -> anyhow::R
     assert!(!output.contains("password:"), "{output}");
     assert!(output.contains("already has products"), "{output}");
 
+    // The gateway serves once every service behind it does.
+    let gateway = agora.addr("gateway");
+    let health = Command::new(common::AGORA)
+        .args(["health", "--wait", "30", &format!("gateway={gateway}")])
+        .output()?;
+    assert!(
+        health.status.success(),
+        "the gateway is not serving:\n{}",
+        String::from_utf8_lossy(&health.stdout)
+    );
+
     // The README talks to the default ports with grpcurl from .venv/: point
-    // both at this test's services and the repository's grpcurl.
+    // both at this test's gateway and services and the repository's grpcurl.
     let mut script = walkthrough()?.replace(".venv/bin/grpcurl", &grpcurl.display().to_string());
+    script = script.replace("localhost:8080", &gateway);
     for (name, port) in DEFAULT_PORTS {
         script = script.replace(&format!("localhost:{port}"), &agora.addr(name));
     }
@@ -91,6 +103,10 @@ fn readme_walkthrough_runs_as_written_against_the_seeded_monolith() -> anyhow::R
         "CARD_DECLINED",
         "\"status\": \"ORDER_STATUS_FAILED\"",
         "\"failureCode\": \"CARD_DECLINED\"",
+        // Through the gateway: Connect JSON by curl, its errors, the edge's refusal.
+        "\"code\":\"not_found\"",
+        "(HTTP 404)",
+        "PermissionDenied",
         "Welcome to Agora, Ada Lovelace",
     ] {
         assert!(

@@ -38,7 +38,7 @@ impl<S: CatalogStore> CatalogApi<S> {
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
-        self.verifier.caller(request.metadata())
+        self.verifier.caller_of(request)
     }
 }
 

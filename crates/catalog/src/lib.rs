@@ -43,7 +43,12 @@ pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
     let db = Db::connect_and_migrate(&config.database_url("catalog"), MIGRATIONS).await?;
     let events = ServiceEvents::start(config, &db, "catalog").await?;
     let verifier = TokenVerifier::for_service(&config.auth, "catalog")?;
-    let api = grpc::CatalogApi::new(store::SqlCatalogStore::new(events.outbox.clone()), verifier);
-    let hosted = HostedService::new(SERVICE_NAME, CatalogServiceServer::new(api)).with_check(db);
+    let api = grpc::CatalogApi::new(
+        store::SqlCatalogStore::new(events.outbox.clone()),
+        verifier.clone(),
+    );
+    let hosted = HostedService::new(SERVICE_NAME, CatalogServiceServer::new(api))
+        .with_token_verifier(verifier)
+        .with_check(db);
     Ok(events.attach(hosted))
 }

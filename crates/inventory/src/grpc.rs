@@ -43,7 +43,7 @@ impl<S: InventoryStore> InventoryApi<S> {
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
-        self.verifier.caller(request.metadata())
+        self.verifier.caller_of(request)
     }
 }
 

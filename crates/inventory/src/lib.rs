@@ -59,9 +59,10 @@ pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
         batch_size: EXPIRY_BATCH_SIZE,
     };
     let sweeper = store.clone();
-    let api = grpc::InventoryApi::new(store, verifier);
+    let api = grpc::InventoryApi::new(store, verifier.clone());
     Ok(
         HostedService::new(SERVICE_NAME, InventoryServiceServer::new(api))
+            .with_token_verifier(verifier)
             .with_check(db)
             .with_worker("reservation-expiry", move |stop| {
                 expiry::run_sweeper(sweeper, expiry, stop)

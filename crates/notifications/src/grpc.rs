@@ -51,7 +51,7 @@ impl<S: NotificationStore> NotificationService for NotificationApi<S> {
         &self,
         request: Request<pb::ListNotificationsRequest>,
     ) -> Result<Response<pb::ListNotificationsResponse>, Status> {
-        let caller = self.verifier.caller(request.metadata())?;
+        let caller = self.verifier.caller_of(&request)?;
         caller.require_authenticated()?;
         if caller.is_service() {
             return Err(Error::new(

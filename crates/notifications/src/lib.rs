@@ -72,14 +72,15 @@ pub async fn build(config: &Config) -> anyhow::Result<(HostedService, Notifier)>
     let verifier = TokenVerifier::for_service(&config.auth, "notifications")?;
     let store = store::SqlNotificationStore::new(db.clone());
     let notifier = Notifier::new(store.clone(), mailer, from);
-    let api = grpc::NotificationApi::new(store, verifier);
+    let api = grpc::NotificationApi::new(store, verifier.clone());
     let consumer = events.consumer(
         events::CONSUMER,
         events::SUBJECTS,
         events::NotificationEvents::new(notifier.clone(), db.clone()),
     );
-    let hosted =
-        HostedService::new(SERVICE_NAME, NotificationServiceServer::new(api)).with_check(db);
+    let hosted = HostedService::new(SERVICE_NAME, NotificationServiceServer::new(api))
+        .with_token_verifier(verifier)
+        .with_check(db);
     Ok((events.attach_consumer(hosted, consumer), notifier))
 }
 

@@ -55,7 +55,7 @@ impl<S: OrderStore> OrderApi<S> {
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
-        self.verifier.caller(request.metadata())
+        self.verifier.caller_of(request)
     }
 }
 

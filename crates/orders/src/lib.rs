@@ -69,10 +69,11 @@ pub async fn build(config: &Config) -> anyhow::Result<Orders> {
     // Open WatchOrder streams end when the server begins to shut down,
     // rather than holding its drain until the timeout.
     let drain = tokio_util::sync::CancellationToken::new();
-    let api = grpc::OrderApi::new(store.clone(), checkout.clone(), verifier)
+    let api = grpc::OrderApi::new(store.clone(), checkout.clone(), verifier.clone())
         .with_drain_signal(drain.clone());
     let resume_every = checkout.resume_interval();
     let hosted = HostedService::new(SERVICE_NAME, OrderServiceServer::new(api))
+        .with_token_verifier(verifier)
         .with_check(db)
         .with_drain_signal(drain)
         .with_worker("saga-resumer", {
@@ -104,7 +105,7 @@ pub struct Orders {
 fn backends(config: &Config, events: &ServiceEvents) -> anyhow::Result<checkout::Backends> {
     let signer = ServiceTokenSigner::from_config(config, "orders")?;
     let credentials: Credentials =
-        std::sync::Arc::new(move |audience: &str| signer.token_for(audience));
+        std::sync::Arc::new(move |audience: &str| signer.token_for(audience).map(Some));
     let discovery = match config.clients.discovery {
         DiscoveryMode::Static => Discovery::Static,
         DiscoveryMode::Nats => Discovery::Nats(events.bus.client().clone()),

@@ -37,7 +37,7 @@ impl<S: PaymentStore, P: CardProvider> PaymentApi<S, P> {
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
-        self.verifier.caller(request.metadata())
+        self.verifier.caller_of(request)
     }
 }
 

@@ -90,8 +90,9 @@ async fn assemble<P: CardProvider>(
         batch_size: SWEEP_BATCH_SIZE,
     };
     let sweeper = flow.clone();
-    let api = grpc::PaymentApi::new(flow, verifier);
+    let api = grpc::PaymentApi::new(flow, verifier.clone());
     let hosted = HostedService::new(SERVICE_NAME, PaymentServiceServer::new(api))
+        .with_token_verifier(verifier)
         .with_check(db)
         .with_worker("payment-sweeper", move |stop| {
             sweeper.run_sweeper(sweep, stop)

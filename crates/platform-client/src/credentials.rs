@@ -9,8 +9,10 @@ use tower::ServiceExt as _;
 use crate::{CallService, ResponseFuture};
 
 /// Returns the token (a bare JWT) to call the named target service with;
-/// the caller signs or caches it. Called on every call.
-pub type Credentials = Arc<dyn Fn(&str) -> Result<String, Error> + Send + Sync>;
+/// the caller signs or caches it. Called on every call. `None` sends the
+/// call without a token: a gateway forwarding an anonymous client's call
+/// must not lend it an identity of its own.
+pub type Credentials = Arc<dyn Fn(&str) -> Result<Option<String>, Error> + Send + Sync>;
 
 /// Adds the caller's token to every call. A request that already carries an
 /// `authorization` header keeps it: the caller chose to call on someone
@@ -63,7 +65,11 @@ where
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         if !request.headers().contains_key(http::header::AUTHORIZATION) {
-            let token = (self.layer.credentials)(&self.layer.service).map_err(tonic::Status::from);
+            let token = match (self.layer.credentials)(&self.layer.service) {
+                Ok(Some(token)) => Ok(token),
+                Ok(None) => return Box::pin(self.inner.clone().oneshot(request)),
+                Err(err) => Err(tonic::Status::from(err)),
+            };
             let value = token.and_then(|token| {
                 http::HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
                     tonic::Status::internal(format!(

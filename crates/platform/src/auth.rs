@@ -3,7 +3,10 @@
 //! Two kinds of token, signed with different keys:
 //! - **User tokens.** Users log in to the users service, which signs an EdDSA
 //!   (Ed25519) JWT with the user-token private key ([`TokenIssuer`]); only
-//!   the users process holds that key.
+//!   the users process holds that key. The header `kid` names the key,
+//!   `user-` and a digest of its public half ([`user_key_id`]), so that
+//!   verifiers can hold several user keys while the key is rotated: the
+//!   current one and those in `auth.additional_public_key_files`.
 //! - **Service tokens.** A service calling another one's internal RPC signs a
 //!   short-lived JWT with a key of its own ([`ServiceTokenSigner`]): header
 //!   `kid` and claim `sub` name the caller, `aud` the callee. So a service
@@ -21,9 +24,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
@@ -33,6 +36,10 @@ use crate::error::{Error, ErrorKind};
 
 /// The role that grants admin access.
 pub const ADMIN_ROLE: &str = "admin";
+
+/// How the `kid` of a user token begins; no service name does, so a
+/// verifier tells the two kinds of token apart before it picks a key.
+pub const USER_KEY_ID_PREFIX: &str = "user-";
 
 /// Clock difference between pods tolerated on `exp`, in seconds.
 const CLOCK_LEEWAY_SECS: u64 = 30;
@@ -176,6 +183,8 @@ impl Caller {
 #[derive(Clone)]
 pub struct TokenIssuer {
     key: EncodingKey,
+    /// EdDSA with `kid` = [`user_key_id`] of the key's public half.
+    header: Header,
     issuer: String,
     ttl_secs: i64,
 }
@@ -183,6 +192,7 @@ pub struct TokenIssuer {
 impl std::fmt::Debug for TokenIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenIssuer")
+            .field("kid", &self.header.kid)
             .field("issuer", &self.issuer)
             .field("ttl_secs", &self.ttl_secs)
             .finish_non_exhaustive()
@@ -203,8 +213,13 @@ impl TokenIssuer {
     pub fn from_pem(private_pem: &[u8], issuer: &str, ttl_secs: u64) -> Result<Self, Error> {
         let key = EncodingKey::from_ed_pem(private_pem)
             .map_err(|err| Error::internal("reading the token signing key", err))?;
+        let private_pem = std::str::from_utf8(private_pem)
+            .map_err(|err| Error::internal("reading the token signing key", err))?;
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(user_key_id(&public_pem_from_private(private_pem)?)?);
         Ok(Self {
             key,
+            header,
             issuer: issuer.to_owned(),
             ttl_secs: i64::try_from(ttl_secs).unwrap_or(i64::MAX),
         })
@@ -218,6 +233,11 @@ impl TokenIssuer {
             "auth.private_key_file",
         )?;
         Self::from_pem(pem.as_bytes(), &config.issuer, config.token_ttl_secs)
+    }
+
+    /// The `kid` of the tokens it signs: [`user_key_id`] of its key.
+    pub fn key_id(&self) -> &str {
+        self.header.kid.as_deref().unwrap_or_default()
     }
 
     /// Signs a user token. (Service tokens are signed by each service with
@@ -240,9 +260,9 @@ impl TokenIssuer {
             email: Some(email.to_owned()),
             roles: roles.to_vec(),
         };
-        // No `kid`: that is how a verifier tells a user token from a
-        // service token before it picks the key.
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &self.key)
+        // `kid` names the user key (`user-...`), which tells a verifier both
+        // that this is a user token and which of its user keys to check it with.
+        let token = jsonwebtoken::encode(&self.header, &claims, &self.key)
             .map_err(|err| Error::internal("signing a token", err))?;
         Ok(IssuedToken {
             token,
@@ -405,16 +425,28 @@ impl ServiceTokenSigner {
 
 /// Verifies access tokens for one service; every service holds one.
 ///
-/// A token without `kid` is a user token, verified with the user-token
-/// public key; one with `kid` is a service token, verified with the public
-/// key of the service `kid` names, whose `sub` must be that service and
-/// whose `aud` must be the service verifying it. Anything else (a service
-/// token signed with the user-token key, a user token signed with a service
-/// key, an unknown `kid`, another audience, an expired token) is
-/// UNAUTHENTICATED.
+/// The header `kid` decides how a token is checked:
+/// - `user-...`: a user token, verified with the user-token public key of
+///   that id (the current key or one of the additional keys accepted during
+///   a rotation), and only with it; an id no configured key has is
+///   UNAUTHENTICATED.
+/// - none: a user token signed before user tokens named their key; it is
+///   verified with the current user-token key only.
+/// - anything else: a service token, verified with the public key of the
+///   service `kid` names, whose `sub` must be that service and whose `aud`
+///   must be the service verifying it.
+///
+/// Anything else (a service token signed with a user-token key, a user
+/// token signed with a service key, an unknown `kid`, another audience, an
+/// expired token) is UNAUTHENTICATED.
 #[derive(Clone)]
 pub struct TokenVerifier {
-    user_key: DecodingKey,
+    /// User-token public keys by key id: the current one and any accepted
+    /// during a rotation.
+    user_keys: Arc<BTreeMap<String, DecodingKey>>,
+    /// The id of the current user-token key, the one the users service
+    /// signs with (it names no other key in `auth`).
+    current_user_key: String,
     user_validation: Validation,
     /// The service this verifier verifies for: the only audience accepted.
     service: String,
@@ -427,18 +459,20 @@ impl std::fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenVerifier")
             .field("service", &self.service)
+            .field("current_user_key", &self.current_user_key)
+            .field("user_keys", &self.user_keys.keys())
             .field("service_keys", &self.service_keys.keys())
             .finish_non_exhaustive()
     }
 }
 
 impl TokenVerifier {
-    /// A verifier for service `service` that knows the user-token public key
-    /// (SPKI PEM) and no service key yet: add those with
-    /// [`Self::with_service_key`].
+    /// A verifier for service `service` that knows the current user-token
+    /// public key (SPKI PEM) and no service key yet: add those with
+    /// [`Self::with_service_key`], and the other user keys of a rotation
+    /// with [`Self::with_user_key`].
     pub fn from_pem(user_public_pem: &[u8], issuer: &str, service: &str) -> Result<Self, Error> {
-        let user_key = DecodingKey::from_ed_pem(user_public_pem)
-            .map_err(|err| Error::internal("reading the token verification key", err))?;
+        let (kid, user_key) = user_decoding_key(user_public_pem)?;
         let mut user_validation = Validation::new(Algorithm::EdDSA);
         user_validation.set_issuer(&[issuer]);
         user_validation.set_required_spec_claims(&["exp", "iss", "sub"]);
@@ -450,7 +484,8 @@ impl TokenVerifier {
         service_validation.set_audience(&[service]);
         service_validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
         Ok(Self {
-            user_key,
+            user_keys: Arc::new(BTreeMap::from([(kid.clone(), user_key)])),
+            current_user_key: kid,
             user_validation,
             service: service.to_owned(),
             service_keys: Arc::new(BTreeMap::new()),
@@ -458,9 +493,26 @@ impl TokenVerifier {
         })
     }
 
+    /// Also accepts user tokens signed with the key whose public half is
+    /// `public_pem` (SPKI PEM), as named by their `kid`: the next key of a
+    /// rotation, or the previous one. Tokens without `kid` still verify
+    /// with the current key only.
+    pub fn with_user_key(mut self, public_pem: &[u8]) -> Result<Self, Error> {
+        let (kid, key) = user_decoding_key(public_pem)?;
+        Arc::make_mut(&mut self.user_keys).insert(kid, key);
+        Ok(self)
+    }
+
     /// Trusts service tokens of `caller` signed with the key whose public
     /// half is `public_pem` (SPKI PEM).
     pub fn with_service_key(mut self, caller: &str, public_pem: &[u8]) -> Result<Self, Error> {
+        if caller.starts_with(USER_KEY_ID_PREFIX) {
+            // Its tokens' `kid` would read as a user key's.
+            return Err(Error::new(
+                ErrorKind::FailedPrecondition,
+                format!("a service name may not begin with {USER_KEY_ID_PREFIX}: {caller}"),
+            ));
+        }
         let key = DecodingKey::from_ed_pem(public_pem).map_err(|err| {
             Error::new(
                 ErrorKind::FailedPrecondition,
@@ -473,8 +525,10 @@ impl TokenVerifier {
     }
 
     /// The verifier of service `service` as configured in `auth`: the
-    /// user-token public key (inline or file, or derived from the private
-    /// key when only that is configured) and every service public key
+    /// current user-token public key (inline or file, or derived from the
+    /// private key when only that is configured), the additional user keys
+    /// of a rotation (`auth.additional_public_key_files`, then
+    /// `auth.additional_public_keys`) and every service public key
     /// (`auth.service_public_key_dir`, then `auth.service_public_keys`).
     pub fn for_service(config: &AuthConfig, service: &str) -> Result<Self, Error> {
         let public = read_key(
@@ -495,6 +549,13 @@ impl TokenVerifier {
             }
         };
         let mut verifier = Self::from_pem(pem.as_bytes(), &config.issuer, service)?;
+        for file in &config.additional_public_key_files {
+            let pem = read_key(None, Some(file), "auth.additional_public_key_files")?;
+            verifier = verifier.with_user_key(pem.as_bytes())?;
+        }
+        for pem in &config.additional_public_keys {
+            verifier = verifier.with_user_key(pem.as_bytes())?;
+        }
         let mut service_keys = match &config.service_public_key_dir {
             Some(dir) => service_public_keys_in(dir)?,
             None => BTreeMap::new(),
@@ -524,58 +585,72 @@ impl TokenVerifier {
     pub fn verify(&self, token: &str) -> Result<Claims, Error> {
         let header = jsonwebtoken::decode_header(token).map_err(|err| self.invalid(&err))?;
         match header.kid {
-            None => {
-                let not_a_user_token = || {
-                    unauthenticated(
-                        "a service token must be signed with its service's own key and name it in `kid`",
-                    )
-                };
-                let claims =
-                    jsonwebtoken::decode::<Claims>(token, &self.user_key, &self.user_validation)
-                        .map(|data| data.claims)
-                        .map_err(|err| match err.kind() {
-                            // Only service tokens have an audience.
-                            jsonwebtoken::errors::ErrorKind::InvalidAudience => not_a_user_token(),
-                            _ => self.invalid(&err),
-                        })?;
-                if claims.kind != TokenKind::User {
-                    return Err(not_a_user_token());
-                }
-                Ok(claims)
-            }
-            Some(kid) => {
-                let key = self.service_keys.get(&kid).ok_or_else(|| {
-                    unauthenticated("service token signed by an unknown service key")
-                })?;
-                let claims = jsonwebtoken::decode::<Claims>(token, key, &self.service_validation)
-                    .map(|data| data.claims)
-                    .map_err(|err| self.invalid(&err))?;
-                if claims.kind != TokenKind::Service {
-                    return Err(unauthenticated(
-                        "a token signed with a service key must be a service token",
-                    ));
-                }
-                if claims.sub != kid {
-                    return Err(unauthenticated(format!(
-                        "service token of {} signed with the key of {kid}",
-                        claims.sub
-                    )));
-                }
-                // Service tokens are short-lived by design: one that claims a
-                // long life, or was issued in the future, came from a signer
-                // that misbehaves (or a stolen key), not from ours.
-                let now = crate::time::now_micros() / 1_000_000;
-                let leeway = i64::try_from(CLOCK_LEEWAY_SECS).unwrap_or(i64::MAX);
-                if claims.iat > now.saturating_add(leeway)
-                    || claims.exp.saturating_sub(claims.iat) > MAX_SERVICE_TOKEN_SECS
-                {
-                    return Err(unauthenticated(format!(
-                        "service token lifetime must be at most {MAX_SERVICE_TOKEN_SECS} s from an issue time not in the future"
-                    )));
-                }
-                Ok(claims)
-            }
+            // Signed before user tokens named their key (or by a signer
+            // that does not): the current key is the only one it can mean.
+            // Once every such token has expired, this arm could refuse.
+            None => self.verify_user_token(token, &self.current_user_key),
+            Some(kid) if kid.starts_with(USER_KEY_ID_PREFIX) => self.verify_user_token(token, &kid),
+            Some(kid) => self.verify_service_token(token, &kid),
         }
+    }
+
+    /// A user token signed with the user key `kid`, and no other.
+    fn verify_user_token(&self, token: &str, kid: &str) -> Result<Claims, Error> {
+        let key = self
+            .user_keys
+            .get(kid)
+            .ok_or_else(|| unauthenticated("user token signed by an unknown key"))?;
+        let not_a_user_token = || {
+            unauthenticated(
+                "a service token must be signed with its service's own key and name it in `kid`",
+            )
+        };
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &self.user_validation)
+            .map(|data| data.claims)
+            .map_err(|err| match err.kind() {
+                // Only service tokens have an audience.
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => not_a_user_token(),
+                _ => self.invalid(&err),
+            })?;
+        if claims.kind != TokenKind::User {
+            return Err(not_a_user_token());
+        }
+        Ok(claims)
+    }
+
+    /// A service token of the service `kid`, signed with its key.
+    fn verify_service_token(&self, token: &str, kid: &str) -> Result<Claims, Error> {
+        let key = self
+            .service_keys
+            .get(kid)
+            .ok_or_else(|| unauthenticated("service token signed by an unknown service key"))?;
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &self.service_validation)
+            .map(|data| data.claims)
+            .map_err(|err| self.invalid(&err))?;
+        if claims.kind != TokenKind::Service {
+            return Err(unauthenticated(
+                "a token signed with a service key must be a service token",
+            ));
+        }
+        if claims.sub != kid {
+            return Err(unauthenticated(format!(
+                "service token of {} signed with the key of {kid}",
+                claims.sub
+            )));
+        }
+        // Service tokens are short-lived by design: one that claims a
+        // long life, or was issued in the future, came from a signer
+        // that misbehaves (or a stolen key), not from ours.
+        let now = crate::time::now_micros() / 1_000_000;
+        let leeway = i64::try_from(CLOCK_LEEWAY_SECS).unwrap_or(i64::MAX);
+        if claims.iat > now.saturating_add(leeway)
+            || claims.exp.saturating_sub(claims.iat) > MAX_SERVICE_TOKEN_SECS
+        {
+            return Err(unauthenticated(format!(
+                "service token lifetime must be at most {MAX_SERVICE_TOKEN_SECS} s from an issue time not in the future"
+            )));
+        }
+        Ok(claims)
     }
 
     fn invalid(&self, err: &jsonwebtoken::errors::Error) -> Error {
@@ -591,7 +666,27 @@ impl TokenVerifier {
     /// The caller of a request: anonymous without an `authorization` header,
     /// UNAUTHENTICATED with a malformed, expired or forged token.
     pub fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Error> {
-        let Some(value) = metadata.get("authorization") else {
+        self.caller_from_headers(metadata.as_ref())
+    }
+
+    /// The caller of a gRPC request being handled: the one the server's
+    /// [`crate::server::AccessLayer`] verified and checked against the
+    /// RPC's declared access before the handler ran, or else (a handler
+    /// served outside [`crate::server::Server`], a public RPC, whose token
+    /// the layer does not look at) the caller its `authorization` metadata
+    /// names, as [`Self::caller`].
+    pub fn caller_of<T>(&self, request: &tonic::Request<T>) -> Result<Caller, Error> {
+        // Only server-side code can put a `Caller` there: nothing a client
+        // sends becomes a request extension.
+        match request.extensions().get::<VerifiedCaller>() {
+            Some(VerifiedCaller(caller)) => Ok(caller.clone()),
+            None => self.caller(request.metadata()),
+        }
+    }
+
+    /// [`Self::caller`] from the HTTP headers of a request.
+    pub fn caller_from_headers(&self, headers: &http::HeaderMap) -> Result<Caller, Error> {
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
             return Ok(Caller::Anonymous);
         };
         let value = value.to_str().map_err(|_| {
@@ -619,6 +714,54 @@ impl TokenVerifier {
             TokenKind::Service => Caller::Service { name: claims.sub },
         })
     }
+}
+
+/// The caller of a request as verified by the server's access layer,
+/// stored in the request's extensions for [`TokenVerifier::caller_of`]. A
+/// type of its own, so that no other extension of type [`Caller`] is ever
+/// taken for a verified one.
+#[derive(Clone, Debug)]
+pub(crate) struct VerifiedCaller(pub(crate) Caller);
+
+/// The key id of a user-token public key (SPKI PEM), as the users service
+/// puts it in the `kid` of the tokens it signs with the private half:
+/// `user-` and the first 16 hex digits of the SHA-256 of the key's DER
+/// encoding. Derived from the key itself, so that every process agrees on
+/// it without being told, and the PEM's line breaks do not matter.
+pub fn user_key_id(public_pem: &str) -> Result<String, Error> {
+    use sha2::Digest as _;
+    let key = VerifyingKey::from_public_key_pem(public_pem.trim()).map_err(|err| {
+        Error::new(
+            ErrorKind::FailedPrecondition,
+            "a user-token public key is not an Ed25519 SPKI PEM key",
+        )
+        .with_source(err)
+    })?;
+    let der = key
+        .to_public_key_der()
+        .map_err(|err| Error::internal("encoding a public key", err))?;
+    let digest = sha2::Sha256::digest(der.as_bytes());
+    let hex: String = digest
+        .iter()
+        .take(8)
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    Ok(format!("{USER_KEY_ID_PREFIX}{hex}"))
+}
+
+/// The key id and decoding key of a user-token public key (SPKI PEM).
+fn user_decoding_key(public_pem: &[u8]) -> Result<(String, DecodingKey), Error> {
+    let text = std::str::from_utf8(public_pem).map_err(|err| {
+        Error::new(
+            ErrorKind::FailedPrecondition,
+            "a user-token public key is not PEM text",
+        )
+        .with_source(err)
+    })?;
+    let kid = user_key_id(text)?;
+    let key = DecodingKey::from_ed_pem(public_pem)
+        .map_err(|err| Error::internal("reading the token verification key", err))?;
+    Ok((kid, key))
 }
 
 fn unauthenticated(message: impl Into<String>) -> Error {
@@ -1132,5 +1275,176 @@ mod tests {
         let err = ServiceTokenSigner::from_config(&config, "catalog").expect_err("no key");
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
         assert!(err.message().contains("catalog.signing_key_file"), "{err}");
+    }
+
+    /// A user-token key pair: its issuer and its public PEM.
+    fn user_key() -> (Secret<String>, TokenIssuer, String) {
+        let (private, public) = generate_keypair_pem().expect("keygen");
+        let issuer =
+            TokenIssuer::from_pem(private.expose().as_bytes(), ISSUER, 60).expect("issuer");
+        (private, issuer, public)
+    }
+
+    fn user_claims(sub: &str) -> Claims {
+        let now = now_secs();
+        Claims {
+            iss: ISSUER.into(),
+            sub: sub.into(),
+            aud: None,
+            iat: now,
+            exp: now + 60,
+            jti: "j".into(),
+            kind: TokenKind::User,
+            email: None,
+            roles: vec![],
+        }
+    }
+
+    #[test]
+    fn a_user_key_id_is_a_digest_of_the_public_key() {
+        let (_, issuer, public) = user_key();
+        let kid = user_key_id(&public).expect("key id");
+        // Computed another way: SHA-256 of the DER the PEM wraps.
+        let body: String = public.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, body)
+            .expect("base64");
+        let digest = sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            &der,
+        ));
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(kid, format!("user-{hex}"));
+        assert_eq!(kid.len(), "user-".len() + 16);
+        // Line endings and surrounding blanks do not change it.
+        let crlf = format!("\n{}\n", public.replace('\n', "\r\n"));
+        assert_eq!(user_key_id(&crlf).expect("key id"), kid);
+        // The issuer names its key so, and its tokens say so.
+        assert_eq!(issuer.key_id(), kid);
+        let token = issuer.issue_user_token("u1", "a@b.c", &[]).expect("issue");
+        let header = jsonwebtoken::decode_header(&token.token).expect("header");
+        assert_eq!(header.kid.as_deref(), Some(kid.as_str()));
+        assert!(user_key_id("not a key").is_err());
+    }
+
+    #[test]
+    fn tokens_of_the_old_and_the_new_key_verify_during_a_rotation() {
+        let (old_private, old, old_public) = user_key();
+        let (new_private, new, new_public) = user_key();
+        let verifier = TokenVerifier::from_pem(new_public.as_bytes(), ISSUER, "catalog")
+            .and_then(|v| v.with_user_key(old_public.as_bytes()))
+            .expect("verifier");
+        for (issuer, user) in [(&old, "old"), (&new, "new")] {
+            let token = issuer.issue_user_token(user, "a@b.c", &[]).expect("issue");
+            let caller = verifier.caller(&bearer(&token.token)).expect(user);
+            assert!(caller.is_user(user), "{caller:?}");
+        }
+        // Tokens from before user tokens had a `kid`: the current key only.
+        let legacy_new = forge(&new_private, None, &user_claims("u1"));
+        assert!(verifier.verify(&legacy_new).is_ok());
+        let legacy_old = forge(&old_private, None, &user_claims("u1"));
+        assert_eq!(
+            refusal(&verifier, &legacy_old).kind(),
+            ErrorKind::Unauthenticated
+        );
+        // Before the rotation, the old verifier alone refuses the new key's tokens.
+        let before =
+            TokenVerifier::from_pem(old_public.as_bytes(), ISSUER, "catalog").expect("verifier");
+        let token = new.issue_user_token("u1", "a@b.c", &[]).expect("issue");
+        let err = refusal(&before, &token.token);
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+        assert_eq!(err.message(), "user token signed by an unknown key");
+    }
+
+    #[test]
+    fn a_user_token_of_a_key_not_configured_is_unauthenticated() {
+        let (_, _, current_public) = user_key();
+        let (_, stranger, _) = user_key();
+        let verifier = TokenVerifier::from_pem(current_public.as_bytes(), ISSUER, "catalog")
+            .expect("verifier");
+        let token = stranger
+            .issue_user_token("u1", "a@b.c", &[])
+            .expect("issue");
+        let err = refusal(&verifier, &token.token);
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+        assert!(err.message().contains("unknown key"), "{err}");
+        // Nor does an id of the right shape that no key has.
+        let (private, ..) = user_key();
+        let token = forge(&private, Some("user-0000000000000000"), &user_claims("u1"));
+        assert!(refusal(&verifier, &token).message().contains("unknown key"));
+    }
+
+    #[test]
+    fn a_user_token_whose_kid_names_another_key_is_unauthenticated() {
+        let (_, _, old_public) = user_key();
+        let (new_private, _, new_public) = user_key();
+        let verifier = TokenVerifier::from_pem(new_public.as_bytes(), ISSUER, "catalog")
+            .and_then(|v| v.with_user_key(old_public.as_bytes()))
+            .expect("verifier");
+        // Signed with the new key, claiming to be of the old one: checked
+        // with the old key only, so the signature does not hold.
+        let old_kid = user_key_id(&old_public).expect("key id");
+        let token = forge(&new_private, Some(&old_kid), &user_claims("u1"));
+        let err = refusal(&verifier, &token);
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
+        assert!(err.message().contains("InvalidSignature"), "{err}");
+    }
+
+    #[test]
+    fn a_user_token_with_a_service_kid_is_unauthenticated() {
+        let mesh = mesh();
+        // Signed with the user-token key, an admin's claims, and the `kid`
+        // of a service: checked with that service's key, which did not sign it.
+        let mut claims = user_claims("u1");
+        claims.roles = vec![ADMIN_ROLE.into()];
+        let token = forge(&mesh.user_private, Some("orders"), &claims);
+        assert_eq!(
+            refusal(&mesh.inventory, &token).kind(),
+            ErrorKind::Unauthenticated
+        );
+        // And a service name can never pass for a user key.
+        let (_, public) = generate_keypair_pem().expect("keygen");
+        let err = mesh
+            .inventory
+            .clone()
+            .with_service_key("user-orders", public.as_bytes())
+            .expect_err("a user- service");
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    }
+
+    #[test]
+    fn the_configured_verifier_reads_the_additional_user_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, current, current_public) = user_key();
+        let (_, previous, previous_public) = user_key();
+        let (_, next, next_public) = user_key();
+        let (_, stranger, _) = user_key();
+        let previous_file = dir.path().join("previous.pub.pem");
+        std::fs::write(&previous_file, &previous_public).expect("write");
+        let config = AuthConfig {
+            public_key_pem: Some(current_public),
+            additional_public_key_files: vec![previous_file],
+            // As an environment variable gives it: without the final newline.
+            additional_public_keys: vec![next_public.trim_end().to_owned()],
+            ..AuthConfig::default()
+        };
+        let verifier = TokenVerifier::for_service(&config, "gateway").expect("verifier");
+        for issuer in [&current, &previous, &next] {
+            let token = issuer.issue_user_token("u1", "a@b.c", &[]).expect("issue");
+            assert!(verifier.verify(&token.token).is_ok(), "{}", issuer.key_id());
+        }
+        let token = stranger
+            .issue_user_token("u1", "a@b.c", &[])
+            .expect("issue");
+        assert!(verifier.verify(&token.token).is_err());
+        // A missing file is a configuration error, not a quiet omission.
+        let config = AuthConfig {
+            additional_public_key_files: vec![dir.path().join("missing.pem")],
+            ..config
+        };
+        let err = TokenVerifier::for_service(&config, "gateway").expect_err("missing");
+        assert!(
+            err.message().contains("auth.additional_public_key_files"),
+            "{err}"
+        );
     }
 }

@@ -91,6 +91,84 @@ pub struct Config {
     pub orders: ServiceConfig,
     /// The notifications service.
     pub notifications: ServiceConfig,
+    /// The edge gateway: the one public port.
+    pub gateway: GatewayConfig,
+}
+
+/// The edge gateway (`agora serve gateway`): where it listens, who may call
+/// it from a browser, how much one client may ask of it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The one public port: gRPC, grpc-web, Connect, `/healthz`, `/readyz`
+    /// and `/metrics`.
+    pub listen_addr: SocketAddr,
+    /// PEM certificate chain; with `tls_key_file`, the port speaks TLS
+    /// (HTTP/2 by ALPN, and HTTP/1.1) instead of cleartext.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Browser origins allowed by CORS (`https://shop.example.com`).
+    pub cors_allowed_origins: Vec<String>,
+    /// Development only: allow any origin (echoed back, never `*`).
+    pub cors_allow_any_origin: bool,
+    /// Requests a client may make per second, on average (token bucket
+    /// refill rate); a client is its user id when the call carries a valid
+    /// token, else its IP address. 0 turns rate limiting off.
+    pub rate_limit_per_sec: u32,
+    /// Requests a client may make at once after being idle (bucket size).
+    pub rate_limit_burst: u32,
+    /// Clients whose buckets are remembered at most; past that the idlest
+    /// are forgotten first, so memory stays bounded whatever the traffic.
+    pub rate_limit_max_clients: usize,
+    /// The largest request body or message, in bytes (grpc-web, Connect,
+    /// and every gRPC message frame).
+    pub max_request_bytes: usize,
+    /// The largest response message the gateway converts (Connect JSON), in
+    /// bytes.
+    pub max_response_bytes: usize,
+    /// The largest request head (request line and headers), in bytes.
+    pub max_header_bytes: usize,
+    /// A client must send its request head within this many milliseconds
+    /// (slow clients are cut off).
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight is closed after this many
+    /// seconds.
+    pub idle_timeout_secs: u64,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Deadline of a unary call whose client sets none, in milliseconds.
+    pub default_timeout_ms: u64,
+    /// The longest deadline a client may ask for (and that of a streaming
+    /// call that sets none), in milliseconds: longer ones are cut to it.
+    pub max_timeout_ms: u64,
+    /// Take the client IP (for rate limiting and the access log) from the
+    /// first `x-forwarded-for` address: only behind a proxy that sets it.
+    pub trust_forwarded_for: bool,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_cert_file: None,
+            tls_key_file: None,
+            cors_allowed_origins: Vec::new(),
+            cors_allow_any_origin: false,
+            rate_limit_per_sec: 100,
+            rate_limit_burst: 200,
+            rate_limit_max_clients: 100_000,
+            max_request_bytes: 4 * 1024 * 1024,
+            max_response_bytes: 16 * 1024 * 1024,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_secs: 300,
+            max_concurrent_streams: 200,
+            default_timeout_ms: 30_000,
+            max_timeout_ms: 300_000,
+            trust_forwarded_for: false,
+        }
+    }
 }
 
 /// Domain event settings shared by every service.
@@ -321,10 +399,22 @@ pub struct AuthConfig {
     pub private_key_file: Option<PathBuf>,
     /// Ed25519 private key as PEM text.
     pub private_key_pem: Option<Secret<String>>,
-    /// Ed25519 public key file; every service verifies tokens with it.
+    /// Ed25519 public key file of user tokens: the current key, the public
+    /// half of the key the users service signs with; every service verifies
+    /// tokens with it.
     pub public_key_file: Option<PathBuf>,
-    /// Ed25519 public key as PEM text.
+    /// The current user-token public key as PEM text (wins over the file).
     pub public_key_pem: Option<String>,
+    /// Other user-token public key files, accepted beside the current one
+    /// while the user-token key is rotated: the next key (so that every
+    /// service accepts its tokens before the users service signs with it),
+    /// or the previous one (until the last token it signed has expired).
+    /// A token names its key in `kid` and is verified with that key only.
+    /// Empty outside a rotation. As an environment variable:
+    /// `AGORA_AUTH__ADDITIONAL_PUBLIC_KEY_FILES='["/keys/old.pub.pem"]'`.
+    pub additional_public_key_files: Vec<PathBuf>,
+    /// Like `additional_public_key_files`, as PEM text.
+    pub additional_public_keys: Vec<String>,
     /// Public keys of service tokens: service name -> SPKI PEM text. A
     /// service token is verified with the key of the service its `kid`
     /// header names, so only that service can sign tokens in its name. Set
@@ -356,6 +446,8 @@ impl Default for AuthConfig {
             private_key_pem: None,
             public_key_file: None,
             public_key_pem: None,
+            additional_public_key_files: Vec::new(),
+            additional_public_keys: Vec::new(),
             service_public_keys: BTreeMap::new(),
             service_public_key_dir: None,
             service_token_ttl_secs: 60,
@@ -384,6 +476,7 @@ impl Default for Config {
             payments: ServiceConfig::on_port(50054),
             orders: ServiceConfig::on_port(50055),
             notifications: ServiceConfig::on_port(50056),
+            gateway: GatewayConfig::default(),
         }
     }
 }

@@ -9,7 +9,8 @@
 //!   propagation through gRPC metadata.
 //! - [`server`]: the gRPC server builder every service uses: health driven by
 //!   real dependency checks (and degraded-only ones, reported on their own),
-//!   reflection v1 and v1alpha, one tracing span per RPC, background workers
+//!   reflection v1 and v1alpha, one tracing span per RPC, each RPC's declared
+//!   access level checked before its handler, background workers
 //!   (an outbox relay, an event consumer) stopped after the drain, graceful
 //!   shutdown that drains in-flight calls.
 //! - [`deadline`]: the time left for the request being served (from its
@@ -18,9 +19,13 @@
 //!   `google.rpc.BadRequest` field violations for invalid input.
 //! - [`db`]: a sqlx pool over PostgreSQL or SQLite, chosen by the URL scheme,
 //!   with per-backend migrations.
-//! - [`auth`]: EdDSA JWTs: user tokens (signed by the users service), service
-//!   tokens (each service signs its own, per target service), verification
-//!   for one service, and the [`auth::Caller`] a request was made by.
+//! - [`auth`]: EdDSA JWTs: user tokens (signed by the users service, their
+//!   key named by `kid` so that it can be rotated), service tokens (each
+//!   service signs its own, per target service), verification for one
+//!   service, and the [`auth::Caller`] a request was made by.
+//! - [`access`]: each RPC's access level (public, user, admin, service) and
+//!   allowed calling services, read from the contract's method options;
+//!   the one authorization rule, enforced by [`server`] before any handler.
 //! - [`email`]: the one definition of a valid, normalized email address.
 //! - [`card`]: the one definition of a valid card number (Luhn, 12 to 19
 //!   digits), redacted in `Debug`, for orders and payments alike.
@@ -33,6 +38,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod auth;
 pub mod backoff;
 pub mod card;

@@ -2,7 +2,11 @@
 //!
 //! ```ignore
 //! let app = Server::new()
-//!     .host(HostedService::new(SERVICE_NAME, UserServiceServer::new(api)).with_check(db))
+//!     .host(
+//!         HostedService::new(SERVICE_NAME, UserServiceServer::new(api))
+//!             .with_token_verifier(verifier)
+//!             .with_check(db),
+//!     )
 //!     .bind(config.users.listen_addr)
 //!     .await?;
 //! app.run_until_stopped(shutdown).await?;
@@ -11,12 +15,15 @@
 //! One server can host several services (monolith mode) on one port. Every
 //! server also answers `grpc.health.v1.Health` (per service, from real
 //! dependency checks), and reflection v1 and v1alpha listing exactly the
-//! services it hosts. Each handler runs within the caller's `grpc-timeout`
-//! ([`DeadlineLayer`], [`crate::deadline`]), which bounds the calls it makes
-//! in turn. [`Application::run_until_stopped`] turns health to
+//! services it hosts. Before any handler runs, the caller's token is
+//! verified and checked against the access level the contract declares for
+//! the RPC ([`AccessLayer`], [`crate::access`]). Each handler runs within
+//! the caller's `grpc-timeout` ([`DeadlineLayer`], [`crate::deadline`]),
+//! which bounds the calls it makes in turn. [`Application::run_until_stopped`] turns health to
 //! NOT_SERVING on shutdown, stops accepting, and lets in-flight calls finish
 //! for up to [`Server::drain_timeout`].
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -35,8 +42,10 @@ use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::access::{AccessLevel, AccessTable};
+use crate::auth::{Caller, TokenVerifier, VerifiedCaller};
 use crate::db::Db;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 
 /// The name of the standard health service, as listed by reflection.
 pub const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
@@ -69,6 +78,11 @@ pub type Worker = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + 
 pub struct HostedService {
     name: &'static str,
     register: Box<dyn FnOnce(&mut RoutesBuilder) + Send>,
+    /// Verifies the tokens of calls to this service (its audience).
+    verifier: Option<TokenVerifier>,
+    /// Whether its calls are checked against their declared access: always,
+    /// but for test doubles ([`Self::without_access_checks`]).
+    access_checked: bool,
     checks: Vec<Arc<dyn HealthCheck>>,
     degraded_checks: Vec<Arc<dyn HealthCheck>>,
     drain: Vec<CancellationToken>,
@@ -96,11 +110,30 @@ impl HostedService {
             register: Box::new(move |routes| {
                 routes.add_service(service);
             }),
+            verifier: None,
+            access_checked: true,
             checks: Vec::new(),
             degraded_checks: Vec::new(),
             drain: Vec::new(),
             workers: Vec::new(),
         }
+    }
+
+    /// Verifies the tokens of calls to this service (a verifier for it, see
+    /// [`TokenVerifier::for_service`]), so that the server can enforce the
+    /// access level each of its RPCs declares. Without one, every RPC of the
+    /// service that is not public is refused.
+    pub fn with_token_verifier(mut self, verifier: TokenVerifier) -> Self {
+        self.verifier = Some(verifier);
+        self
+    }
+
+    /// Serves every call without checking it against the access its RPC
+    /// declares: for test doubles standing in for a service, which are
+    /// called with made-up tokens. Never for a real service.
+    pub fn without_access_checks(mut self) -> Self {
+        self.access_checked = false;
+        self
     }
 
     /// A token the server cancels as soon as it starts shutting down, so that
@@ -187,7 +220,11 @@ impl Server {
     }
 
     /// Binds the listener (port 0 picks a free one) and assembles the routes.
+    /// Fails when the contract leaves an RPC's access undeclared: no server
+    /// runs without every rule.
     pub async fn bind(self, addr: SocketAddr) -> anyhow::Result<Application> {
+        let table = AccessTable::contract()
+            .map_err(|err| anyhow::anyhow!("the contract's access table: {err}"))?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|err| anyhow::anyhow!("cannot listen on {addr}: {err}"))?;
@@ -200,8 +237,23 @@ impl Server {
         let mut drain = Vec::new();
         let mut workers = Vec::new();
         let mut routes = RoutesBuilder::default();
+        let mut verifiers = HashMap::new();
         for service in self.services {
             names.push(service.name);
+            if !service.access_checked {
+                tracing::warn!(service = service.name, "serving without access checks");
+            } else if table.has_service(service.name) {
+                let protected = table
+                    .methods()
+                    .any(|m| m.service == service.name && m.level != AccessLevel::Public);
+                if service.verifier.is_none() && protected {
+                    tracing::warn!(
+                        service = service.name,
+                        "no token verifier: every call of it that is not public will be refused"
+                    );
+                }
+                verifiers.insert(service.name.to_owned(), service.verifier);
+            }
             drain.extend(service.drain);
             workers.extend(service.workers);
             (service.register)(&mut routes);
@@ -251,6 +303,7 @@ impl Server {
             listener,
             local_addr,
             routes: routes.routes(),
+            access: AccessLayer::new(table.clone(), verifiers),
             health: HealthMonitor {
                 reporter: health_reporter,
                 services: monitored,
@@ -269,6 +322,8 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     routes: Routes,
+    /// Checks every call of a hosted service against its declared access.
+    access: AccessLayer,
     health: HealthMonitor,
     drain_timeout: Duration,
     /// The hosted services' drain signals, cancelled when shutdown begins.
@@ -295,6 +350,7 @@ impl Application {
             listener,
             local_addr,
             routes,
+            access,
             health,
             drain_timeout,
             drain,
@@ -326,6 +382,9 @@ impl Application {
             // Next: the handler runs within the caller's `grpc-timeout`, so
             // the calls it makes are bounded by what the caller has left.
             .layer(DeadlineLayer)
+            // Innermost, just before the handler: who may call this RPC, as
+            // the contract declares. Inside the span, so refusals are traced.
+            .layer(access)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         tracing::info!(addr = %local_addr, "serving gRPC");
@@ -489,6 +548,121 @@ where
                 self.inner.call(request),
             )),
             None => futures::future::Either::Right(self.inner.call(request)),
+        }
+    }
+}
+
+/// Checks every call of a hosted service against the access level its RPC
+/// declares in the contract ([`crate::access`]), before the handler runs:
+/// verifies the caller's token once, with the verifier of the service
+/// called (tokens are addressed to one service), and refuses with
+/// UNAUTHENTICATED or PERMISSION_DENIED as [`MethodAccess::authorize`]
+/// decides. The verified caller is left in the request's extensions for
+/// [`TokenVerifier::caller_of`]. Public RPCs pass without their token being
+/// looked at (an expired token never breaks a public read); paths outside
+/// the contract or of services not hosted here (health, reflection) pass
+/// untouched.
+///
+/// [`MethodAccess::authorize`]: crate::access::MethodAccess::authorize
+#[derive(Clone, Debug)]
+pub struct AccessLayer {
+    policy: Arc<AccessPolicy>,
+}
+
+#[derive(Debug)]
+struct AccessPolicy {
+    table: AccessTable,
+    /// The hosted services of the contract, by full name, and the verifier
+    /// of tokens addressed to each (`None`: only public calls pass).
+    services: HashMap<String, Option<TokenVerifier>>,
+}
+
+impl AccessLayer {
+    /// Enforces `table`'s rules for the services in `services` (full gRPC
+    /// name -> the verifier of tokens addressed to it, if any).
+    pub fn new(table: AccessTable, services: HashMap<String, Option<TokenVerifier>>) -> Self {
+        Self {
+            policy: Arc::new(AccessPolicy { table, services }),
+        }
+    }
+}
+
+impl AccessPolicy {
+    /// `Ok` when the call may reach its handler, with the verified caller
+    /// added to its extensions when a token was checked.
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Error> {
+        let Some(method) = self.table.get(request.uri().path()) else {
+            return Ok(());
+        };
+        // Not hosted here: the router answers UNIMPLEMENTED.
+        let Some(verifier) = self.services.get(&method.service) else {
+            return Ok(());
+        };
+        if method.level == AccessLevel::Public {
+            return Ok(());
+        }
+        let caller = match verifier {
+            Some(verifier) => verifier.caller_from_headers(request.headers())?,
+            None if !request.headers().contains_key(http::header::AUTHORIZATION) => {
+                Caller::Anonymous
+            }
+            None => {
+                return Err(Error::new(
+                    ErrorKind::Unauthenticated,
+                    format!(
+                        "this server cannot verify tokens for {}: it has no token verifier",
+                        method.service
+                    ),
+                ));
+            }
+        };
+        method.authorize(&caller)?;
+        request.extensions_mut().insert(VerifiedCaller(caller));
+        Ok(())
+    }
+}
+
+impl<S> tower::Layer<S> for AccessLayer {
+    type Service = Access<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Access {
+            inner,
+            policy: Arc::clone(&self.policy),
+        }
+    }
+}
+
+/// The service made by [`AccessLayer`].
+#[derive(Clone, Debug)]
+pub struct Access<S> {
+    inner: S,
+    policy: Arc<AccessPolicy>,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Access<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    RB: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        S::Future,
+        futures::future::Ready<Result<Self::Response, Self::Error>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        match self.policy.admit(&mut request) {
+            Ok(()) => futures::future::Either::Left(self.inner.call(request)),
+            // A trailers-only gRPC response: the status is in the headers.
+            Err(refusal) => futures::future::Either::Right(futures::future::ready(Ok(
+                tonic::Status::from(refusal).into_http(),
+            ))),
         }
     }
 }

@@ -62,7 +62,7 @@ impl<S: UserStore> UserApi<S> {
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller> {
-        self.verifier.caller(request.metadata())
+        self.verifier.caller_of(request)
     }
 
     /// Whether signing up with `email` makes the first admin.

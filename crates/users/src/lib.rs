@@ -49,9 +49,11 @@ pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
     let api = grpc::UserApi::new(
         store::SqlUserStore::new(events.outbox.clone()),
         issuer,
-        verifier,
+        verifier.clone(),
     )
     .with_admin_emails(&config.auth.admin_emails);
-    let hosted = HostedService::new(SERVICE_NAME, UserServiceServer::new(api)).with_check(db);
+    let hosted = HostedService::new(SERVICE_NAME, UserServiceServer::new(api))
+        .with_token_verifier(verifier)
+        .with_check(db);
     Ok(events.attach(hosted))
 }

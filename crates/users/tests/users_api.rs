@@ -393,13 +393,14 @@ async fn access_rules_per_caller(backend: Backend) -> anyhow::Result<()> {
     h.client
         .get_user(get(&h.env.service_token("orders", "users")?))
         .await?;
-    // Only the services that need it: others see no such user.
+    // Only the services the contract lists: others are refused before any
+    // lookup (so the answer says nothing about the id).
     let status = h
         .client
         .get_user(get(&h.env.service_token("catalog", "users")?))
         .await
         .expect_err("catalog may not read users");
-    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(status.code(), Code::PermissionDenied);
     // A service may not read the audit trail.
     let status = h
         .client
@@ -409,7 +410,7 @@ async fn access_rules_per_caller(backend: Backend) -> anyhow::Result<()> {
         ))
         .await
         .expect_err("service and history");
-    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(status.code(), Code::PermissionDenied);
 
     // Activation is for admins only.
     let activate = |token: &str| {

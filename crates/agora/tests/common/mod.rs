@@ -25,7 +25,9 @@ pub const DEFAULT_PORTS: [(&str, u16); 6] = [
 /// data folder (SQLite files and a fresh key pair), healthy when returned;
 /// killed when dropped.
 pub struct AgoraProcess {
-    /// Service name -> `127.0.0.1:<port>`, for every service (started or not).
+    /// Service name -> `127.0.0.1:<port>`, for every service (started or not),
+    /// and `gateway` -> the gateway's port (`agora serve all` includes it;
+    /// [`AgoraProcess::health`] does not wait for it).
     pub addrs: BTreeMap<&'static str, String>,
     /// The data folder.
     pub data: PathBuf,
@@ -76,6 +78,10 @@ impl AgoraProcess {
             command.env(format!("AGORA_{}__LISTEN_ADDR", name.to_uppercase()), &addr);
             addrs.insert(name, addr);
         }
+        // Never the default 8080: tests run side by side.
+        let gateway = format!("127.0.0.1:{}", agora_testkit::free_port()?);
+        command.env("AGORA_GATEWAY__LISTEN_ADDR", &gateway);
+        addrs.insert("gateway", gateway);
         for (key, value) in env {
             command.env(key, value);
         }

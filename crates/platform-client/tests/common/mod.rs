@@ -141,7 +141,9 @@ impl Backend {
             seen: Mutex::new(Vec::new()),
         });
         let service = CatalogServiceServer::new(CatalogDouble(Arc::clone(&state)));
-        let server = TestServer::start(vec![HostedService::new(pb::SERVICE_NAME, service)]).await?;
+        // A double answering made-up tokens: no access checks.
+        let hosted = HostedService::new(pb::SERVICE_NAME, service).without_access_checks();
+        let server = TestServer::start(vec![hosted]).await?;
         Ok(Self {
             state,
             address: format!("http://{}", server.addr()),
@@ -203,7 +205,7 @@ pub fn config(addresses: &[String], tweak: impl FnOnce(&mut ClientsConfig)) -> C
 
 /// Credentials that name the target, so a backend can tell what it got.
 pub fn credentials() -> Credentials {
-    Arc::new(|target: &str| Ok(format!("token-for-{target}")))
+    Arc::new(|target: &str| Ok(Some(format!("token-for-{target}"))))
 }
 
 /// A catalog client through the stack of `orders`, retrying `GetProduct` only.

@@ -1,0 +1,1018 @@
+//! One request at the edge, whatever its protocol: classify it, apply the
+//! edge policy, translate it to a gRPC call, send it, translate the answer.
+//!
+//! The policy runs in this order, each step before anything costlier:
+//! 1. the route (UNIMPLEMENTED for an unknown service or method), and
+//!    PERMISSION_DENIED for a method the contract reserves to services;
+//! 2. the token, verified once here (the backend verifies it again);
+//! 3. the client's rate limit (keyed by the verified user, else the IP, so
+//!    a flood of bad tokens is limited too);
+//! 4. UNAUTHENTICATED for a bad token, then the method's access level;
+//! 5. the deadline: the client's (`grpc-timeout`, `connect-timeout-ms`)
+//!    cut to `gateway.max_timeout_ms`, else the default for its kind.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agora_platform::auth::{Caller, TokenKind, TokenVerifier};
+use agora_platform::deadline::{GRPC_TIMEOUT, format_grpc_timeout, grpc_timeout};
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use tonic::Code;
+use tracing::Instrument as _;
+
+use crate::body::{self, EdgeBody, RequestSlot};
+use crate::codec::connect::{self, ConnectCodec, ConnectKind};
+use crate::codec::grpc_web::{self, WebFormat};
+use crate::codec::json::JsonCodec;
+use crate::cors::CorsPolicy;
+use crate::health::HealthState;
+use crate::listener::ConnActivity;
+use crate::metrics::Metrics;
+use crate::ratelimit::{ClientKey, RateLimiter};
+use crate::routes::{Route, Routes, split_path};
+
+/// The protocol of one call, from its method and content type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// Native gRPC: frames pass through untouched.
+    Grpc,
+    /// grpc-web, binary or base64 text.
+    GrpcWeb(WebFormat),
+    /// Connect, unary or streaming, JSON or proto.
+    Connect(ConnectKind),
+    /// Connect unary by HTTP GET (side-effect-free methods only).
+    ConnectGet(ConnectCodec),
+}
+
+impl Protocol {
+    /// The label of metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::GrpcWeb(_) => "grpc-web",
+            Self::Connect(_) | Self::ConnectGet(_) => "connect",
+        }
+    }
+}
+
+/// The limits of one request, from `GatewayConfig`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The largest request message or unary body.
+    pub max_request_bytes: usize,
+    /// The largest response message converted for Connect.
+    pub max_response_bytes: usize,
+    /// A unary call's deadline when the client sets none.
+    pub default_timeout: Duration,
+    /// The longest deadline, and a streaming call's when the client sets none.
+    pub max_timeout: Duration,
+    /// Trust the first `x-forwarded-for` address.
+    pub trust_forwarded_for: bool,
+}
+
+/// Everything every request shares.
+pub struct Edge {
+    /// Routes by gRPC path.
+    pub routes: Routes,
+    /// User-token verification.
+    pub verifier: TokenVerifier,
+    /// Per-client token buckets.
+    pub limiter: RateLimiter,
+    /// Browser origins.
+    pub cors: CorsPolicy,
+    /// Prometheus counters.
+    pub metrics: Metrics,
+    /// Connect JSON.
+    pub json: JsonCodec,
+    /// Backend health and readiness.
+    pub health: HealthState,
+    /// Size and time limits.
+    pub limits: Limits,
+}
+
+/// Who is calling, as far as the edge can tell.
+struct Client {
+    ip: IpAddr,
+}
+
+impl Edge {
+    /// Answers one HTTP request.
+    pub async fn handle(
+        self: Arc<Self>,
+        request: http::Request<hyper::body::Incoming>,
+        peer: SocketAddr,
+        activity: ConnActivity,
+    ) -> Response<EdgeBody> {
+        let client = Client {
+            ip: self.client_ip(request.headers(), peer),
+        };
+        let path = request.uri().path().to_owned();
+        let method = request.method().clone();
+        match (&method, path.as_str()) {
+            (&Method::GET, "/healthz") => return plain(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => {
+                let (ready, body) = self.health.readiness();
+                let status = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                return plain(status, body);
+            }
+            (&Method::GET, "/metrics") => {
+                let text = self.metrics.render(&self.breaker_gauges());
+                let mut response = Response::new(body::full(Bytes::from(text)));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                return response;
+            }
+            (&Method::OPTIONS, _) => return self.preflight(request.headers()),
+            _ => {}
+        }
+        let cors = self.cors.response_headers(request.headers());
+        let content_type = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let protocol = if method == Method::POST {
+            if is_grpc(&content_type) {
+                Some(Protocol::Grpc)
+            } else if let Some(format) = grpc_web::web_format(&content_type) {
+                Some(Protocol::GrpcWeb(format))
+            } else {
+                connect::connect_kind(&content_type).map(Protocol::Connect)
+            }
+        } else if method == Method::GET {
+            match connect::parse_get_query(
+                request.uri().query().unwrap_or_default(),
+                self.limits.max_request_bytes,
+            ) {
+                Ok((codec, _)) => Some(Protocol::ConnectGet(codec)),
+                Err(err) if path.len() > 1 && path[1..].contains('/') => {
+                    let status = tonic::Status::invalid_argument(err.to_string());
+                    let mut response =
+                        connect_error_response(&status, ConnectCodec::Json, &HeaderMap::new());
+                    append_headers(response.headers_mut(), &cors);
+                    return response;
+                }
+                Err(_) => return plain(StatusCode::NOT_FOUND, "not found\n"),
+            }
+        } else {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+        };
+        let Some(protocol) = protocol else {
+            let mut response = plain(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "unsupported content-type {:?}: use application/grpc, application/grpc-web(-text)(+proto), \
+                     application/json, application/proto or application/connect+json|proto\n",
+                    truncate(&content_type, 80)
+                ),
+            );
+            append_headers(response.headers_mut(), &cors);
+            return response;
+        };
+        let mut response = self
+            .call(request, protocol, &path, client, activity)
+            .await;
+        if matches!(
+            protocol,
+            Protocol::GrpcWeb(_) | Protocol::Connect(_) | Protocol::ConnectGet(_)
+        ) {
+            append_headers(response.headers_mut(), &cors);
+        }
+        response
+    }
+
+    fn client_ip(&self, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
+        if self.limits.trust_forwarded_for
+            && let Some(ip) = headers
+                .get("x-forwarded-for")
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.split(',').next())
+                .and_then(|first| first.trim().parse().ok())
+        {
+            return ip;
+        }
+        peer.ip()
+    }
+
+    fn preflight(&self, headers: &HeaderMap) -> Response<EdgeBody> {
+        match self.cors.preflight(headers) {
+            Some(allowed) => {
+                let mut response = Response::new(body::empty());
+                *response.status_mut() = StatusCode::NO_CONTENT;
+                *response.headers_mut() = allowed;
+                response
+            }
+            None => plain(StatusCode::FORBIDDEN, "origin not allowed\n"),
+        }
+    }
+
+    fn breaker_gauges(&self) -> Vec<crate::metrics::Gauge> {
+        let mut gauges = Vec::new();
+        for backend in &self.routes.backends {
+            for (address, state) in backend.channel.breaker_states() {
+                gauges.push(crate::metrics::Gauge {
+                    name: "agora_gateway_backend_breaker_state",
+                    help: "Circuit breaker of each backend instance: 0 closed, 1 open, 2 half-open",
+                    labels: vec![("service", backend.name.clone()), ("address", address)],
+                    value: state.gauge_value() as f64,
+                });
+            }
+        }
+        gauges
+    }
+
+    /// The policy, then the call, with its span, metrics and access log.
+    async fn call(
+        self: &Arc<Self>,
+        request: http::Request<hyper::body::Incoming>,
+        protocol: Protocol,
+        path: &str,
+        client: Client,
+        activity: ConnActivity,
+    ) -> Response<EdgeBody> {
+        let (service, method) = split_path(path);
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %format_args!("{service}/{method}"),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.protocol = protocol.label(),
+            client.address = %client.ip,
+            enduser.id = tracing::field::Empty,
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(
+            &span,
+            agora_platform::telemetry::extract_parent(request.headers()),
+        );
+        let route = self.routes.get(path).cloned();
+        let log = CallLog::new(
+            Arc::clone(self),
+            route.as_ref().map(|r| r.path.clone()),
+            protocol,
+            client.ip,
+            span.clone(),
+            activity,
+        );
+        let edge = Arc::clone(self);
+        async move { edge.policy_and_call(request, protocol, route, client, log).await }
+            .instrument(span)
+            .await
+    }
+
+    async fn policy_and_call(
+        self: Arc<Self>,
+        request: http::Request<hyper::body::Incoming>,
+        protocol: Protocol,
+        route: Option<Arc<Route>>,
+        client: Client,
+        mut log: CallLog,
+    ) -> Response<EdgeBody> {
+        let path = request.uri().path().to_owned();
+        let route = match route {
+            Some(route) => route,
+            None => {
+                let (service, _) = split_path(&path);
+                let message = if self.routes.has_service(service) {
+                    format!("unknown method {path}")
+                } else {
+                    format!("unknown service {service}")
+                };
+                return log.refuse(protocol, tonic::Status::unimplemented(message));
+            }
+        };
+        if route.is_internal() {
+            return log.refuse(
+                protocol,
+                tonic::Status::permission_denied(format!(
+                    "{path} is internal to Agora services and cannot be called from outside"
+                )),
+            );
+        }
+        if matches!(protocol, Protocol::ConnectGet(_)) && !route.no_side_effects {
+            let status = tonic::Status::unimplemented(format!(
+                "{path} changes state: call it with POST (GET is only for side-effect-free methods)"
+            ));
+            let mut response = log.refuse(protocol, status);
+            *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            return response;
+        }
+        if let Protocol::Connect(ConnectKind::Unary(_)) | Protocol::ConnectGet(_) = protocol
+            && (route.client_streaming || route.server_streaming)
+        {
+            return log.refuse(
+                protocol,
+                tonic::Status::invalid_argument(format!(
+                    "{path} streams: use content-type application/connect+json or application/connect+proto"
+                )),
+            );
+        }
+        if let Protocol::Connect(ConnectKind::Stream(_)) = protocol
+            && !route.client_streaming
+            && !route.server_streaming
+        {
+            return log.refuse(
+                protocol,
+                tonic::Status::invalid_argument(format!(
+                    "{path} is unary: use content-type application/json or application/proto"
+                )),
+            );
+        }
+
+        // The token, the rate limit, the access level.
+        let caller = self.caller(request.headers());
+        let key = match &caller {
+            Ok(Caller::User { id, .. }) => ClientKey::User(Arc::from(id.as_str())),
+            _ => ClientKey::Ip(client.ip),
+        };
+        if let Err(retry_after) = self.limiter.check(&key) {
+            return log.refuse(protocol, rate_limited(retry_after));
+        }
+        let caller = match caller {
+            Ok(caller) => caller,
+            Err(status) => return log.refuse(protocol, status),
+        };
+        if let Some(user) = caller.user_id() {
+            log.user = Some(user.to_owned());
+            log.span.record("enduser.id", user);
+        }
+        if let Err(err) = route.authorize(&caller) {
+            return log.refuse(protocol, tonic::Status::from(err));
+        }
+        let timeout = match self.timeout(request.headers(), protocol, &route) {
+            Ok(timeout) => timeout,
+            Err(status) => return log.refuse(protocol, status),
+        };
+
+        // The gRPC call.
+        let slot = RequestSlot::default();
+        let outgoing = match self
+            .outgoing(request, protocol, &route, timeout, client.ip, &slot)
+            .await
+        {
+            Ok(outgoing) => outgoing,
+            Err(status) => return log.refuse(protocol, status),
+        };
+        let result = route.backend.call(outgoing).await;
+        let response = match (result, slot.take()) {
+            // The request body failed (too large, not decodable): that is
+            // the answer, whatever the backend made of the cut stream.
+            (_, Some(status)) => return log.refuse(protocol, status),
+            (Ok(response), None) => response,
+            (Err(status), None) => return log.refuse(protocol, status),
+        };
+        match protocol {
+            Protocol::Grpc => body::grpc_response(response, log, slot),
+            Protocol::GrpcWeb(format) => body::grpc_web_response(response, format, log, slot),
+            Protocol::Connect(ConnectKind::Stream(codec)) => body::connect_stream_response(
+                response,
+                codec,
+                route.output.clone(),
+                self.json.clone(),
+                self.limits.max_response_bytes,
+                log,
+                slot,
+            ),
+            Protocol::Connect(ConnectKind::Unary(codec)) | Protocol::ConnectGet(codec) => {
+                self.connect_unary_response(response, codec, &route, log)
+                    .await
+            }
+        }
+    }
+
+    /// The caller of a request: anonymous without `authorization`, a user
+    /// with a valid user token, UNAUTHENTICATED otherwise (service tokens
+    /// included: services call each other directly, never through the edge).
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, tonic::Status> {
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return Ok(Caller::Anonymous);
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|value| {
+                value
+                    .strip_prefix("Bearer ")
+                    .or_else(|| value.strip_prefix("bearer "))
+            })
+            .ok_or_else(|| {
+                tonic::Status::unauthenticated("authorization must be `Bearer <token>`")
+            })?;
+        let claims = self
+            .verifier
+            .verify(token.trim())
+            .map_err(tonic::Status::from)?;
+        if claims.kind != TokenKind::User {
+            return Err(tonic::Status::unauthenticated(
+                "service tokens are not accepted at the edge: log in as a user",
+            ));
+        }
+        Ok(Caller::User {
+            id: claims.sub,
+            email: claims.email,
+            roles: claims.roles,
+        })
+    }
+
+    fn timeout(
+        &self,
+        headers: &HeaderMap,
+        protocol: Protocol,
+        route: &Route,
+    ) -> Result<Duration, tonic::Status> {
+        let requested = match protocol {
+            Protocol::Connect(_) | Protocol::ConnectGet(_) => {
+                match headers.get("connect-timeout-ms") {
+                    Some(value) => Some(connect::parse_timeout_ms(value.as_bytes()).map_err(
+                        |_| {
+                            tonic::Status::invalid_argument(
+                                "connect-timeout-ms must be 1 to 10 digits",
+                            )
+                        },
+                    )?),
+                    None => None,
+                }
+            }
+            Protocol::Grpc | Protocol::GrpcWeb(_) => grpc_timeout(headers),
+        };
+        let default = if route.client_streaming || route.server_streaming {
+            self.limits.max_timeout
+        } else {
+            self.limits.default_timeout
+        };
+        Ok(requested.unwrap_or(default).min(self.limits.max_timeout))
+    }
+
+    /// The gRPC request sent to the backend.
+    async fn outgoing(
+        &self,
+        request: http::Request<hyper::body::Incoming>,
+        protocol: Protocol,
+        route: &Route,
+        timeout: Duration,
+        client_ip: IpAddr,
+        slot: &RequestSlot,
+    ) -> Result<http::Request<tonic::body::Body>, tonic::Status> {
+        let (parts, incoming) = request.into_parts();
+        let mut headers = forwarded_headers(&parts.headers, protocol);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        if let Ok(value) = HeaderValue::try_from(format_grpc_timeout(timeout)) {
+            headers.insert(GRPC_TIMEOUT, value);
+        }
+        if let Ok(value) = HeaderValue::try_from(client_ip.to_string()) {
+            headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+        }
+        let max = self.limits.max_request_bytes;
+        let outgoing_body = match protocol {
+            Protocol::Grpc | Protocol::GrpcWeb(WebFormat::Binary) => {
+                body::limited_frames(incoming, max, slot.clone())
+            }
+            Protocol::GrpcWeb(WebFormat::Text) => body::text_frames(incoming, max, slot.clone()),
+            Protocol::Connect(ConnectKind::Stream(codec)) => {
+                refuse_compression(&parts.headers, "connect-content-encoding")?;
+                match codec {
+                    ConnectCodec::Proto => body::limited_frames(incoming, max, slot.clone()),
+                    ConnectCodec::Json => body::connect_json_frames(
+                        incoming,
+                        route.input.clone(),
+                        self.json.clone(),
+                        max,
+                        slot.clone(),
+                    ),
+                }
+            }
+            Protocol::Connect(ConnectKind::Unary(codec)) => {
+                refuse_compression(&parts.headers, "content-encoding")?;
+                if let Some(version) = parts.headers.get("connect-protocol-version")
+                    && version.as_bytes() != b"1"
+                {
+                    return Err(tonic::Status::invalid_argument(
+                        "connect-protocol-version must be 1",
+                    ));
+                }
+                let bytes = body::collect_limited(incoming, &parts.headers, max).await?;
+                self.unary_message(codec, route, bytes)?
+            }
+            Protocol::ConnectGet(_) => {
+                let (codec, message) = connect::parse_get_query(
+                    parts.uri.query().unwrap_or_default(),
+                    max,
+                )
+                .map_err(|err| tonic::Status::invalid_argument(err.to_string()))?;
+                self.unary_message(codec, route, message)?
+            }
+        };
+        let mut outgoing = http::Request::new(outgoing_body);
+        *outgoing.method_mut() = Method::POST;
+        *outgoing.uri_mut() = http::Uri::try_from(route.path.as_str())
+            .map_err(|_| tonic::Status::internal("route path is not a URI"))?;
+        *outgoing.headers_mut() = headers;
+        Ok(outgoing)
+    }
+
+    /// A Connect unary body as one gRPC frame.
+    fn unary_message(
+        &self,
+        codec: ConnectCodec,
+        route: &Route,
+        bytes: Bytes,
+    ) -> Result<tonic::body::Body, tonic::Status> {
+        let proto = match codec {
+            ConnectCodec::Proto => bytes,
+            ConnectCodec::Json => self
+                .json
+                .json_to_proto(&route.input, &bytes)
+                .map_err(|err| tonic::Status::new(err.code(), err.to_string()))?,
+        };
+        Ok(tonic::body::Body::new(http_body_util::Full::new(
+            crate::codec::frame::encode_frame(0, &proto),
+        )))
+    }
+
+    /// A Connect unary answer: the one message (or the error) of the whole
+    /// gRPC response, read to its trailers (bounded by
+    /// `max_response_bytes`).
+    async fn connect_unary_response(
+        &self,
+        response: http::Response<tonic::body::Body>,
+        codec: ConnectCodec,
+        route: &Route,
+        mut log: CallLog,
+    ) -> Response<EdgeBody> {
+        let (parts, mut incoming) = response.into_parts();
+        let refuse = |log: &mut CallLog, status: tonic::Status, metadata: &HeaderMap| {
+            log.finish(status.code());
+            connect_error_response(&status, codec, metadata)
+        };
+        if let Some(status) = tonic::Status::from_header_map(&parts.headers)
+            && status.code() != Code::Ok
+        {
+            return refuse(&mut log, status, &parts.headers);
+        }
+        let mut decoder = crate::codec::frame::FrameDecoder::new(self.limits.max_response_bytes);
+        let mut message: Option<Bytes> = None;
+        let mut trailers = HeaderMap::new();
+        while let Some(frame) = incoming.frame().await {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(status) => return refuse(&mut log, status, &parts.headers),
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    decoder.push(&data);
+                    loop {
+                        match decoder.next_frame() {
+                            Ok(Some(frame)) if message.is_none() && frame.flags == 0 => {
+                                message = Some(frame.payload);
+                            }
+                            Ok(Some(_)) => {
+                                let status = tonic::Status::internal(
+                                    "the backend answered a unary call with several or compressed messages",
+                                );
+                                return refuse(&mut log, status, &parts.headers);
+                            }
+                            Ok(None) => break,
+                            Err(err) => {
+                                let status = tonic::Status::new(err.code(), err.to_string());
+                                return refuse(&mut log, status, &parts.headers);
+                            }
+                        }
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(received) = frame.into_trailers() {
+                        trailers = received;
+                    }
+                }
+            }
+        }
+        let status = tonic::Status::from_header_map(&trailers).unwrap_or_else(|| {
+            tonic::Status::internal("the backend's answer ended without a gRPC status")
+        });
+        let mut metadata = response_metadata(&parts.headers);
+        for (name, value) in response_metadata(&trailers).iter() {
+            if let Ok(prefixed) = HeaderName::try_from(format!("trailer-{name}")) {
+                metadata.append(prefixed, value.clone());
+            }
+        }
+        if status.code() != Code::Ok {
+            return refuse(&mut log, status, &metadata);
+        }
+        let Some(message) = message else {
+            let status = tonic::Status::internal("the backend answered a unary call with no message");
+            return refuse(&mut log, status, &metadata);
+        };
+        let (content_type, body) = match codec {
+            ConnectCodec::Proto => ("application/proto", message),
+            ConnectCodec::Json => match self.json.proto_to_json(&route.output, &message) {
+                Ok(json) => ("application/json", json),
+                Err(err) => {
+                    let status = tonic::Status::internal(format!(
+                        "the backend's answer cannot be written as JSON: {err}"
+                    ));
+                    return refuse(&mut log, status, &metadata);
+                }
+            },
+        };
+        log.finish(Code::Ok);
+        let mut response = Response::new(body::full(body));
+        *response.headers_mut() = metadata;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        response
+    }
+}
+
+/// What the gateway records of every call: its span's status, a metric, an
+/// access-log line; once, when the status is known or the client left.
+pub struct CallLog {
+    edge: Arc<Edge>,
+    method: Option<String>,
+    protocol: Protocol,
+    client: IpAddr,
+    /// The user, once the token is verified.
+    pub user: Option<String>,
+    span: tracing::Span,
+    started: Instant,
+    finished: bool,
+    _activity: ConnActivity,
+    _in_flight: crate::metrics::InFlightGuard,
+}
+
+impl CallLog {
+    fn new(
+        edge: Arc<Edge>,
+        method: Option<String>,
+        protocol: Protocol,
+        client: IpAddr,
+        span: tracing::Span,
+        activity: ConnActivity,
+    ) -> Self {
+        let in_flight = edge.metrics.in_flight();
+        Self {
+            edge,
+            method,
+            protocol,
+            client,
+            user: None,
+            span,
+            started: Instant::now(),
+            finished: false,
+            _activity: activity,
+            _in_flight: in_flight,
+        }
+    }
+
+    /// Records the call's final code (the first call wins).
+    pub fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        let method = self.method.as_deref().unwrap_or("other");
+        self.edge
+            .metrics
+            .record(method, self.protocol.label(), code, elapsed);
+        self.span.record("rpc.grpc.status_code", code as i32);
+        if is_server_fault(code) {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        let _entered = self.span.enter();
+        tracing::info!(
+            target: "agora_gateway::access",
+            method,
+            protocol = self.protocol.label(),
+            code = ?code,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            client = %self.client,
+            user = self.user.as_deref().unwrap_or("-"),
+            "call"
+        );
+    }
+
+    /// An answer made at the edge, in the call's protocol.
+    pub fn refuse(&mut self, protocol: Protocol, status: tonic::Status) -> Response<EdgeBody> {
+        self.finish(status.code());
+        status_response(protocol, &status)
+    }
+}
+
+impl Drop for CallLog {
+    fn drop(&mut self) {
+        // Dropped before its status: the client went away.
+        self.finish(Code::Cancelled);
+    }
+}
+
+/// A status as the answer of `protocol`: for gRPC and grpc-web a
+/// headers-only reply (HTTP 200, so every client library reads a gRPC
+/// status), for Connect its error body and HTTP status.
+pub fn status_response(protocol: Protocol, status: &tonic::Status) -> Response<EdgeBody> {
+    match protocol {
+        Protocol::Grpc | Protocol::GrpcWeb(_) => {
+            let mut response = Response::new(body::empty());
+            let content_type = match protocol {
+                Protocol::GrpcWeb(format) => grpc_web::response_content_type(format),
+                _ => "application/grpc",
+            };
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+            if status.add_header(response.headers_mut()).is_err() {
+                response
+                    .headers_mut()
+                    .insert("grpc-status", HeaderValue::from(status.code() as i32));
+            }
+            response
+        }
+        Protocol::Connect(ConnectKind::Stream(codec)) => {
+            let details = status_details(status);
+            let frame = connect::end_stream_frame(
+                Some((status.code(), status.message(), &details)),
+                &HeaderMap::new(),
+            );
+            let mut response = Response::new(body::full(frame));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(match codec {
+                    ConnectCodec::Json => "application/connect+json",
+                    ConnectCodec::Proto => "application/connect+proto",
+                }),
+            );
+            response
+        }
+        Protocol::Connect(ConnectKind::Unary(codec)) | Protocol::ConnectGet(codec) => {
+            connect_error_response(status, codec, &HeaderMap::new())
+        }
+    }
+}
+
+/// The `google.rpc.Status` details of a status, for Connect error bodies.
+pub fn status_details(status: &tonic::Status) -> Vec<connect::ErrorDetail> {
+    let mut headers = HeaderMap::new();
+    if status.add_header(&mut headers).is_err() {
+        return Vec::new();
+    }
+    headers
+        .get("grpc-status-details-bin")
+        .and_then(|value| connect::details_from_status_bin(value.as_bytes()).ok())
+        .unwrap_or_default()
+}
+
+/// Connect's unary error: HTTP status by code, JSON body, metadata headers.
+fn connect_error_response(
+    status: &tonic::Status,
+    _codec: ConnectCodec,
+    metadata: &HeaderMap,
+) -> Response<EdgeBody> {
+    let details = status_details(status);
+    let body = connect::error_body(status.code(), status.message(), &details);
+    let mut response = Response::new(body::full(body));
+    *response.status_mut() = connect::http_status(status.code());
+    response.headers_mut().extend(response_metadata(metadata));
+    // Errors are JSON whatever the request's codec (Connect protocol).
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` (when to try again) and
+/// `ErrorInfo` reason `RATE_LIMITED`.
+fn rate_limited(retry_after: Duration) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+    details.set_error_info(
+        "RATE_LIMITED",
+        agora_platform::error::ERROR_DOMAIN,
+        std::collections::HashMap::new(),
+    );
+    tonic::Status::with_error_details(
+        Code::ResourceExhausted,
+        format!(
+            "too many requests: try again in {} ms",
+            retry_after.as_millis().max(1)
+        ),
+        details,
+    )
+}
+
+fn refuse_compression(headers: &HeaderMap, name: &str) -> Result<(), tonic::Status> {
+    match headers.get(name).map(HeaderValue::as_bytes) {
+        None | Some(b"identity") => Ok(()),
+        Some(_) => Err(tonic::Status::unimplemented(format!(
+            "{name}: only identity is supported"
+        ))),
+    }
+}
+
+/// `application/grpc` and `application/grpc+proto` (parameters ignored).
+fn is_grpc(content_type: &str) -> bool {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    media == "application/grpc" || media == "application/grpc+proto"
+}
+
+/// Request headers that are the caller's metadata, for the backend: not
+/// hop-by-hop, not the HTTP framing the gateway replaces, not browser or
+/// Connect protocol headers, no cookies.
+fn forwarded_headers(incoming: &HeaderMap, protocol: Protocol) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(incoming.len() + 4);
+    for (name, value) in incoming {
+        let name_str = name.as_str();
+        let dropped = matches!(
+            name_str,
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "proxy-authorization"
+                | "transfer-encoding"
+                | "upgrade"
+                | "te"
+                | "host"
+                | "content-length"
+                | "content-type"
+                | "content-encoding"
+                | "accept"
+                | "accept-encoding"
+                | "cookie"
+                | "origin"
+                | "referer"
+                | "x-grpc-web"
+                | "x-user-agent"
+                | "x-forwarded-for"
+                | "forwarded"
+                | "grpc-timeout"
+        ) || name_str.starts_with("access-control-")
+            || name_str.starts_with("sec-")
+            || name_str.starts_with("connect-");
+        // Messages are decoded for Connect, so the backend must not compress.
+        let compression = matches!(name_str, "grpc-encoding" | "grpc-accept-encoding")
+            && matches!(protocol, Protocol::Connect(_) | Protocol::ConnectGet(_));
+        if !dropped && !compression {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+/// A backend's response headers or trailers that are metadata for the
+/// client (not gRPC framing).
+pub fn response_metadata(headers: &HeaderMap) -> HeaderMap {
+    let mut metadata = HeaderMap::new();
+    for (name, value) in headers {
+        let name_str = name.as_str();
+        if name_str.starts_with("grpc-")
+            || matches!(
+                name_str,
+                "content-type" | "content-length" | "te" | "trailer" | "transfer-encoding" | "date"
+            )
+        {
+            continue;
+        }
+        metadata.append(name.clone(), value.clone());
+    }
+    metadata
+}
+
+/// Adds `extra` without replacing what is there (`extend` would replace a
+/// response's own `Vary`).
+fn append_headers(headers: &mut HeaderMap, extra: &HeaderMap) {
+    for (name, value) in extra {
+        headers.append(name.clone(), value.clone());
+    }
+}
+
+fn plain(status: StatusCode, text: impl Into<String>) -> Response<EdgeBody> {
+    let mut response = Response::new(body::full(Bytes::from(text.into())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((index, _)) => &text[..index],
+        None => text,
+    }
+}
+
+/// Codes that mean the server, not the caller, is at fault (OTel semantic
+/// conventions for gRPC server spans).
+fn is_server_fault(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_content_types_are_recognised_exactly() {
+        assert!(is_grpc("application/grpc"));
+        assert!(is_grpc("application/grpc+proto"));
+        assert!(is_grpc("Application/GRPC; charset=x"));
+        assert!(!is_grpc("application/grpc-web"));
+        assert!(!is_grpc("application/grpc+json"));
+    }
+
+    #[test]
+    fn only_metadata_is_forwarded() {
+        let mut incoming = HeaderMap::new();
+        for (name, value) in [
+            ("authorization", "Bearer x"),
+            ("x-request-id", "r1"),
+            ("traceparent", "00-abc"),
+            ("cookie", "session=1"),
+            ("connection", "keep-alive"),
+            ("content-length", "12"),
+            ("connect-timeout-ms", "100"),
+            ("origin", "http://x"),
+            ("grpc-accept-encoding", "gzip"),
+            ("x-forwarded-for", "1.2.3.4"),
+        ] {
+            incoming.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let grpc = forwarded_headers(&incoming, Protocol::Grpc);
+        let names: Vec<&str> = grpc.keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "authorization",
+                "x-request-id",
+                "traceparent",
+                "grpc-accept-encoding"
+            ]
+        );
+        let connect = forwarded_headers(
+            &incoming,
+            Protocol::Connect(ConnectKind::Unary(ConnectCodec::Json)),
+        );
+        assert!(!connect.contains_key("grpc-accept-encoding"));
+    }
+
+    #[test]
+    fn trailer_metadata_leaves_grpc_framing_behind() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert("x-custom", HeaderValue::from_static("v"));
+        let metadata = response_metadata(&trailers);
+        assert_eq!(metadata.len(), 1);
+        assert_eq!(metadata["x-custom"], "v");
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_info() {
+        use tonic_types::StatusExt as _;
+        let status = rate_limited(Duration::from_millis(250));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let details = status.get_error_details();
+        let retry = details.retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(250)));
+        assert_eq!(
+            details.error_info().map(|info| info.reason.as_str()),
+            Some("RATE_LIMITED")
+        );
+    }
+
+    #[test]
+    fn a_long_content_type_is_cut_in_messages() {
+        assert_eq!(truncate("abcdef", 3), "abc");
+        assert_eq!(truncate("ab", 3), "ab");
+    }
+}
+
