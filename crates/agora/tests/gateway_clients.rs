@@ -13,10 +13,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use agora_testkit::workspace_root;
 use common::AgoraProcess;
 use serde_json::Value;
 
@@ -63,10 +64,6 @@ const HEALTH_REQUEST_TEXT: &str = "AAAAAAA=";
 /// `HealthCheckResponse{status: SERVING}` (field 1 = 1: `08 01`), then the
 /// trailer frame `grpc-status:0\r\n`, each frame base64-encoded on its own.
 const HEALTH_REPLY_TEXT: &str = "AAAAAAIIAQ==gAAAAA9ncnBjLXN0YXR1czowDQo=";
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 /// The clients, as `just tools` installs them.
 struct Tools {
@@ -115,7 +112,11 @@ impl Tools {
                 .arg("--version")
                 .output()
                 .is_ok_and(|output| output.status.success());
-            anyhow::ensure!(found, "`{program}` is not on PATH: run `just tools`");
+            anyhow::ensure!(
+                found,
+                "`{program}` is not on PATH: install it (Debian: apt-get install nodejs npm curl), \
+                 then run `just tools`"
+            );
         }
         let modules = run(Command::new(&tools.python).args([
             "-c",
@@ -540,11 +541,20 @@ fn external_clients_talk_to_the_gateway() -> anyhow::Result<()> {
     let started = Instant::now();
     let tools = Tools::find()?;
 
-    // Generated ES code for the Node client, made while the mesh starts.
+    // Generated ES code for the Node client, made while the mesh starts, in
+    // a folder of this run's own (under the gitignored gen/, so that its
+    // imports resolve to the client's node_modules).
+    let generated_root = tools.node_dir.join("gen");
+    std::fs::create_dir_all(&generated_root)?;
+    let generated = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(&generated_root)?;
+    let es_code = generated.path().join("gen");
     let generate = {
         let mut command = Command::new(&tools.buf);
         command
-            .args(["generate", "--template", "buf.gen.yaml"])
+            .args(["generate", "--template", "buf.gen.yaml", "--output"])
+            .arg(generated.path())
             .arg(workspace_root().join("proto"))
             .current_dir(&tools.node_dir);
         std::thread::spawn(move || run(&mut command))
@@ -1066,6 +1076,7 @@ fn external_clients_talk_to_the_gateway() -> anyhow::Result<()> {
             run(Command::new("node")
                 .arg("client.mjs")
                 .current_dir(&tools.node_dir)
+                .env("AGORA_ES_GEN_DIR", &es_code)
                 .env("AGORA_GATEWAY_URL", &base)
                 .env("AGORA_USER_TOKEN", &token)
                 .env("AGORA_PRODUCT_ID", &mug))?

@@ -282,80 +282,21 @@ impl Edge {
         client: Client,
         mut log: CallLog,
     ) -> Response<EdgeBody> {
-        let path = request.uri().path().to_owned();
-        let route = match route {
-            Some(route) => route,
-            None => {
-                let (service, _) = split_path(&path);
-                let message = if self.routes.has_service(service) {
-                    format!("unknown method {path}")
-                } else {
-                    format!("unknown service {service}")
-                };
-                return log.refuse(protocol, tonic::Status::unimplemented(message));
+        let (route, timeout) = match self.policy(&request, protocol, route, &client, &mut log) {
+            Ok(allowed) => allowed,
+            Err(refusal) => {
+                // An HTTP/1.1 client may still be sending its body: read it
+                // (bounded) so the answer reaches it and the connection
+                // stays usable, instead of a reset on its next write.
+                if request.version() < http::Version::HTTP_2 {
+                    drain(request.into_body(), self.limits.max_request_bytes).await;
+                }
+                let mut response = log.refuse(protocol, refusal.status);
+                if let Some(http_status) = refusal.http_status {
+                    *response.status_mut() = http_status;
+                }
+                return response;
             }
-        };
-        if route.is_internal() {
-            return log.refuse(
-                protocol,
-                tonic::Status::permission_denied(format!(
-                    "{path} is internal to Agora services and cannot be called from outside"
-                )),
-            );
-        }
-        if matches!(protocol, Protocol::ConnectGet(_)) && !route.no_side_effects {
-            let status = tonic::Status::unimplemented(format!(
-                "{path} changes state: call it with POST (GET is only for side-effect-free methods)"
-            ));
-            let mut response = log.refuse(protocol, status);
-            *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-            return response;
-        }
-        if let Protocol::Connect(ConnectKind::Unary(_)) | Protocol::ConnectGet(_) = protocol
-            && (route.client_streaming || route.server_streaming)
-        {
-            return log.refuse(
-                protocol,
-                tonic::Status::invalid_argument(format!(
-                    "{path} streams: use content-type application/connect+json or application/connect+proto"
-                )),
-            );
-        }
-        if let Protocol::Connect(ConnectKind::Stream(_)) = protocol
-            && !route.client_streaming
-            && !route.server_streaming
-        {
-            return log.refuse(
-                protocol,
-                tonic::Status::invalid_argument(format!(
-                    "{path} is unary: use content-type application/json or application/proto"
-                )),
-            );
-        }
-
-        // The token, the rate limit, the access level.
-        let caller = self.caller(request.headers());
-        let key = match &caller {
-            Ok(Caller::User { id, .. }) => ClientKey::User(Arc::from(id.as_str())),
-            _ => ClientKey::Ip(client.ip),
-        };
-        if let Err(retry_after) = self.limiter.check(&key) {
-            return log.refuse(protocol, rate_limited(retry_after));
-        }
-        let caller = match caller {
-            Ok(caller) => caller,
-            Err(status) => return log.refuse(protocol, status),
-        };
-        if let Some(user) = caller.user_id() {
-            log.user = Some(user.to_owned());
-            log.span.record("enduser.id", user);
-        }
-        if let Err(err) = route.authorize(&caller) {
-            return log.refuse(protocol, tonic::Status::from(err));
-        }
-        let timeout = match self.timeout(request.headers(), protocol, &route) {
-            Ok(timeout) => timeout,
-            Err(status) => return log.refuse(protocol, status),
         };
 
         // The gRPC call.
@@ -392,6 +333,89 @@ impl Edge {
                     .await
             }
         }
+    }
+
+    /// The edge policy over the request head (module docs): the route and
+    /// the deadline of an allowed call, or why not.
+    fn policy(
+        &self,
+        request: &http::Request<hyper::body::Incoming>,
+        protocol: Protocol,
+        route: Option<Arc<Route>>,
+        client: &Client,
+        log: &mut CallLog,
+    ) -> Result<(Arc<Route>, Duration), Refusal> {
+        let path = request.uri().path();
+        let Some(route) = route else {
+            let (service, _) = split_path(path);
+            let message = if self.routes.has_service(service) {
+                format!("unknown method {path}")
+            } else {
+                format!("unknown service {service}")
+            };
+            return Err(tonic::Status::unimplemented(message).into());
+        };
+        if route.is_internal() {
+            return Err(tonic::Status::permission_denied(format!(
+                "{path} is internal to Agora services and cannot be called from outside"
+            ))
+            .into());
+        }
+        if matches!(protocol, Protocol::ConnectGet(_)) && !route.no_side_effects {
+            return Err(Refusal {
+                status: tonic::Status::unimplemented(format!(
+                    "{path} changes state: call it with POST (GET is only for side-effect-free methods)"
+                )),
+                http_status: Some(StatusCode::METHOD_NOT_ALLOWED),
+            });
+        }
+        let streams = route.client_streaming || route.server_streaming;
+        match protocol {
+            Protocol::Connect(ConnectKind::Unary(_)) | Protocol::ConnectGet(_) if streams => {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "{path} streams: use content-type application/connect+json or application/connect+proto"
+                ))
+                .into());
+            }
+            Protocol::Connect(ConnectKind::Stream(_)) if !streams => {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "{path} is unary: use content-type application/json or application/proto"
+                ))
+                .into());
+            }
+            Protocol::Connect(ConnectKind::Stream(_)) => {
+                refuse_compression(request.headers(), "connect-content-encoding")?;
+            }
+            Protocol::Connect(ConnectKind::Unary(_)) => {
+                refuse_compression(request.headers(), "content-encoding")?;
+                if let Some(version) = request.headers().get("connect-protocol-version")
+                    && version.as_bytes() != b"1"
+                {
+                    return Err(
+                        tonic::Status::invalid_argument("connect-protocol-version must be 1").into(),
+                    );
+                }
+            }
+            _ => {}
+        }
+
+        // The token, the rate limit, the access level.
+        let caller = self.caller(request.headers());
+        let key = match &caller {
+            Ok(Caller::User { id, .. }) => ClientKey::User(Arc::from(id.as_str())),
+            _ => ClientKey::Ip(client.ip),
+        };
+        if let Err(retry_after) = self.limiter.check(&key) {
+            return Err(rate_limited(retry_after).into());
+        }
+        let caller = caller?;
+        if let Some(user) = caller.user_id() {
+            log.user = Some(user.to_owned());
+            log.span.record("enduser.id", user);
+        }
+        route.authorize(&caller).map_err(tonic::Status::from)?;
+        let timeout = self.timeout(request.headers(), protocol, &route)?;
+        Ok((route, timeout))
     }
 
     /// The caller of a request: anonymous without `authorization`, a user
@@ -484,7 +508,6 @@ impl Edge {
             }
             Protocol::GrpcWeb(WebFormat::Text) => body::text_frames(incoming, max, slot.clone()),
             Protocol::Connect(ConnectKind::Stream(codec)) => {
-                refuse_compression(&parts.headers, "connect-content-encoding")?;
                 match codec {
                     ConnectCodec::Proto => body::limited_frames(incoming, max, slot.clone()),
                     ConnectCodec::Json => body::connect_json_frames(
@@ -497,14 +520,6 @@ impl Edge {
                 }
             }
             Protocol::Connect(ConnectKind::Unary(codec)) => {
-                refuse_compression(&parts.headers, "content-encoding")?;
-                if let Some(version) = parts.headers.get("connect-protocol-version")
-                    && version.as_bytes() != b"1"
-                {
-                    return Err(tonic::Status::invalid_argument(
-                        "connect-protocol-version must be 1",
-                    ));
-                }
                 let bytes = body::collect_limited(incoming, &parts.headers, max).await?;
                 self.unary_message(codec, route, bytes)?
             }
@@ -791,6 +806,43 @@ fn connect_error_response(
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// Why the edge refused a call: a status, and for Connect an HTTP status
+/// other than the code's own, if any.
+struct Refusal {
+    status: tonic::Status,
+    http_status: Option<StatusCode>,
+}
+
+impl From<tonic::Status> for Refusal {
+    fn from(status: tonic::Status) -> Self {
+        Self {
+            status,
+            http_status: None,
+        }
+    }
+}
+
+/// How long a refused HTTP/1.1 client gets to finish sending its body.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads and drops a refused request's body: at most `limit` bytes, for at
+/// most [`DRAIN_TIMEOUT`]; past either, the connection closes after the
+/// answer, as it must.
+async fn drain(mut body: hyper::body::Incoming, limit: usize) {
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                seen = seen.saturating_add(data.len());
+                if seen > limit {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
 }
 
 /// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` (when to try again) and

@@ -717,3 +717,78 @@ async fn backend_health_follows_the_backends() -> anyhow::Result<()> {
     task.await??;
     Ok(())
 }
+
+#[tokio::test]
+async fn with_a_certificate_the_port_speaks_tls_with_http2_by_alpn() -> anyhow::Result<()> {
+    use tokio_rustls::rustls;
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    let dir = tempfile::tempdir()?;
+    let cert_file = dir.path().join("gateway.crt");
+    let key_file = dir.path().join("gateway.key");
+    std::fs::write(&cert_file, certified.cert.pem())?;
+    std::fs::write(&key_file, certified.signing_key.serialize_pem())?;
+    let mesh = Mesh::start_tls(|config| {
+        config.gateway.tls_cert_file = Some(cert_file.clone());
+        config.gateway.tls_key_file = Some(key_file.clone());
+    })
+    .await?;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone())?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let connect = |alpn: &[&[u8]]| -> anyhow::Result<tokio_rustls::TlsConnector> {
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)))
+    };
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+
+    // HTTP/1.1 over TLS.
+    let tcp = tokio::net::TcpStream::connect(mesh.gateway).await?;
+    let mut tls = connect(&[b"http/1.1"])?.connect(name.clone(), tcp).await?;
+    tls.write_all(&bodyless("GET", "/healthz", &[])).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // A client offering h2 gets it.
+    let tcp = tokio::net::TcpStream::connect(mesh.gateway).await?;
+    let tls = connect(&[b"h2", b"http/1.1"])?.connect(name, tcp).await?;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    // Cleartext is not served on a TLS port.
+    let cleartext = raw(mesh.gateway, &bodyless("GET", "/healthz", &[])).await;
+    assert!(
+        cleartext.is_err() || cleartext.as_ref().is_ok_and(|r| r.status != 200),
+        "{cleartext:?}"
+    );
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn a_refused_http1_call_reads_the_body_and_keeps_the_connection() -> anyhow::Result<()> {
+    let mesh = Mesh::start(|_| {}).await?;
+    let mut stream = tokio::net::TcpStream::connect(mesh.gateway).await?;
+    // The head first, the body later, as connect-node writes them: the
+    // refusal (UNAUTHENTICATED: no token) must not cut the connection.
+    let head = "POST /agora.orders.v1.OrderService/ListOrders HTTP/1.1\r\nhost: g\r\n\
+                content-type: application/json\r\ncontent-length: 2\r\n\r\n";
+    stream.write_all(head.as_bytes()).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream.write_all(b"{}").await?;
+    // Then a second call on the same connection.
+    stream
+        .write_all(&bodyless("GET", "/healthz", &[]))
+        .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("\"code\":\"unauthenticated\""), "{answer}");
+    assert!(answer.contains("HTTP/1.1 200 OK"), "second call: {answer}");
+    mesh.stop().await
+}

@@ -17,8 +17,10 @@
 //! service it verifies for and every service's public key) and turns the
 //! `authorization` metadata of a request into a [`Caller`]; authorization
 //! decisions are made from that, inside each service, never only at the
-//! edge: each internal RPC names the services it accepts
-//! ([`Caller::require_service_from`]).
+//! edge: each RPC declares in the contract who may call it, internal RPCs
+//! the services they accept ([`crate::access`]), which every server checks
+//! before the handler runs; handlers read the checked caller with
+//! [`TokenVerifier::caller_of`] and decide what it may see.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

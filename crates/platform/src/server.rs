@@ -19,9 +19,10 @@
 //! verified and checked against the access level the contract declares for
 //! the RPC ([`AccessLayer`], [`crate::access`]). Each handler runs within
 //! the caller's `grpc-timeout` ([`DeadlineLayer`], [`crate::deadline`]),
-//! which bounds the calls it makes in turn. [`Application::run_until_stopped`] turns health to
-//! NOT_SERVING on shutdown, stops accepting, and lets in-flight calls finish
-//! for up to [`Server::drain_timeout`].
+//! which bounds the calls it makes in turn.
+//! [`Application::run_until_stopped`] turns health to NOT_SERVING on
+//! shutdown, stops accepting, and lets in-flight calls finish for up to
+//! [`Server::drain_timeout`].
 
 use std::collections::HashMap;
 use std::future::Future;

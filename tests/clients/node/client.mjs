@@ -3,7 +3,8 @@
 // and binary). For each one: a unary call, a unary error, a call that needs
 // a user token, and OrderService.WatchOrder read to its terminal status.
 //
-// Usage (generated code in ./gen first: see buf.gen.yaml):
+// Usage (generated code in ./gen first, or in AGORA_ES_GEN_DIR: see
+// buf.gen.yaml):
 //   AGORA_GATEWAY_URL=http://127.0.0.1:8080 AGORA_USER_TOKEN=<jwt> \
 //   AGORA_PRODUCT_ID=<a product with a few units in stock> node client.mjs
 // Optional: AGORA_TRANSPORTS=grpc-web,connect-json,connect-proto,grpc (the
@@ -14,6 +15,8 @@
 // Prints one line per check; exits 1 with the reason at the first mismatch.
 
 import { randomUUID } from "node:crypto";
+import path from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
 
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import {
@@ -22,8 +25,11 @@ import {
   createGrpcWebTransport,
 } from "@connectrpc/connect-node";
 
-import { CatalogService } from "./gen/agora/catalog/v1/catalog_pb.js";
-import { OrderService, OrderStatus } from "./gen/agora/orders/v1/orders_pb.js";
+/** Where protoc-gen-es wrote the code: a folder under this one, so that its
+ * imports of @bufbuild/protobuf resolve to this folder's node_modules. */
+const GENERATED = path.resolve(
+  process.env.AGORA_ES_GEN_DIR || path.join(path.dirname(fileURLToPath(import.meta.url)), "gen"),
+);
 
 /** The test card that always goes through (shared/CONTRACT.md). */
 const GOOD_CARD = "4242424242424242";
@@ -31,6 +37,19 @@ const GOOD_CARD = "4242424242424242";
 const TIMEOUT_MS = 15_000;
 
 class Mismatch extends Error {}
+
+/** Imports one generated module, e.g. "agora/catalog/v1/catalog_pb.js". */
+async function generated(module) {
+  const file = path.join(GENERATED, module);
+  try {
+    return await import(pathToFileURL(file).href);
+  } catch (error) {
+    throw new Mismatch(`cannot load the generated ${file} (run buf generate, see buf.gen.yaml): ${error.message}`);
+  }
+}
+
+const { CatalogService } = await generated("agora/catalog/v1/catalog_pb.js").catch(fail);
+const { OrderService, OrderStatus } = await generated("agora/orders/v1/orders_pb.js").catch(fail);
 
 function check(condition, message) {
   if (!condition) {
@@ -207,7 +226,9 @@ async function main() {
   console.log("node client: all checks passed");
 }
 
-main().catch((error) => {
-  console.error(`node client FAILED: ${error instanceof Mismatch ? error.message : error?.stack ?? error}`);
+function fail(error) {
+  console.error(`node client FAILED: ${error instanceof Mismatch ? error.message : (error?.stack ?? error)}`);
   process.exit(1);
-});
+}
+
+main().catch(fail);

@@ -33,6 +33,14 @@ impl Mesh {
     /// Starts users and catalog, then a gateway whose configuration
     /// `tweak` may change; waits until the gateway sees catalog serving.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        let mesh = Self::start_tls(tweak).await?;
+        mesh.wait_serving("agora.catalog.v1.CatalogService").await?;
+        Ok(mesh)
+    }
+
+    /// [`Mesh::start`] without waiting through a cleartext channel (the
+    /// gateway may speak TLS).
+    pub async fn start_tls(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
         let mut env = TestEnv::per_service(Backend::Sqlite).await?;
         let backends = TestServer::start(vec![
             agora_users::hosted(&env.config).await?,
@@ -49,15 +57,13 @@ impl Mesh {
         let addr = gateway.local_addr();
         let stop = CancellationToken::new();
         let task = tokio::spawn(gateway.run_until_stopped(stop.clone()));
-        let mesh = Self {
+        Ok(Self {
             env,
             backends,
             gateway: addr,
             stop,
             task,
-        };
-        mesh.wait_serving("agora.catalog.v1.CatalogService").await?;
-        Ok(mesh)
+        })
     }
 
     /// A gRPC channel to the gateway.
