@@ -4,10 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use agora_platform::config::{self, DiscoveryMode, LogFormat};
-use agora_platform_client::Discovery;
-use agora_platform_events::EventBus;
 use agora_platform::server::{HostedService, Server};
 use agora_platform::{shutdown, telemetry};
+use agora_platform_client::Discovery;
+use agora_platform_events::EventBus;
 use anyhow::{Context as _, bail};
 use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
@@ -98,7 +98,9 @@ impl ServeArgs {
             root.insert("log_format".into(), serde_json::to_value(format)?);
         }
         if self.database_url.is_some() && services.contains(&Target::Gateway) {
-            bail!("the gateway has no database: --database-url and DATABASE_URL apply to a service");
+            bail!(
+                "the gateway has no database: --database-url and DATABASE_URL apply to a service"
+            );
         }
         if self.listen.is_some() || self.database_url.is_some() {
             let [single] = services.as_slice() else {

@@ -154,10 +154,9 @@ async fn a_call_through_the_gateway_is_one_trace_from_the_client_to_the_service(
     let mut parent = service.parent_span_id.clone();
     let mut hops = 0;
     while parent != edge.span_id {
-        let next = spans
-            .iter()
-            .find(|s| s.span_id == parent)
-            .ok_or_else(|| anyhow::anyhow!("the users span's ancestry leaves the trace: {spans:#?}"))?;
+        let next = spans.iter().find(|s| s.span_id == parent).ok_or_else(|| {
+            anyhow::anyhow!("the users span's ancestry leaves the trace: {spans:#?}")
+        })?;
         parent = next.parent_span_id.clone();
         hops += 1;
         anyhow::ensure!(hops < 5, "no path from the users span to the gateway's");

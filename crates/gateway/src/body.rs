@@ -16,12 +16,12 @@ use http_body_util::{BodyExt as _, StreamBody};
 use prost_reflect::MessageDescriptor;
 use tonic::Code;
 
+use crate::codec::CodecError;
 use crate::codec::connect::{self, ConnectCodec};
 use crate::codec::frame::{FrameDecoder, FrameLimiter, encode_frame};
 use crate::codec::grpc_web::{self, WebFormat};
 use crate::codec::json::JsonCodec;
 use crate::codec::text::{Base64Decoder, encode_base64};
-use crate::codec::CodecError;
 use crate::edge::{CallLog, response_metadata, status_details};
 
 /// Errors of the bodies the gateway sends.
@@ -374,10 +374,7 @@ pub fn connect_stream_response(
             connect::end_stream_frame(None, metadata)
         } else {
             let details = status_details(status);
-            connect::end_stream_frame(
-                Some((status.code(), status.message(), &details)),
-                metadata,
-            )
+            connect::end_stream_frame(Some((status.code(), status.message(), &details)), metadata)
         }
     };
     if let Some(status) = status_of(&parts.headers) {

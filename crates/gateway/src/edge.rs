@@ -180,9 +180,7 @@ impl Edge {
             append_headers(response.headers_mut(), &cors);
             return response;
         };
-        let mut response = self
-            .call(request, protocol, &path, client, activity)
-            .await;
+        let mut response = self.call(request, protocol, &path, client, activity).await;
         if matches!(
             protocol,
             Protocol::GrpcWeb(_) | Protocol::Connect(_) | Protocol::ConnectGet(_)
@@ -269,9 +267,12 @@ impl Edge {
             activity,
         );
         let edge = Arc::clone(self);
-        async move { edge.policy_and_call(request, protocol, route, client, log).await }
-            .instrument(span)
-            .await
+        async move {
+            edge.policy_and_call(request, protocol, route, client, log)
+                .await
+        }
+        .instrument(span)
+        .await
     }
 
     async fn policy_and_call(
@@ -391,9 +392,10 @@ impl Edge {
                 if let Some(version) = request.headers().get("connect-protocol-version")
                     && version.as_bytes() != b"1"
                 {
-                    return Err(
-                        tonic::Status::invalid_argument("connect-protocol-version must be 1").into(),
-                    );
+                    return Err(tonic::Status::invalid_argument(
+                        "connect-protocol-version must be 1",
+                    )
+                    .into());
                 }
             }
             _ => {}
@@ -461,13 +463,13 @@ impl Edge {
         let requested = match protocol {
             Protocol::Connect(_) | Protocol::ConnectGet(_) => {
                 match headers.get("connect-timeout-ms") {
-                    Some(value) => Some(connect::parse_timeout_ms(value.as_bytes()).map_err(
-                        |_| {
+                    Some(value) => {
+                        Some(connect::parse_timeout_ms(value.as_bytes()).map_err(|_| {
                             tonic::Status::invalid_argument(
                                 "connect-timeout-ms must be 1 to 10 digits",
                             )
-                        },
-                    )?),
+                        })?)
+                    }
                     None => None,
                 }
             }
@@ -507,28 +509,24 @@ impl Edge {
                 body::limited_frames(incoming, max, slot.clone())
             }
             Protocol::GrpcWeb(WebFormat::Text) => body::text_frames(incoming, max, slot.clone()),
-            Protocol::Connect(ConnectKind::Stream(codec)) => {
-                match codec {
-                    ConnectCodec::Proto => body::limited_frames(incoming, max, slot.clone()),
-                    ConnectCodec::Json => body::connect_json_frames(
-                        incoming,
-                        route.input.clone(),
-                        self.json.clone(),
-                        max,
-                        slot.clone(),
-                    ),
-                }
-            }
+            Protocol::Connect(ConnectKind::Stream(codec)) => match codec {
+                ConnectCodec::Proto => body::limited_frames(incoming, max, slot.clone()),
+                ConnectCodec::Json => body::connect_json_frames(
+                    incoming,
+                    route.input.clone(),
+                    self.json.clone(),
+                    max,
+                    slot.clone(),
+                ),
+            },
             Protocol::Connect(ConnectKind::Unary(codec)) => {
                 let bytes = body::collect_limited(incoming, &parts.headers, max).await?;
                 self.unary_message(codec, route, bytes)?
             }
             Protocol::ConnectGet(_) => {
-                let (codec, message) = connect::parse_get_query(
-                    parts.uri.query().unwrap_or_default(),
-                    max,
-                )
-                .map_err(|err| tonic::Status::invalid_argument(err.to_string()))?;
+                let (codec, message) =
+                    connect::parse_get_query(parts.uri.query().unwrap_or_default(), max)
+                        .map_err(|err| tonic::Status::invalid_argument(err.to_string()))?;
                 self.unary_message(codec, route, message)?
             }
         };
@@ -629,7 +627,8 @@ impl Edge {
             return refuse(&mut log, status, &metadata);
         }
         let Some(message) = message else {
-            let status = tonic::Status::internal("the backend answered a unary call with no message");
+            let status =
+                tonic::Status::internal("the backend answered a unary call with no message");
             return refuse(&mut log, status, &metadata);
         };
         let (content_type, body) = match codec {
@@ -1067,4 +1066,3 @@ mod tests {
         assert_eq!(truncate("ab", 3), "ab");
     }
 }
-

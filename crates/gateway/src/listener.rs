@@ -149,11 +149,9 @@ pub async fn serve(
             match tls {
                 None => connection(stream, peer, edge, builder, limits, stop).await,
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(
-                        limits.header_read_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await;
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
+                            .await;
                     match handshake {
                         Ok(Ok(stream)) => {
                             connection(stream, peer, edge, builder, limits, stop).await;
@@ -200,9 +198,7 @@ async fn connection<IO>(
     let service = hyper::service::service_fn(move |request| {
         let edge = Arc::clone(&edge);
         let activity = ConnActivity::begin(&service_state);
-        async move {
-            Ok::<_, std::convert::Infallible>(edge.handle(request, peer, activity).await)
-        }
+        async move { Ok::<_, std::convert::Infallible>(edge.handle(request, peer, activity).await) }
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
@@ -280,4 +276,3 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)>
     let local = listener.local_addr()?;
     Ok((listener, local))
 }
-

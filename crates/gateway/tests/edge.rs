@@ -171,7 +171,10 @@ async fn tokens_and_access_levels_are_checked_at_the_edge() -> anyhow::Result<()
             paths: vec!["name".into()],
         }),
     };
-    let status = client.update_product(update()).await.expect_err("anonymous");
+    let status = client
+        .update_product(update())
+        .await
+        .expect_err("anonymous");
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     let user = mesh.env.user_token("u-2", "u2@agora.test", &[])?;
     let status = client
@@ -221,7 +224,11 @@ async fn clients_over_their_rate_get_resource_exhausted_with_retry_info() -> any
     // Connect sees HTTP 429.
     let response = raw(
         mesh.gateway,
-        &post(LIST_PRODUCTS, &[("content-type", "application/json")], b"{}"),
+        &post(
+            LIST_PRODUCTS,
+            &[("content-type", "application/json")],
+            b"{}",
+        ),
     )
     .await?;
     assert_eq!(response.status, 429, "{response:?}");
@@ -275,7 +282,10 @@ async fn grpc_web_binary_and_text_carry_messages_and_trailer_frames() -> anyhow:
     );
     // Every frame is padded on its own: decode group by group.
     let mut decoded = Vec::new();
-    anyhow::ensure!(response.body.len() % 4 == 0, "text body not in 4-byte groups");
+    anyhow::ensure!(
+        response.body.len() % 4 == 0,
+        "text body not in 4-byte groups"
+    );
     for group in response.body.chunks(4) {
         decoded.extend(b64.decode(group)?);
     }
@@ -318,7 +328,10 @@ async fn connect_json_unary_get_and_errors() -> anyhow::Result<()> {
     assert_eq!(response.header("content-type"), Some("application/json"));
     let body: serde_json::Value = serde_json::from_slice(&response.body)?;
     assert_eq!(body["products"][0]["sku"], "GW-4", "{body}");
-    assert_eq!(body["products"][0]["price"]["amountMinor"], "1250", "{body}");
+    assert_eq!(
+        body["products"][0]["price"]["amountMinor"], "1250",
+        "{body}"
+    );
 
     // GET for a side-effect-free method.
     let message = serde_json::json!({ "id": id }).to_string();
@@ -368,8 +381,16 @@ async fn connect_json_unary_get_and_errors() -> anyhow::Result<()> {
     // Malformed JSON, unknown fields, a mutation by GET, a streaming
     // content type on a unary method.
     for (request, status, code) in [
-        (post(GET_PRODUCT, &json, b"{\"id\": "), 400, "invalid_argument"),
-        (post(GET_PRODUCT, &json, br#"{"nope": 1}"#), 400, "invalid_argument"),
+        (
+            post(GET_PRODUCT, &json, b"{\"id\": "),
+            400,
+            "invalid_argument",
+        ),
+        (
+            post(GET_PRODUCT, &json, br#"{"nope": 1}"#),
+            400,
+            "invalid_argument",
+        ),
         (
             bodyless(
                 "GET",
@@ -420,10 +441,7 @@ async fn connect_streaming_sends_envelopes_as_they_come() -> anyhow::Result<()> 
     let mesh = Mesh::start(|_| {}).await?;
     // The gateway's own health Watch: a stream that never ends by itself.
     let mut stream = tokio::net::TcpStream::connect(mesh.gateway).await?;
-    let body = frame(
-        0,
-        br#"{"service": "agora.catalog.v1.CatalogService"}"#,
-    );
+    let body = frame(0, br#"{"service": "agora.catalog.v1.CatalogService"}"#);
     stream
         .write_all(&post(
             "/grpc.health.v1.Health/Watch",
@@ -548,16 +566,20 @@ async fn health_readiness_and_metrics_endpoints() -> anyhow::Result<()> {
     let metrics = raw(mesh.gateway, &bodyless("GET", "/metrics", &[])).await?;
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(
-        text.lines().any(|line| line.starts_with("agora_gateway_requests_total{")
-            && line.contains(LIST_PRODUCTS)
-            && line.contains("grpc")),
+        text.lines()
+            .any(|line| line.starts_with("agora_gateway_requests_total{")
+                && line.contains(LIST_PRODUCTS)
+                && line.contains("grpc")),
         "{text}"
     );
     assert!(
         text.contains("agora_gateway_request_duration_seconds_bucket"),
         "{text}"
     );
-    assert!(text.contains("agora_gateway_backend_breaker_state"), "{text}");
+    assert!(
+        text.contains("agora_gateway_backend_breaker_state"),
+        "{text}"
+    );
     mesh.stop().await
 }
 
@@ -573,25 +595,51 @@ async fn bad_frames_and_bodies_get_clean_errors() -> anyhow::Result<()> {
     let oversized = vec![0, 0xff, 0xff, 0xff, 0xff];
     let large = frame(0, &[b'x'; 2048]);
     for (name, request, codes) in [
-        ("truncated frame", post(GET_PRODUCT, &web, &truncated), &["3", "13"][..]),
-        ("length that lies", post(GET_PRODUCT, &web, &lying), &["3", "13"]),
-        ("oversized prefix", post(GET_PRODUCT, &web, &oversized), &["8"]),
-        ("message over the limit", post(GET_PRODUCT, &web, &large), &["8"]),
+        (
+            "truncated frame",
+            post(GET_PRODUCT, &web, &truncated),
+            &["3", "13"][..],
+        ),
+        (
+            "length that lies",
+            post(GET_PRODUCT, &web, &lying),
+            &["3", "13"],
+        ),
+        (
+            "oversized prefix",
+            post(GET_PRODUCT, &web, &oversized),
+            &["8"],
+        ),
+        (
+            "message over the limit",
+            post(GET_PRODUCT, &web, &large),
+            &["8"],
+        ),
         ("invalid base64", post(GET_PRODUCT, &text, b"!!!!"), &["3"]),
-        ("base64 not a multiple of 4", post(GET_PRODUCT, &text, b"AAAAA"), &["3"]),
+        (
+            "base64 not a multiple of 4",
+            post(GET_PRODUCT, &text, b"AAAAA"),
+            &["3"],
+        ),
     ] {
         let response = raw(mesh.gateway, &request).await?;
         assert_eq!(response.status, 200, "{name}: {response:?}");
-        let status = response.header("grpc-status").map(str::to_owned).or_else(|| {
-            // A status after a data frame comes in the trailer frame.
-            frames(&response.body).ok().and_then(|frames| {
-                frames.into_iter().find(|(flags, _)| *flags == 0x80).and_then(|(_, t)| {
-                    String::from_utf8_lossy(&t)
-                        .lines()
-                        .find_map(|l| l.strip_prefix("grpc-status:").map(|s| s.trim().to_owned()))
+        let status = response
+            .header("grpc-status")
+            .map(str::to_owned)
+            .or_else(|| {
+                // A status after a data frame comes in the trailer frame.
+                frames(&response.body).ok().and_then(|frames| {
+                    frames
+                        .into_iter()
+                        .find(|(flags, _)| *flags == 0x80)
+                        .and_then(|(_, t)| {
+                            String::from_utf8_lossy(&t).lines().find_map(|l| {
+                                l.strip_prefix("grpc-status:").map(|s| s.trim().to_owned())
+                            })
+                        })
                 })
-            })
-        });
+            });
         assert!(
             status.as_deref().is_some_and(|s| codes.contains(&s)),
             "{name}: {status:?} {response:?}"
@@ -600,13 +648,21 @@ async fn bad_frames_and_bodies_get_clean_errors() -> anyhow::Result<()> {
     // Connect: a body over the limit, garbage protobuf.
     let response = raw(
         mesh.gateway,
-        &post(GET_PRODUCT, &[("content-type", "application/json")], &[b' '; 2048]),
+        &post(
+            GET_PRODUCT,
+            &[("content-type", "application/json")],
+            &[b' '; 2048],
+        ),
     )
     .await?;
     assert_eq!(response.status, 429, "{response:?}");
     let response = raw(
         mesh.gateway,
-        &post(GET_PRODUCT, &[("content-type", "application/proto")], &[0xff; 16]),
+        &post(
+            GET_PRODUCT,
+            &[("content-type", "application/proto")],
+            &[0xff; 16],
+        ),
     )
     .await?;
     assert!(
@@ -640,14 +696,18 @@ async fn huge_headers_and_slow_clients_are_cut_off() -> anyhow::Result<()> {
     let mut stream = tokio::net::TcpStream::connect(mesh.gateway).await?;
     stream.write_all(b"POST /x HTTP/1.1\r\nhost: g\r\n").await?;
     let mut buffer = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(8), stream.read_to_end(&mut buffer)).await;
+    let closed =
+        tokio::time::timeout(Duration::from_secs(8), stream.read_to_end(&mut buffer)).await;
     assert!(closed.is_ok(), "the slow connection stayed open");
 
     // An HTTP/2 connection that never sends a request is closed as well.
     let mut stream = tokio::net::TcpStream::connect(mesh.gateway).await?;
-    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await?;
     let mut buffer = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(8), stream.read_to_end(&mut buffer)).await;
+    let closed =
+        tokio::time::timeout(Duration::from_secs(8), stream.read_to_end(&mut buffer)).await;
     assert!(closed.is_ok(), "the idle HTTP/2 connection stayed open");
     mesh.stop().await
 }
@@ -742,7 +802,9 @@ async fn with_a_certificate_the_port_speaks_tls_with_http2_by_alpn() -> anyhow::
             .with_root_certificates(roots.clone())
             .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)))
+        Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+            config,
+        )))
     };
     let name = rustls::pki_types::ServerName::try_from("localhost")?;
 
@@ -781,9 +843,7 @@ async fn a_refused_http1_call_reads_the_body_and_keeps_the_connection() -> anyho
     tokio::time::sleep(Duration::from_millis(200)).await;
     stream.write_all(b"{}").await?;
     // Then a second call on the same connection.
-    stream
-        .write_all(&bodyless("GET", "/healthz", &[]))
-        .await?;
+    stream.write_all(&bodyless("GET", "/healthz", &[])).await?;
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await??;
     let answer = String::from_utf8_lossy(&answer);

@@ -176,7 +176,11 @@ fn parse_response(bytes: &[u8]) -> anyhow::Result<RawResponse> {
     let chunked = headers
         .iter()
         .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked { dechunk(rest)? } else { rest.to_vec() };
+    let body = if chunked {
+        dechunk(rest)?
+    } else {
+        rest.to_vec()
+    };
     Ok(RawResponse {
         status,
         headers,
@@ -206,7 +210,11 @@ fn dechunk(mut bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
 /// A gRPC frame: flag, big-endian length, message.
 pub fn frame(flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut bytes = vec![flags];
-    bytes.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_be_bytes());
+    bytes.extend_from_slice(
+        &u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
     bytes.extend_from_slice(payload);
     bytes
 }
