@@ -62,8 +62,19 @@ impl RequestSlot {
     }
 }
 
-fn codec_status(err: &CodecError) -> tonic::Status {
+/// The status of a client's request that does not decode.
+pub fn codec_status(err: &CodecError) -> tonic::Status {
     tonic::Status::new(err.code(), err.to_string())
+}
+
+/// The status of a backend answer that does not decode: the backend's
+/// fault (INTERNAL), unless it is only too large to convert.
+pub fn backend_codec_status(err: &CodecError) -> tonic::Status {
+    let code = match err.code() {
+        Code::ResourceExhausted => Code::ResourceExhausted,
+        _ => Code::Internal,
+    };
+    tonic::Status::new(code, format!("the backend's answer: {err}"))
 }
 
 type Incoming = hyper::body::Incoming;
@@ -409,7 +420,7 @@ pub fn connect_stream_response(
                                         }
                                     },
                                     Err(err) => {
-                                        ended = Some((codec_status(&err), HeaderMap::new()));
+                                        ended = Some((backend_codec_status(&err), HeaderMap::new()));
                                         break 'frames;
                                     }
                                 }

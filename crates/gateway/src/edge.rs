@@ -550,7 +550,7 @@ impl Edge {
             ConnectCodec::Json => self
                 .json
                 .json_to_proto(&route.input, &bytes)
-                .map_err(|err| tonic::Status::new(err.code(), err.to_string()))?,
+                .map_err(|err| body::codec_status(&err))?,
         };
         Ok(tonic::body::Body::new(http_body_util::Full::new(
             crate::codec::frame::encode_frame(0, &proto),
@@ -601,7 +601,7 @@ impl Edge {
                             }
                             Ok(None) => break,
                             Err(err) => {
-                                let status = tonic::Status::new(err.code(), err.to_string());
+                                let status = body::backend_codec_status(&err);
                                 return refuse(&mut log, status, &parts.headers);
                             }
                         }
