@@ -78,6 +78,18 @@ bench which="rpc" *args: tools
     # fsync on, as a real server: figures must not flatter PostgreSQL.
     scripts/pg.sh with-test-cluster --durable cargo bench -p "$package" --bench "{{which}}" --locked
 
+# Fuzz the gateway's grpc-web and Connect codecs with cargo-fuzz (nightly toolchain and cargo-fuzz installed if missing): each target runs SECONDS (default 300), growing crates/gateway/fuzz/corpus/.
+fuzz seconds="300":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+    cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+    cd crates/gateway/fuzz
+    for target in grpc_web_request connect_request; do
+        echo "fuzzing $target for {{seconds}} s ..."
+        cargo +nightly fuzz run "$target" -- -max_total_time="{{seconds}}"
+    done
+
 # Format the Rust code.
 fmt:
     cargo fmt --all

@@ -32,6 +32,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -100,6 +101,9 @@ struct Settings {
     h2_connections: usize,
     /// grpc-web and Connect over HTTP/2 rather than HTTP/1.1.
     web_http2: bool,
+    /// How long the gateway may take to listen and answer right (longer
+    /// under `valgrind`).
+    start_secs: u64,
 }
 
 impl Settings {
@@ -114,6 +118,7 @@ impl Settings {
             saturated_rounds: 2,
             h2_connections: 4,
             web_http2: false,
+            start_secs: 30,
         };
         let settings = Self {
             rate: env_or("AGORA_BENCH_RATE", defaults.rate)?,
@@ -125,6 +130,7 @@ impl Settings {
             saturated_rounds: env_or("AGORA_BENCH_SATURATED_ROUNDS", defaults.saturated_rounds)?,
             h2_connections: env_or("AGORA_BENCH_H2_CONNECTIONS", defaults.h2_connections)?,
             web_http2: env_or("AGORA_BENCH_WEB_HTTP2", 0u8)? != 0,
+            start_secs: env_or("AGORA_BENCH_START_SECS", defaults.start_secs)?,
         };
         anyhow::ensure!(
             settings.rate > 0.0
@@ -149,6 +155,7 @@ impl Settings {
             saturated_rounds: 1,
             h2_connections: 2,
             web_http2: false,
+            start_secs: 30,
         }
     }
 }
@@ -198,7 +205,22 @@ impl Spawned {
 }
 
 impl Drop for Spawned {
+    /// SIGTERM first, so that a process run under a profiler writes its
+    /// profile; SIGKILL when it is not gone within 30 s.
     fn drop(&mut self) {
+        let terminated = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|status| status.success());
+        if terminated {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -295,7 +317,10 @@ async fn run_processes(settings: Settings) -> anyhow::Result<()> {
             .env("AGORA_CATALOG__LISTEN_ADDR", catalog_addr.to_string())
             .env("AGORA_GATEWAY__LISTEN_ADDR", gateway_addr.to_string())
             .env("AGORA_GATEWAY__RATE_LIMIT_PER_SEC", "0")
-            .env("AGORA_CATALOG__ADDRESSES", format!("[\"{catalog_addr}\"]"))
+            .env(
+                "AGORA_CATALOG__ADDRESSES",
+                format!("[\"http://{catalog_addr}\"]"),
+            )
             .stdout(Stdio::null())
             .stderr(file);
         // The services not started here point at a closed port, never at a
@@ -303,7 +328,7 @@ async fn run_processes(settings: Settings) -> anyhow::Result<()> {
         for other in ["users", "inventory", "payments", "orders", "notifications"] {
             command.env(
                 format!("AGORA_{}__ADDRESSES", other.to_uppercase()),
-                "[\"127.0.0.1:1\"]",
+                "[\"http://127.0.0.1:1\"]",
             );
         }
         let child = command
@@ -326,6 +351,18 @@ async fn run_processes(settings: Settings) -> anyhow::Result<()> {
     let token = admin_token(&data)?;
     let product_id = create_product(catalog_addr, &token).await?;
     let mut gateway_process = spawn("gateway")?;
+    // Its port first; `bench` then waits for right answers through it.
+    let deadline = Instant::now() + Duration::from_secs(settings.start_secs);
+    while TcpStream::connect(gateway_addr).await.is_err() {
+        gateway_process.ensure_running("gateway")?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the gateway did not listen on {gateway_addr} within {} s:\n{}",
+            settings.start_secs,
+            gateway_process.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let processes = Processes {
         gateway: gateway_process.pid(),
@@ -407,7 +444,7 @@ async fn smoke() -> anyhow::Result<()> {
     let mut env = TestEnv::per_service(Backend::Sqlite).await?;
     let server = TestServer::start(vec![agora_catalog::hosted(&env.config).await?]).await?;
     let catalog_addr = server.addr();
-    env.config.catalog.addresses = vec![catalog_addr.to_string()];
+    env.config.catalog.addresses = vec![format!("http://{catalog_addr}")];
     for other in [
         &mut env.config.users,
         &mut env.config.inventory,
@@ -415,7 +452,7 @@ async fn smoke() -> anyhow::Result<()> {
         &mut env.config.orders,
         &mut env.config.notifications,
     ] {
-        other.addresses = vec!["127.0.0.1:1".into()];
+        other.addresses = vec!["http://127.0.0.1:1".into()];
     }
     env.config.gateway.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     env.config.gateway.rate_limit_per_sec = 0;
@@ -504,9 +541,11 @@ enum Pool {
         next: AtomicUsize,
     },
     /// One call per connection at a time; a call waits for a free one
-    /// (that wait counts in its latency, as it would for a browser).
+    /// (that wait counts in its latency, as it would for a browser). Taken
+    /// in turn (first in, first out), so that none idles long enough for
+    /// the server to close it during a run.
     H1 {
-        idle: Mutex<Vec<H1Sender>>,
+        idle: Mutex<VecDeque<H1Sender>>,
         permits: Semaphore,
     },
 }
@@ -523,6 +562,8 @@ struct ClientInner {
     headers: HeaderMap,
     body: Bytes,
     pool: Pool,
+    /// HTTP/1.1 connections opened again because the server had closed them.
+    reconnects: AtomicUsize,
     /// The answer's payload length, learnt when verified: a different one
     /// during a run is an error (a truncated or wrong answer).
     expected_len: AtomicUsize,
@@ -606,9 +647,9 @@ impl Client {
             (uri, pool)
         } else {
             headers.insert(header::HOST, HeaderValue::from_str(&spec.addr.to_string())?);
-            let mut idle = Vec::with_capacity(settings.concurrency);
+            let mut idle = VecDeque::with_capacity(settings.concurrency);
             for _ in 0..settings.concurrency {
-                idle.push(connect_h1(spec.addr).await.map_err(anyhow::Error::msg)?);
+                idle.push_back(connect_h1(spec.addr).await.map_err(anyhow::Error::msg)?);
             }
             let pool = Pool::H1 {
                 permits: Semaphore::new(idle.len()),
@@ -623,6 +664,7 @@ impl Client {
                 headers,
                 body,
                 pool,
+                reconnects: AtomicUsize::new(0),
                 expected_len: AtomicUsize::new(usize::MAX),
             }),
         })
@@ -663,35 +705,40 @@ impl Client {
                 let mut sender = idle
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .pop()
+                    .pop_front()
                     .ok_or_else(|| "no idle connection".to_owned())?;
-                let result = async {
-                    sender
-                        .ready()
-                        .await
-                        .map_err(|err| format!("HTTP/1.1 connection: {err}"))?;
-                    let response = sender
-                        .send_request(request)
-                        .await
-                        .map_err(|err| format!("HTTP/1.1 request: {err}"))?;
-                    // The body read to its end before the connection goes
-                    // back to the pool: HTTP/1.1 has one call at a time.
-                    read_response(response).await
-                }
-                .await;
-                if sender.is_closed() {
-                    match connect_h1(self.inner.spec.addr).await {
-                        Ok(fresh) => sender = fresh,
-                        Err(err) => {
-                            // One connection fewer: one permit fewer too.
-                            permit.forget();
-                            return Err(format!("{result:?}; reconnecting: {err}"));
+                let mut request = Some(request);
+                let result = loop {
+                    // A server may close a keep-alive connection that idles
+                    // (the gateway does): as a browser, the call then takes a
+                    // new one, and the reconnect counts in its latency.
+                    if sender.ready().await.is_err() {
+                        self.inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                        match connect_h1(self.inner.spec.addr).await {
+                            Ok(fresh) => sender = fresh,
+                            Err(err) => {
+                                // One connection fewer: one permit fewer too.
+                                permit.forget();
+                                return Err(err);
+                            }
                         }
                     }
-                }
+                    let Some(this) = request.take() else {
+                        break Err("the request was not sent, twice".to_owned());
+                    };
+                    match sender.send_request(this).await {
+                        // Closed before the request went out: it was not
+                        // sent, so it may go once more, on a new connection.
+                        Err(err) if err.is_canceled() => request = self.request().ok(),
+                        Err(err) => break Err(format!("HTTP/1.1 request: {err}")),
+                        // The body read to its end before the connection goes
+                        // back to the pool: HTTP/1.1 has one call at a time.
+                        Ok(response) => break read_response(response).await,
+                    }
+                };
                 idle.lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .push(sender);
+                    .push_back(sender);
                 drop(permit);
                 result?
             }
@@ -711,6 +758,38 @@ impl Client {
             ));
         }
         Ok(payload)
+    }
+
+    /// Between runs, with no call in flight: opens again the HTTP/1.1
+    /// connections the server closed while they idled (the gateway closes
+    /// an idle keep-alive connection after `gateway.header_read_timeout_ms`),
+    /// so that a run does not pay for the pause before it. Returns how many.
+    async fn refresh(&self) -> usize {
+        let Pool::H1 { idle, .. } = &self.inner.pool else {
+            return 0;
+        };
+        let senders: Vec<H1Sender> = idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        let mut reopened = 0;
+        let mut kept = VecDeque::with_capacity(senders.len());
+        for mut sender in senders {
+            // One that cannot be opened again is left closed: the call that
+            // takes it reconnects (or fails) then.
+            if sender.ready().await.is_err()
+                && let Ok(fresh) = connect_h1(self.inner.spec.addr).await
+            {
+                sender = fresh;
+                reopened += 1;
+            }
+            kept.push_back(sender);
+        }
+        idle.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .append(&mut kept);
+        reopened
     }
 
     /// One call whose answer must be the product: sets the payload length
@@ -868,14 +947,14 @@ fn status_kb(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// User plus system CPU time of a process so far, in clock ticks.
-fn cpu_ticks(pid: &str) -> Option<u64> {
+/// User and system CPU time of a process so far, in clock ticks.
+fn cpu_ticks(pid: &str) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces: fields count from its closing ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let user: u64 = fields.get(11)?.parse().ok()?;
     let system: u64 = fields.get(12)?.parse().ok()?;
-    Some(user + system)
+    Some((user, system))
 }
 
 /// Busy and total clock ticks of the whole machine (`/proc/stat`).
@@ -907,9 +986,10 @@ fn clock_ticks_per_sec() -> f64 {
 #[derive(Clone, Copy)]
 struct CpuSnapshot {
     at: Instant,
-    gateway: Option<u64>,
-    catalog: Option<u64>,
-    bench: Option<u64>,
+    /// (user, system) ticks.
+    gateway: Option<(u64, u64)>,
+    catalog: Option<(u64, u64)>,
+    bench: Option<(u64, u64)>,
     machine: Option<(u64, u64)>,
 }
 
@@ -931,14 +1011,25 @@ struct CpuUse {
     /// CPU µs per request of the gateway and of catalog.
     gateway_us_per_call: Option<f64>,
     catalog_us_per_call: Option<f64>,
+    /// The kernel's part of `gateway_us_per_call` (system time).
+    gateway_sys_us_per_call: Option<f64>,
+    /// CPU of this process (the load), in % of one core.
+    bench_pct: Option<f64>,
     /// CPU of everything else on the machine, in % of one core.
     others_pct: Option<f64>,
 }
 
 fn cpu_use(before: &CpuSnapshot, after: &CpuSnapshot, calls: usize, hz: f64) -> CpuUse {
-    let delta = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?) as f64);
+    let delta = |a: Option<(u64, u64)>, b: Option<(u64, u64)>| {
+        let ((user0, sys0), (user1, sys1)) = (a?, b?);
+        Some((user1 + sys1).saturating_sub(user0 + sys0) as f64)
+    };
     let per_call = |ticks: Option<f64>| ticks.map(|t| t / hz * 1e6 / calls.max(1) as f64);
     let gateway = delta(before.gateway, after.gateway);
+    let gateway_sys = match (before.gateway, after.gateway) {
+        (Some((_, sys0)), Some((_, sys1))) => Some(sys1.saturating_sub(sys0) as f64),
+        _ => None,
+    };
     let catalog = delta(before.catalog, after.catalog);
     let bench = delta(before.bench, after.bench);
     let seconds = after.at.duration_since(before.at).as_secs_f64().max(1e-3);
@@ -953,6 +1044,8 @@ fn cpu_use(before: &CpuSnapshot, after: &CpuSnapshot, calls: usize, hz: f64) -> 
     CpuUse {
         gateway_us_per_call: per_call(gateway),
         catalog_us_per_call: per_call(catalog),
+        gateway_sys_us_per_call: per_call(gateway_sys),
+        bench_pct: bench.map(|ticks| ticks / hz / seconds * 100.0),
         others_pct,
     }
 }
@@ -1029,6 +1122,8 @@ struct OpenRun {
     lag_p50: f64,
     lag_p99: f64,
     rss_peak_kb: Option<u64>,
+    /// HTTP/1.1 connections the server had closed, opened again.
+    reconnects: usize,
     cpu: CpuUse,
 }
 
@@ -1063,6 +1158,7 @@ async fn open_loop(
     });
     let sampler = processes.map(|p| RssSampler::start(p.gateway));
     let before = CpuSnapshot::take(processes);
+    let reconnects = client.inner.reconnects.load(Ordering::Relaxed);
     let mut handles = Vec::with_capacity(calls);
     while let Some(at) = rx.recv().await {
         let client = client.clone();
@@ -1119,6 +1215,7 @@ async fn open_loop(
         lag_p50: lags.percentile(0.50),
         lag_p99: lags.percentile(0.99),
         rss_peak_kb,
+        reconnects: client.inner.reconnects.load(Ordering::Relaxed) - reconnects,
         cpu: cpu_use(&before, &after, calls, hz),
     }
 }
@@ -1133,6 +1230,7 @@ struct ClosedRun {
     ok: usize,
     errors: usize,
     first_error: Option<String>,
+    reconnects: usize,
     cpu: CpuUse,
 }
 
@@ -1149,6 +1247,7 @@ async fn closed_loop(
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
     let before = CpuSnapshot::take(processes);
+    let reconnects = client.inner.reconnects.load(Ordering::Relaxed);
     let mut workers = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let client = client.clone();
@@ -1197,6 +1296,7 @@ async fn closed_loop(
         ok,
         errors,
         first_error,
+        reconnects: client.inner.reconnects.load(Ordering::Relaxed) - reconnects,
         cpu: cpu_use(&before, &after, ok + errors, hz),
     }
 }
@@ -1209,6 +1309,8 @@ struct Report {
     via_gateway: Vec<bool>,
     open: Vec<OpenRun>,
     closed: Vec<ClosedRun>,
+    /// HTTP/1.1 connections the gateway closed between runs, while idle.
+    closed_while_idle: usize,
     rss_idle_kb: Option<u64>,
     rss_after_warmup_kb: Option<u64>,
     rss_hwm_kb: Option<u64>,
@@ -1278,16 +1380,17 @@ async fn bench(
         );
     }
     // The gateway may still be starting (its backends' health unknown):
-    // each target must give the right answer once within 30 s.
+    // each target must give the right answer once within `start_secs`.
     for client in &clients {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(settings.start_secs);
         loop {
             match client.verify(product_id).await {
                 Ok(()) => break,
                 Err(err) if Instant::now() >= deadline => {
                     anyhow::bail!(
-                        "{}: no right answer within 30 s: {err}",
-                        client.inner.spec.name
+                        "{}: no right answer within {} s: {err}",
+                        client.inner.spec.name,
+                        settings.start_secs
                     )
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -1321,11 +1424,13 @@ async fn bench(
     let rss_after_warmup_kb = processes.and_then(|p| status_kb(p.gateway, "VmRSS"));
 
     let count = clients.len();
+    let mut closed_while_idle = 0;
     let mut open = Vec::new();
     for round in 0..settings.rounds {
         for k in 0..count {
             // Rotated each round, so no target always follows the same one.
             let index = (round + k) % count;
+            closed_while_idle += clients[index].refresh().await;
             let run = open_loop(
                 &clients[index],
                 index,
@@ -1336,13 +1441,14 @@ async fn bench(
             )
             .await;
             println!(
-                "open loop, round {}: {:<32} p50 {:>6.0} µs  p99 {:>6.0} µs  max {:>7.0} µs  {:>6.0} req/s  errors {}{}",
+                "open loop, round {}: {:<32} p50 {:>6.0} µs  p99 {:>6.0} µs  max {:>7.0} µs  {:>6.0} req/s  reconnects {}  errors {}{}",
                 round + 1,
                 specs[index].name,
                 run.p50,
                 run.p99,
                 run.max,
                 run.achieved,
+                run.reconnects,
                 run.errors,
                 run.first_error
                     .as_deref()
@@ -1356,6 +1462,7 @@ async fn bench(
     for round in 0..settings.saturated_rounds {
         for k in 0..count {
             let index = (round + k) % count;
+            closed_while_idle += clients[index].refresh().await;
             let run = closed_loop(
                 &clients[index],
                 index,
@@ -1366,12 +1473,13 @@ async fn bench(
             )
             .await;
             println!(
-                "saturated, round {}: {:<32} {:>7.0} req/s  p50 {:>6.0} µs  p99 {:>6.0} µs  errors {}{}",
+                "saturated, round {}: {:<32} {:>7.0} req/s  p50 {:>6.0} µs  p99 {:>6.0} µs  reconnects {}  errors {}{}",
                 round + 1,
                 specs[index].name,
                 run.throughput,
                 run.p50,
                 run.p99,
+                run.reconnects,
                 run.errors,
                 run.first_error
                     .as_deref()
@@ -1387,6 +1495,7 @@ async fn bench(
         via_gateway: specs.iter().map(|s| s.via_gateway).collect(),
         open,
         closed,
+        closed_while_idle,
         rss_idle_kb,
         rss_after_warmup_kb,
         rss_hwm_kb: processes.and_then(|p| status_kb(p.gateway, "VmHWM")),
@@ -1429,6 +1538,14 @@ fn opt_us(value: Option<f64>) -> String {
     value.map_or_else(|| "n/a".into(), |v| format!("{v:.0}"))
 }
 
+fn percent(value: f64) -> String {
+    if value.is_finite() {
+        format!("{value:.0}%")
+    } else {
+        "n/a".into()
+    }
+}
+
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "NOT met" }
 }
@@ -1466,7 +1583,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "| path | p50 µs | p99 µs | max µs | req/s | errors | p50 overhead µs (ratio) | p99 overhead µs (ratio) | gateway CPU µs/call | catalog CPU µs/call |"
+            "| path | p50 µs | p99 µs | max µs | req/s | errors | p50 overhead µs (ratio) | p99 overhead µs (ratio) | gateway CPU µs/call (sys) | catalog CPU µs/call |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (index, name) in self.targets.iter().enumerate() {
@@ -1479,6 +1596,11 @@ impl Report {
             let gateway_cpu = median(
                 runs.iter()
                     .filter_map(|r| r.cpu.gateway_us_per_call)
+                    .collect(),
+            );
+            let gateway_sys = median(
+                runs.iter()
+                    .filter_map(|r| r.cpu.gateway_sys_us_per_call)
                     .collect(),
             );
             let catalog_cpu = median(
@@ -1505,7 +1627,11 @@ impl Report {
                 "| {name} | {p50:.0} | {p99:.0} | {max:.0} | {achieved:.0} | {errors} | {} | {} | {} | {} |",
                 overhead(|r| r.p50),
                 overhead(|r| r.p99),
-                opt_us(gateway_cpu.is_finite().then_some(gateway_cpu)),
+                if gateway_cpu.is_finite() && gateway_sys.is_finite() {
+                    format!("{gateway_cpu:.0} ({gateway_sys:.0})")
+                } else {
+                    "n/a".to_owned()
+                },
                 opt_us(catalog_cpu.is_finite().then_some(catalog_cpu)),
             );
         }
@@ -1574,19 +1700,24 @@ impl Report {
             mib(gateway_peak),
             mib(self.rss_hwm_kb),
         );
+        let reconnects: usize = self.open.iter().map(|r| r.reconnects).sum::<usize>()
+            + self.closed.iter().map(|r| r.reconnects).sum::<usize>();
+        let _ = writeln!(
+            out,
+            "HTTP/1.1 connections the gateway closed while idle: {} between runs (opened again before the next run), {reconnects} during runs (opened again within a call, which counts in its latency).",
+            self.closed_while_idle
+        );
         let lag_p50 = median(self.open.iter().map(|r| r.lag_p50).collect());
         let lag_p99 = median(self.open.iter().map(|r| r.lag_p99).collect());
         let others = median(self.open.iter().filter_map(|r| r.cpu.others_pct).collect());
+        let load = median(self.open.iter().filter_map(|r| r.cpu.bench_pct).collect());
         let _ = writeln!(
             out,
-            "Machine: load average {} before, {} after; other processes used {} of a core during the open-loop runs (median); calls left {lag_p50:.0} µs (p50) / {lag_p99:.0} µs (p99) after their scheduled time (the client's floor, in every figure alike).",
+            "Machine: load average {} before, {} after; during the open-loop runs (medians) the load generator used {} of a core and other processes {}; calls left {lag_p50:.0} µs (p50) / {lag_p99:.0} µs (p99) after their scheduled time (the client's floor, in every figure alike).",
             self.load_before,
             self.load_after,
-            if others.is_finite() {
-                format!("{others:.0}%")
-            } else {
-                "n/a".into()
-            },
+            percent(load),
+            percent(others),
         );
 
         let _ = writeln!(
@@ -1612,12 +1743,16 @@ impl Report {
                     .sum::<usize>();
             let _ = writeln!(
                 out,
-                "- {name}: p50 {:+.0} µs {}, p99 {:+.0} µs {}, saturated {ratio:.2}x {}{}",
+                "- {name}: p50 {:+.0} µs {}, p99 {:+.0} µs {}, saturated {}{}",
                 p50,
                 verdict(p50 <= TARGET_P50_OVERHEAD_US),
                 p99,
                 verdict(p99 <= TARGET_P99_OVERHEAD_US),
-                verdict(ratio >= TARGET_THROUGHPUT_RATIO),
+                if ratio.is_finite() {
+                    format!("{ratio:.2}x {}", verdict(ratio >= TARGET_THROUGHPUT_RATIO))
+                } else {
+                    "not measured".to_owned()
+                },
                 if errors > 0 {
                     format!("; **{errors} errors: this run does not count**")
                 } else {

@@ -6,6 +6,7 @@
 //! message of at most the configured size.
 
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -14,6 +15,8 @@ use http_body::Frame;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, StreamBody};
 use prost_reflect::MessageDescriptor;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tonic::Code;
 
 use crate::codec::CodecError;
@@ -169,7 +172,7 @@ pub fn connect_json_frames(
             match frame {
                 Ok(frame) => {
                     let Ok(data) = frame.into_data() else { continue };
-                    decoder.push(&data);
+                    decoder.push_bytes(data);
                     loop {
                         let converted = match decoder.next_frame() {
                             Ok(None) => break,
@@ -207,13 +210,29 @@ pub fn connect_json_frames(
     tonic::body::Body::new(StreamBody::new(stream))
 }
 
-/// A whole request body of at most `max` bytes (Connect unary), refused as
-/// soon as its announced or received length passes it.
+/// How a body read whole is bounded: its size, the memory all such bodies
+/// share, and time.
+pub struct CollectLimits<'a> {
+    /// The largest body.
+    pub max: usize,
+    /// Bytes all bodies being held share (one permit per byte).
+    pub budget: &'a Arc<Semaphore>,
+    /// The call's deadline: the whole body must be there by then.
+    pub deadline: Instant,
+    /// The longest wait for the next piece of the body.
+    pub idle: Duration,
+}
+
+/// A whole request body (Connect unary), refused as soon as its announced or
+/// received length passes `limits.max`, when the bytes held by all clients
+/// would pass the budget, or when it arrives too slowly. The permit holds
+/// the body's share of the budget for as long as the body lives.
 pub async fn collect_limited(
     mut incoming: Incoming,
     headers: &HeaderMap,
-    max: usize,
-) -> Result<Bytes, tonic::Status> {
+    limits: CollectLimits<'_>,
+) -> Result<(Bytes, OwnedSemaphorePermit), tonic::Status> {
+    let max = limits.max;
     let too_large = || {
         tonic::Status::resource_exhausted(format!("the request body is larger than {max} bytes"))
     };
@@ -224,8 +243,23 @@ pub async fn collect_limited(
     if announced.is_some_and(|length| length > max as u64) {
         return Err(too_large());
     }
+    let mut held = Arc::clone(limits.budget)
+        .try_acquire_many_owned(0)
+        .map_err(|_| tonic::Status::unavailable("the gateway is shutting down"))?;
     let mut body = BytesMut::new();
-    while let Some(frame) = incoming.frame().await {
+    loop {
+        let wait = Instant::now()
+            .checked_add(limits.idle)
+            .map_or(limits.deadline, |idle| idle.min(limits.deadline));
+        let frame = match tokio::time::timeout_at(wait, incoming.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => {
+                return Err(tonic::Status::deadline_exceeded(
+                    "the request body arrived too slowly",
+                ));
+            }
+        };
         let frame = frame.map_err(|err| {
             tonic::Status::cancelled(format!("the client's request body failed: {err}"))
         })?;
@@ -233,10 +267,44 @@ pub async fn collect_limited(
             if body.len() + data.len() > max {
                 return Err(too_large());
             }
+            let share = u32::try_from(data.len()).map_err(|_| too_large())?;
+            let permit = Arc::clone(limits.budget)
+                .try_acquire_many_owned(share)
+                .map_err(|_| {
+                    tonic::Status::resource_exhausted(
+                        "the gateway holds as many request bodies as it may: retry shortly",
+                    )
+                })?;
+            held.merge(permit);
             body.extend_from_slice(&data);
         }
     }
-    Ok(body.freeze())
+    Ok((body.freeze(), held))
+}
+
+/// A body of one chunk that gives back its share of the buffer budget once
+/// sent on.
+pub fn held_body(bytes: Bytes, permit: OwnedSemaphorePermit) -> tonic::body::Body {
+    let stream = futures::stream::once(async move {
+        drop(permit);
+        Ok::<_, tonic::Status>(Frame::data(bytes))
+    });
+    tonic::body::Body::new(StreamBody::new(stream))
+}
+
+/// The next frame of a backend's answer, or DEADLINE_EXCEEDED once the
+/// call's deadline passes: the client stack's deadline covers only the wait
+/// for the answer's head, and a stream must not outlive its deadline.
+async fn next_frame(
+    body: &mut tonic::body::Body,
+    deadline: Instant,
+) -> Option<Result<Frame<Bytes>, tonic::Status>> {
+    match tokio::time::timeout_at(deadline, body.frame()).await {
+        Ok(frame) => frame,
+        Err(_) => Some(Err(tonic::Status::deadline_exceeded(
+            "the call's deadline passed",
+        ))),
+    }
 }
 
 /// The status of trailers (or of a trailers-only reply's headers).
@@ -264,6 +332,7 @@ fn ended_without_status() -> tonic::Status {
 /// with a status in trailers rather than a reset.
 pub fn grpc_response(
     response: http::Response<tonic::body::Body>,
+    deadline: Instant,
     mut log: CallLog,
     slot: RequestSlot,
 ) -> Response<EdgeBody> {
@@ -274,7 +343,7 @@ pub fn grpc_response(
     }
     let stream = async_stream::stream! {
         let mut body = body;
-        while let Some(frame) = body.frame().await {
+        while let Some(frame) = next_frame(&mut body, deadline).await {
             match frame {
                 Ok(frame) => match frame.into_data() {
                     Ok(data) => yield Ok::<_, BoxError>(Frame::data(data)),
@@ -310,6 +379,7 @@ pub fn grpc_response(
 pub fn grpc_web_response(
     response: http::Response<tonic::body::Body>,
     format: WebFormat,
+    deadline: Instant,
     mut log: CallLog,
     slot: RequestSlot,
 ) -> Response<EdgeBody> {
@@ -330,7 +400,7 @@ pub fn grpc_web_response(
     let stream = async_stream::stream! {
         let mut body = body;
         let mut ended = None;
-        while let Some(frame) = body.frame().await {
+        while let Some(frame) = next_frame(&mut body, deadline).await {
             match frame {
                 Ok(frame) => match frame.into_data() {
                     Ok(data) => yield Ok::<_, BoxError>(Frame::data(encode(data))),
@@ -362,12 +432,14 @@ pub fn grpc_web_response(
 /// JSON for the JSON codec; protobuf envelopes are the gRPC frames as they
 /// are), then the end-of-stream envelope with the error, if any, and the
 /// trailers as metadata.
+#[allow(clippy::too_many_arguments)]
 pub fn connect_stream_response(
     response: http::Response<tonic::body::Body>,
     codec: ConnectCodec,
     output: MessageDescriptor,
     json: JsonCodec,
     max: usize,
+    deadline: Instant,
     mut log: CallLog,
     slot: RequestSlot,
 ) -> Response<EdgeBody> {
@@ -399,13 +471,13 @@ pub fn connect_stream_response(
         let mut body = body;
         let mut decoder = FrameDecoder::new(max);
         let mut ended: Option<(tonic::Status, HeaderMap)> = None;
-        'frames: while let Some(frame) = body.frame().await {
+        'frames: while let Some(frame) = next_frame(&mut body, deadline).await {
             match frame {
                 Ok(frame) => match frame.into_data() {
                     Ok(data) => match codec {
                         ConnectCodec::Proto => yield Ok::<_, BoxError>(Frame::data(data)),
                         ConnectCodec::Json => {
-                            decoder.push(&data);
+                            decoder.push_bytes(data);
                             loop {
                                 match decoder.next_frame() {
                                     Ok(None) => break,

@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agora_platform::auth::{Caller, TokenKind, TokenVerifier};
+use agora_platform::auth::{Caller, TokenVerifier};
 use agora_platform::deadline::{GRPC_TIMEOUT, format_grpc_timeout, grpc_timeout};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -60,7 +60,7 @@ impl Protocol {
 }
 
 /// The limits of one request, from `GatewayConfig`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Limits {
     /// The largest request message or unary body.
     pub max_request_bytes: usize,
@@ -70,6 +70,10 @@ pub struct Limits {
     pub default_timeout: Duration,
     /// The longest deadline, and a streaming call's when the client sets none.
     pub max_timeout: Duration,
+    /// The longest wait for the next piece of a body read whole.
+    pub body_read_timeout: Duration,
+    /// Bytes of request bodies held whole, all clients together.
+    pub buffer_budget: Arc<tokio::sync::Semaphore>,
     /// Trust the first `x-forwarded-for` address.
     pub trust_forwarded_for: bool,
 }
@@ -195,8 +199,10 @@ impl Edge {
             && let Some(ip) = headers
                 .get("x-forwarded-for")
                 .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.split(',').next())
-                .and_then(|first| first.trim().parse().ok())
+                // The last address is the one the proxy appended; those
+                // before it are whatever the client sent.
+                .and_then(|value| value.rsplit(',').next())
+                .and_then(|last| last.trim().parse().ok())
         {
             return ip;
         }
@@ -215,15 +221,24 @@ impl Edge {
         }
     }
 
+    /// Backend instances by circuit-breaker state, per service: counts, not
+    /// addresses, so the public port does not list the backends' pods.
     fn breaker_gauges(&self) -> Vec<crate::metrics::Gauge> {
         let mut gauges = Vec::new();
         for backend in &self.routes.backends {
-            for (address, state) in backend.channel.breaker_states() {
+            let mut counts = [0u32; 3];
+            for channel in backend.channels() {
+                for (_, state) in channel.breaker_states() {
+                    let slot = usize::try_from(state.gauge_value()).unwrap_or(0).min(2);
+                    counts[slot] += 1;
+                }
+            }
+            for (state, count) in ["closed", "open", "half_open"].into_iter().zip(counts) {
                 gauges.push(crate::metrics::Gauge {
-                    name: "agora_gateway_backend_breaker_state",
-                    help: "Circuit breaker of each backend instance: 0 closed, 1 open, 2 half-open",
-                    labels: vec![("service", backend.name.clone()), ("address", address)],
-                    value: state.gauge_value() as f64,
+                    name: "agora_gateway_backend_breakers",
+                    help: "Backend instances (per call kind) whose circuit breaker is in each state",
+                    labels: vec![("service", backend.name.clone()), ("state", state.to_owned())],
+                    value: f64::from(count),
                 });
             }
         }
@@ -302,8 +317,9 @@ impl Edge {
 
         // The gRPC call.
         let slot = RequestSlot::default();
+        let deadline = tokio::time::Instant::now() + timeout.budget;
         let outgoing = match self
-            .outgoing(request, protocol, &route, timeout, client.ip, &slot)
+            .outgoing(request, protocol, &route, timeout, deadline, client.ip, &slot)
             .await
         {
             Ok(outgoing) => outgoing,
@@ -318,19 +334,22 @@ impl Edge {
             (Err(status), None) => return log.refuse(protocol, status),
         };
         match protocol {
-            Protocol::Grpc => body::grpc_response(response, log, slot),
-            Protocol::GrpcWeb(format) => body::grpc_web_response(response, format, log, slot),
+            Protocol::Grpc => body::grpc_response(response, deadline, log, slot),
+            Protocol::GrpcWeb(format) => {
+                body::grpc_web_response(response, format, deadline, log, slot)
+            }
             Protocol::Connect(ConnectKind::Stream(codec)) => body::connect_stream_response(
                 response,
                 codec,
                 route.output.clone(),
                 self.json.clone(),
                 self.limits.max_response_bytes,
+                deadline,
                 log,
                 slot,
             ),
             Protocol::Connect(ConnectKind::Unary(codec)) | Protocol::ConnectGet(codec) => {
-                self.connect_unary_response(response, codec, &route, log)
+                self.connect_unary_response(response, codec, &route, deadline, log)
                     .await
             }
         }
@@ -345,7 +364,7 @@ impl Edge {
         route: Option<Arc<Route>>,
         client: &Client,
         log: &mut CallLog,
-    ) -> Result<(Arc<Route>, Duration), Refusal> {
+    ) -> Result<(Arc<Route>, CallTimeout), Refusal> {
         let path = request.uri().path();
         let Some(route) = route else {
             let (service, _) = split_path(path);
@@ -424,63 +443,49 @@ impl Edge {
     /// with a valid user token, UNAUTHENTICATED otherwise (service tokens
     /// included: services call each other directly, never through the edge).
     fn caller(&self, headers: &HeaderMap) -> Result<Caller, tonic::Status> {
-        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            return Ok(Caller::Anonymous);
-        };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|value| {
-                value
-                    .strip_prefix("Bearer ")
-                    .or_else(|| value.strip_prefix("bearer "))
-            })
-            .ok_or_else(|| {
-                tonic::Status::unauthenticated("authorization must be `Bearer <token>`")
-            })?;
-        let claims = self
-            .verifier
-            .verify(token.trim())
-            .map_err(tonic::Status::from)?;
-        if claims.kind != TokenKind::User {
-            return Err(tonic::Status::unauthenticated(
+        match self.verifier.caller_from_headers(headers) {
+            Ok(Caller::Service { .. }) => Err(tonic::Status::unauthenticated(
                 "service tokens are not accepted at the edge: log in as a user",
-            ));
+            )),
+            Ok(caller) => Ok(caller),
+            Err(err) => Err(tonic::Status::from(err)),
         }
-        Ok(Caller::User {
-            id: claims.sub,
-            email: claims.email,
-            roles: claims.roles,
-        })
     }
 
+    /// The call's deadline: the client's, cut to the maximum, or (sent as
+    /// no `grpc-timeout`, so the client stack's own default applies and
+    /// counts as a full budget for its breakers) the default of its kind.
     fn timeout(
         &self,
         headers: &HeaderMap,
         protocol: Protocol,
         route: &Route,
-    ) -> Result<Duration, tonic::Status> {
+    ) -> Result<CallTimeout, tonic::Status> {
         let requested = match protocol {
             Protocol::Connect(_) | Protocol::ConnectGet(_) => {
                 match headers.get("connect-timeout-ms") {
-                    Some(value) => {
-                        Some(connect::parse_timeout_ms(value.as_bytes()).map_err(|_| {
+                    Some(value) => Some(connect::parse_timeout_ms(value.as_bytes()).map_err(
+                        |_| {
                             tonic::Status::invalid_argument(
                                 "connect-timeout-ms must be 1 to 10 digits",
                             )
-                        })?)
-                    }
+                        },
+                    )?),
                     None => None,
                 }
             }
             Protocol::Grpc | Protocol::GrpcWeb(_) => grpc_timeout(headers),
         };
+        let requested = requested.map(|timeout| timeout.min(self.limits.max_timeout));
         let default = if route.client_streaming || route.server_streaming {
             self.limits.max_timeout
         } else {
             self.limits.default_timeout
         };
-        Ok(requested.unwrap_or(default).min(self.limits.max_timeout))
+        Ok(CallTimeout {
+            requested,
+            budget: requested.unwrap_or(default),
+        })
     }
 
     /// The gRPC request sent to the backend.
@@ -489,7 +494,8 @@ impl Edge {
         request: http::Request<hyper::body::Incoming>,
         protocol: Protocol,
         route: &Route,
-        timeout: Duration,
+        timeout: CallTimeout,
+        deadline: tokio::time::Instant,
         client_ip: IpAddr,
         slot: &RequestSlot,
     ) -> Result<http::Request<tonic::body::Body>, tonic::Status> {
@@ -497,7 +503,9 @@ impl Edge {
         let mut headers = forwarded_headers(&parts.headers, protocol);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
-        if let Ok(value) = HeaderValue::try_from(format_grpc_timeout(timeout)) {
+        if let Some(requested) = timeout.requested
+            && let Ok(value) = HeaderValue::try_from(format_grpc_timeout(requested))
+        {
             headers.insert(GRPC_TIMEOUT, value);
         }
         if let Ok(value) = HeaderValue::try_from(client_ip.to_string()) {
@@ -520,14 +528,24 @@ impl Edge {
                 ),
             },
             Protocol::Connect(ConnectKind::Unary(codec)) => {
-                let bytes = body::collect_limited(incoming, &parts.headers, max).await?;
-                self.unary_message(codec, route, bytes)?
+                let (bytes, permit) = body::collect_limited(
+                    incoming,
+                    &parts.headers,
+                    body::CollectLimits {
+                        max,
+                        budget: &self.limits.buffer_budget,
+                        deadline,
+                        idle: self.limits.body_read_timeout,
+                    },
+                )
+                .await?;
+                self.unary_message(codec, route, bytes, Some(permit))?
             }
             Protocol::ConnectGet(_) => {
                 let (codec, message) =
                     connect::parse_get_query(parts.uri.query().unwrap_or_default(), max)
                         .map_err(|err| tonic::Status::invalid_argument(err.to_string()))?;
-                self.unary_message(codec, route, message)?
+                self.unary_message(codec, route, message, None)?
             }
         };
         let mut outgoing = http::Request::new(outgoing_body);
@@ -544,6 +562,7 @@ impl Edge {
         codec: ConnectCodec,
         route: &Route,
         bytes: Bytes,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<tonic::body::Body, tonic::Status> {
         let proto = match codec {
             ConnectCodec::Proto => bytes,
@@ -552,9 +571,12 @@ impl Edge {
                 .json_to_proto(&route.input, &bytes)
                 .map_err(|err| body::codec_status(&err))?,
         };
-        Ok(tonic::body::Body::new(http_body_util::Full::new(
-            crate::codec::frame::encode_frame(0, &proto),
-        )))
+        let framed = crate::codec::frame::encode_frame(0, &proto);
+        Ok(match permit {
+            // The JSON is converted: the body held is the protobuf now.
+            Some(permit) => body::held_body(framed, permit),
+            None => tonic::body::Body::new(http_body_util::Full::new(framed)),
+        })
     }
 
     /// A Connect unary answer: the one message (or the error) of the whole
@@ -565,6 +587,7 @@ impl Edge {
         response: http::Response<tonic::body::Body>,
         codec: ConnectCodec,
         route: &Route,
+        deadline: tokio::time::Instant,
         mut log: CallLog,
     ) -> Response<EdgeBody> {
         let (parts, mut incoming) = response.into_parts();
@@ -580,14 +603,19 @@ impl Edge {
         let mut decoder = crate::codec::frame::FrameDecoder::new(self.limits.max_response_bytes);
         let mut message: Option<Bytes> = None;
         let mut trailers = HeaderMap::new();
-        while let Some(frame) = incoming.frame().await {
-            let frame = match frame {
-                Ok(frame) => frame,
-                Err(status) => return refuse(&mut log, status, &parts.headers),
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, incoming.frame()).await {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(None) => break,
+                Ok(Some(Err(status))) => return refuse(&mut log, status, &parts.headers),
+                Err(_) => {
+                    let status = tonic::Status::deadline_exceeded("the call's deadline passed");
+                    return refuse(&mut log, status, &parts.headers);
+                }
             };
             match frame.into_data() {
                 Ok(data) => {
-                    decoder.push(&data);
+                    decoder.push_bytes(data);
                     loop {
                         match decoder.next_frame() {
                             Ok(Some(frame)) if message.is_none() && frame.flags == 0 => {
@@ -779,14 +807,10 @@ pub fn status_response(protocol: Protocol, status: &tonic::Status) -> Response<E
 
 /// The `google.rpc.Status` details of a status, for Connect error bodies.
 pub fn status_details(status: &tonic::Status) -> Vec<connect::ErrorDetail> {
-    let mut headers = HeaderMap::new();
-    if status.add_header(&mut headers).is_err() {
+    if status.details().is_empty() {
         return Vec::new();
     }
-    headers
-        .get("grpc-status-details-bin")
-        .and_then(|value| connect::details_from_status_bin(value.as_bytes()).ok())
-        .unwrap_or_default()
+    connect::details_from_status_bytes(status.details()).unwrap_or_default()
 }
 
 /// Connect's unary error: HTTP status by code, JSON body, metadata headers.
@@ -805,6 +829,16 @@ fn connect_error_response(
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// A call's time: what the client asked (cut to the maximum), and the
+/// budget it gets either way.
+#[derive(Clone, Copy, Debug)]
+pub struct CallTimeout {
+    /// The client's deadline, cut to `gateway.max_timeout_ms`.
+    pub requested: Option<Duration>,
+    /// The time the call gets.
+    pub budget: Duration,
 }
 
 /// Why the edge refused a call: a status, and for Connect an HTTP status

@@ -62,18 +62,21 @@ impl HealthState {
     }
 
     async fn set(&self, service: &str, serving: bool) {
-        let (changed, all_serving) = {
+        let (changed, all_before, all_serving) = {
             let mut statuses = self.lock();
+            let all_before = statuses.values().all(|status| *status == Some(true));
             let previous = statuses.insert(service.to_owned(), Some(serving));
             let all = statuses.values().all(|status| *status == Some(true));
-            (previous != Some(Some(serving)), all)
+            (previous != Some(Some(serving)), all_before, all)
         };
-        if changed {
-            if serving {
-                tracing::info!(service, "backend serving");
-            } else {
-                tracing::warn!(service, "backend not serving");
-            }
+        if !changed {
+            // Watchers of "" and of this service have heard it already.
+            return;
+        }
+        if serving {
+            tracing::info!(service, "backend serving");
+        } else {
+            tracing::warn!(service, "backend not serving");
         }
         let status = |serving| {
             if serving {
@@ -85,8 +88,11 @@ impl HealthState {
         self.reporter
             .set_service_status(service, status(serving))
             .await;
-        let overall = all_serving && !self.draining.is_cancelled();
-        self.reporter.set_service_status("", status(overall)).await;
+        if all_before != all_serving && !self.draining.is_cancelled() {
+            self.reporter
+                .set_service_status("", status(all_serving))
+                .await;
+        }
     }
 
     /// The gateway is stopping: readiness fails and "" turns NOT_SERVING so
@@ -127,7 +133,7 @@ impl HealthState {
         for backend in backends {
             for name in &backend.grpc_names {
                 let state = self.clone();
-                let channel = backend.channel.clone();
+                let channel = backend.streaming.clone();
                 let name = name.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {
@@ -140,9 +146,8 @@ impl HealthState {
         }
     }
 
-    /// Follows one backend's `Watch` stream, again after every failure
-    /// (the stream also ends at the client stack's deadline), marking the
-    /// service NOT_SERVING while it cannot be heard.
+    /// Follows one backend's `Watch` stream, again after every failure,
+    /// marking the service NOT_SERVING while it cannot be heard.
     async fn watch(&self, channel: agora_platform_client::ServiceChannel, service: &str) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {

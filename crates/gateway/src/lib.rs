@@ -115,13 +115,25 @@ impl Gateway {
             .add_service(reflection().build_v1alpha()?);
 
         // Backend calls carry the client's own token or none: the gateway
-        // lends nobody an identity. Their deadline is the one the edge
-        // computed (`grpc-timeout`), at most `max_timeout_ms`.
-        let mut client_config = config.clone();
-        client_config.clients.default_timeout_ms = settings.max_timeout_ms;
+        // lends nobody an identity. A call's deadline is the client's
+        // (`grpc-timeout`, cut to the maximum) or the stack's default: the
+        // gateway's default for unary calls, its maximum for streams. Two
+        // stacks, so that a unary call on the default deadline counts as a
+        // full budget for the breakers (a hung instance opens its breaker).
         let credentials: Credentials = Arc::new(|_target: &str| Ok(None));
-        let clients = Clients::new(&client_config, "gateway", discovery, credentials)?;
-        let routes = Routes::new(table, &clients, &pool, local)?;
+        let clients_with_timeout = |timeout_ms: u64| {
+            let mut client_config = config.clone();
+            client_config.clients.default_timeout_ms = timeout_ms;
+            Clients::new(
+                &client_config,
+                "gateway",
+                discovery.clone(),
+                Arc::clone(&credentials),
+            )
+        };
+        let unary = clients_with_timeout(settings.default_timeout_ms)?;
+        let streaming = clients_with_timeout(settings.max_timeout_ms)?;
+        let routes = Routes::new(table, &unary, &streaming, &pool, local)?;
 
         let verifier = TokenVerifier::for_service(&config.auth, "gateway")
             .context("the gateway verifies user tokens: configure auth.public_key_file")?;
@@ -146,6 +158,12 @@ impl Gateway {
                 max_response_bytes: settings.max_response_bytes,
                 default_timeout: Duration::from_millis(settings.default_timeout_ms),
                 max_timeout: Duration::from_millis(settings.max_timeout_ms),
+                body_read_timeout: Duration::from_millis(settings.header_read_timeout_ms),
+                buffer_budget: Arc::new(tokio::sync::Semaphore::new(
+                    settings
+                        .max_buffered_request_bytes
+                        .min(tokio::sync::Semaphore::MAX_PERMITS),
+                )),
                 trust_forwarded_for: settings.trust_forwarded_for,
             },
             routes,
@@ -161,6 +179,7 @@ impl Gateway {
                 header_read_timeout: Duration::from_millis(settings.header_read_timeout_ms),
                 idle_timeout: Duration::from_secs(settings.idle_timeout_secs),
                 max_concurrent_streams: settings.max_concurrent_streams,
+                max_connections: settings.max_connections.max(1),
             },
         })
     }

@@ -34,6 +34,8 @@ pub struct ConnLimits {
     pub idle_timeout: Duration,
     /// HTTP/2 streams at once per connection.
     pub max_concurrent_streams: u32,
+    /// Connections open at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
 }
 
 /// What a connection has in flight and when it last had any: the calls on
@@ -123,9 +125,21 @@ pub async fn serve(
         .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
     let mut connections = JoinSet::new();
+    let open = Arc::new(tokio::sync::Semaphore::new(
+        limits
+            .max_connections
+            .min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     loop {
         // Reap finished connections so the set stays as large as the open ones.
         while connections.try_join_next().is_some() {}
+        // A free slot first: at the cap, new clients wait in the backlog
+        // rather than take file descriptors from the ones being served.
+        let slot = tokio::select! {
+            () = stop.cancelled() => break,
+            slot = Arc::clone(&open).acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
@@ -146,6 +160,7 @@ pub async fn serve(
         let stop = stop.clone();
         let tls = tls.clone();
         connections.spawn(async move {
+            let _slot = slot;
             match tls {
                 None => connection(stream, peer, edge, builder, limits, stop).await,
                 Some(acceptor) => {

@@ -108,8 +108,18 @@ pub struct BackendService {
     pub name: String,
     /// Its gRPC service names (`agora.catalog.v1.CatalogService`).
     pub grpc_names: Vec<String>,
-    /// Calls to it.
-    pub channel: ServiceChannel,
+    /// Unary calls to it, whose default deadline is the gateway's default.
+    pub unary: ServiceChannel,
+    /// Streaming calls to it (and the health watch), whose default deadline
+    /// is the gateway's maximum.
+    pub streaming: ServiceChannel,
+}
+
+impl BackendService {
+    /// Both channels, for their breakers.
+    pub fn channels(&self) -> [&ServiceChannel; 2] {
+        [&self.unary, &self.streaming]
+    }
 }
 
 /// The platform name of the service that hosts a gRPC service of the
@@ -124,12 +134,14 @@ pub fn platform_name(grpc_service: &str) -> Option<&str> {
 }
 
 impl Routes {
-    /// Routes for every method of `table` (through `clients`, retrying the
-    /// side-effect-free ones) and for the gateway's own services in `local`,
-    /// whose descriptors are in `pool`.
+    /// Routes for every method of `table` (unary ones through `unary`,
+    /// streaming ones through `streaming`: their default deadlines differ;
+    /// retrying the side-effect-free ones) and for the gateway's own
+    /// services in `local`, whose descriptors are in `pool`.
     pub fn new(
         table: &AccessTable,
-        clients: &Clients,
+        unary: &Clients,
+        streaming: &Clients,
         pool: &DescriptorPool,
         local: tonic::service::Routes,
     ) -> Result<Self, Error> {
@@ -156,7 +168,9 @@ impl Routes {
                 .iter()
                 .filter(|method| method.no_side_effects)
                 .map(|method| method.path.clone());
-            let channel = clients.channel(&name, CallPolicy::idempotent_methods(idempotent))?;
+            let policy = CallPolicy::idempotent_methods(idempotent);
+            let unary_channel = unary.channel(&name, policy.clone())?;
+            let streaming_channel = streaming.channel(&name, policy)?;
             for method in methods {
                 let (service, rpc) = split_path(&method.path);
                 services.insert(service.to_owned());
@@ -172,14 +186,21 @@ impl Routes {
                         client_streaming: method.client_streaming,
                         server_streaming: method.server_streaming,
                         no_side_effects: method.no_side_effects,
-                        backend: Backend::Remote(channel.clone()),
+                        backend: Backend::Remote(
+                            if method.client_streaming || method.server_streaming {
+                                streaming_channel.clone()
+                            } else {
+                                unary_channel.clone()
+                            },
+                        ),
                     }),
                 );
             }
             backends.push(BackendService {
                 name,
                 grpc_names,
-                channel,
+                unary: unary_channel,
+                streaming: streaming_channel,
             });
         }
         for service_name in LOCAL_SERVICES {

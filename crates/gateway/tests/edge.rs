@@ -577,9 +577,13 @@ async fn health_readiness_and_metrics_endpoints() -> anyhow::Result<()> {
         "{text}"
     );
     assert!(
-        text.contains("agora_gateway_backend_breaker_state"),
+        text.lines().any(|line| line.starts_with("agora_gateway_backend_breakers{")
+            && line.contains("service=\"catalog\"")
+            && line.contains("state=\"closed\"")),
         "{text}"
     );
+    // Counts, not addresses: the public port does not list the backends.
+    assert!(!text.contains("127.0.0.1"), "{text}");
     mesh.stop().await
 }
 
@@ -598,12 +602,12 @@ async fn bad_frames_and_bodies_get_clean_errors() -> anyhow::Result<()> {
         (
             "truncated frame",
             post(GET_PRODUCT, &web, &truncated),
-            &["3", "13"][..],
+            &["3"][..],
         ),
         (
             "length that lies",
             post(GET_PRODUCT, &web, &lying),
-            &["3", "13"],
+            &["3"],
         ),
         (
             "oversized prefix",
@@ -665,10 +669,8 @@ async fn bad_frames_and_bodies_get_clean_errors() -> anyhow::Result<()> {
         ),
     )
     .await?;
-    assert!(
-        [400, 500].contains(&response.status),
-        "garbage protobuf: {response:?}"
-    );
+    // The backend cannot decode it: its INTERNAL, HTTP 500.
+    assert_eq!(response.status, 500, "garbage protobuf: {response:?}");
     // The gateway still answers after all that.
     let mut client = CatalogServiceClient::new(mesh.channel().await?);
     client
@@ -718,6 +720,7 @@ async fn backend_health_follows_the_backends() -> anyhow::Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     let mesh = Mesh::start(|_| {}).await?;
+    mesh.wait_serving("agora.users.v1.UserService").await?;
     let mut health = HealthClient::new(mesh.channel().await?);
     let status = |service: &str| {
         let mut health = health.clone();
@@ -850,5 +853,76 @@ async fn a_refused_http1_call_reads_the_body_and_keeps_the_connection() -> anyho
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     assert!(answer.contains("\"code\":\"unauthenticated\""), "{answer}");
     assert!(answer.contains("HTTP/1.1 200 OK"), "second call: {answer}");
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn slow_bodies_and_long_streams_end_at_their_deadline() -> anyhow::Result<()> {
+    let mesh = Mesh::start(|config| {
+        config.gateway.header_read_timeout_ms = 300;
+    })
+    .await?;
+    // A Connect body trickled slower than the read timeout.
+    let mut stream = tokio::net::TcpStream::connect(mesh.gateway).await?;
+    let head = "POST /agora.catalog.v1.CatalogService/ListProducts HTTP/1.1\r\nhost: g\r\n\
+                connection: close\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{";
+    stream.write_all(head.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("deadline_exceeded"), "{answer}");
+
+    // A server stream asked to last 1 s ends then, with DEADLINE_EXCEEDED in
+    // its end-of-stream envelope.
+    let started = std::time::Instant::now();
+    let response = raw(
+        mesh.gateway,
+        &post(
+            "/grpc.health.v1.Health/Watch",
+            &[
+                ("content-type", "application/connect+json"),
+                ("connect-timeout-ms", "1000"),
+            ],
+            &frame(0, br#"{"service": ""}"#),
+        ),
+    )
+    .await?;
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let envelopes = frames(&response.body)?;
+    let (flags, end) = envelopes.last().cloned().unwrap_or_default();
+    assert_eq!(flags, 0x02, "{envelopes:?}");
+    let end: serde_json::Value = serde_json::from_slice(&end)?;
+    assert_eq!(end["error"]["code"], "deadline_exceeded", "{end}");
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn behind_a_proxy_the_client_is_the_address_it_appended() -> anyhow::Result<()> {
+    let mesh = Mesh::start(|config| {
+        config.gateway.trust_forwarded_for = true;
+        config.gateway.rate_limit_per_sec = 1;
+        config.gateway.rate_limit_burst = 1;
+    })
+    .await?;
+    let call = |forwarded: &str| {
+        post(
+            LIST_PRODUCTS,
+            &[
+                ("content-type", "application/json"),
+                ("x-forwarded-for", forwarded),
+            ],
+            b"{}",
+        )
+    };
+    // The proxy appended 203.0.113.7; what comes before it is the client's
+    // to forge, and changing it buys no new bucket.
+    let first = raw(mesh.gateway, &call("198.51.100.1, 203.0.113.7")).await?;
+    assert_eq!(first.status, 200, "{first:?}");
+    let forged = raw(mesh.gateway, &call("198.51.100.2, 203.0.113.7")).await?;
+    assert_eq!(forged.status, 429, "{forged:?}");
+    // Another client behind the proxy has a bucket of its own.
+    let other = raw(mesh.gateway, &call("203.0.113.8")).await?;
+    assert_eq!(other.status, 200, "{other:?}");
     mesh.stop().await
 }

@@ -127,10 +127,17 @@ pub struct GatewayConfig {
     /// The largest response message the gateway converts (Connect JSON), in
     /// bytes.
     pub max_response_bytes: usize,
+    /// Request bodies the gateway holds whole at once (Connect unary calls),
+    /// in bytes, all clients together: past it, RESOURCE_EXHAUSTED, so that
+    /// many large bodies cannot exhaust memory.
+    pub max_buffered_request_bytes: usize,
+    /// Connections open at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
     /// The largest request head (request line and headers), in bytes.
     pub max_header_bytes: usize,
     /// A client must send its request head within this many milliseconds
-    /// (slow clients are cut off).
+    /// (slow clients are cut off), and each piece of a body the gateway
+    /// reads whole (Connect unary) within as long of the previous one.
     pub header_read_timeout_ms: u64,
     /// A connection with no request in flight is closed after this many
     /// seconds.
@@ -143,7 +150,9 @@ pub struct GatewayConfig {
     /// call that sets none), in milliseconds: longer ones are cut to it.
     pub max_timeout_ms: u64,
     /// Take the client IP (for rate limiting and the access log) from the
-    /// first `x-forwarded-for` address: only behind a proxy that sets it.
+    /// last `x-forwarded-for` address, the one the proxy in front of the
+    /// gateway appended (earlier ones are the client's to forge): only
+    /// behind exactly one such proxy.
     pub trust_forwarded_for: bool,
 }
 
@@ -160,6 +169,8 @@ impl Default for GatewayConfig {
             rate_limit_max_clients: 100_000,
             max_request_bytes: 4 * 1024 * 1024,
             max_response_bytes: 16 * 1024 * 1024,
+            max_buffered_request_bytes: 64 * 1024 * 1024,
+            max_connections: 10_000,
             max_header_bytes: 16 * 1024,
             header_read_timeout_ms: 10_000,
             idle_timeout_secs: 300,

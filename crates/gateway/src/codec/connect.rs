@@ -194,7 +194,13 @@ pub fn details_from_status_bin(value: &[u8]) -> Result<Vec<ErrorDetail>, CodecEr
     let bytes = STANDARD_INDIFFERENT.decode(value).map_err(|error| {
         CodecError::InvalidStatusDetails(format!("not base64: {}", bounded(error)))
     })?;
-    let status = <RpcStatus as prost::Message>::decode(bytes.as_slice()).map_err(|error| {
+    details_from_status_bytes(&bytes)
+}
+
+/// The details of an encoded `google.rpc.Status` (what
+/// `tonic::Status::details` holds).
+pub fn details_from_status_bytes(bytes: &[u8]) -> Result<Vec<ErrorDetail>, CodecError> {
+    let status = <RpcStatus as prost::Message>::decode(bytes).map_err(|error| {
         CodecError::InvalidStatusDetails(format!("not a google.rpc.Status: {}", bounded(error)))
     })?;
     Ok(status
