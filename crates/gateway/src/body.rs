@@ -82,33 +82,47 @@ pub fn backend_codec_status(err: &CodecError) -> tonic::Status {
 
 type Incoming = hyper::body::Incoming;
 
-/// The request body as the client sent it (gRPC and binary grpc-web frames
-/// are the same bytes), every frame checked against `max` bytes without
-/// copying it.
-pub fn limited_frames(incoming: Incoming, max: usize, slot: RequestSlot) -> tonic::body::Body {
+/// One way of turning a client's request body into gRPC frames, chunk by
+/// chunk; [`translated`] runs it.
+trait Translate: Send + 'static {
+    /// The bytes to send on for one chunk (none, one or several pieces).
+    fn chunk(&mut self, data: Bytes, out: &mut Vec<Bytes>) -> Result<(), tonic::Status>;
+    /// At the end of the body: an error if it stopped mid-frame.
+    fn finish(&mut self) -> Result<(), tonic::Status>;
+}
+
+/// The request body for the backend: each chunk translated as it arrives.
+/// A chunk that fails leaves its status in `slot` (the client is told
+/// that, not what the backend made of the cut stream) and ends the body.
+fn translated(
+    incoming: Incoming,
+    mut translate: impl Translate,
+    slot: RequestSlot,
+) -> tonic::body::Body {
     let stream = async_stream::stream! {
         let mut incoming = incoming;
-        let mut limiter = FrameLimiter::new(max);
+        let mut out = Vec::new();
         while let Some(frame) = incoming.frame().await {
-            match frame {
-                Ok(frame) => {
-                    let Ok(data) = frame.into_data() else { continue };
-                    if let Err(err) = limiter.check(&data) {
-                        let status = codec_status(&err);
-                        slot.set(status.clone());
-                        yield Err(status);
-                        return;
-                    }
-                    yield Ok(Frame::data(data));
-                }
+            let data = match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
                 Err(err) => {
                     yield Err(tonic::Status::cancelled(format!("the client's request stream failed: {err}")));
                     return;
                 }
+            };
+            if let Err(status) = translate.chunk(data, &mut out) {
+                slot.set(status.clone());
+                yield Err(status);
+                return;
+            }
+            for piece in out.drain(..) {
+                yield Ok(Frame::data(piece));
             }
         }
-        if let Err(err) = limiter.finish() {
-            let status = codec_status(&err);
+        if let Err(status) = translate.finish() {
             slot.set(status.clone());
             yield Err(status);
         }
@@ -116,44 +130,89 @@ pub fn limited_frames(incoming: Incoming, max: usize, slot: RequestSlot) -> toni
     tonic::body::Body::new(StreamBody::new(stream))
 }
 
+/// gRPC and binary grpc-web: the bytes as sent, every frame's length
+/// checked against the limit without copying it.
+struct Limited(FrameLimiter);
+
+impl Translate for Limited {
+    fn chunk(&mut self, data: Bytes, out: &mut Vec<Bytes>) -> Result<(), tonic::Status> {
+        self.0.check(&data).map_err(|err| codec_status(&err))?;
+        out.push(data);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), tonic::Status> {
+        self.0.finish().map_err(|err| codec_status(&err))
+    }
+}
+
+/// grpc-web-text: base64 decoded as it arrives, then checked as [`Limited`].
+struct Text(Base64Decoder, Limited);
+
+impl Translate for Text {
+    fn chunk(&mut self, data: Bytes, out: &mut Vec<Bytes>) -> Result<(), tonic::Status> {
+        let decoded = self.0.push(&data).map_err(|err| codec_status(&err))?;
+        if decoded.is_empty() {
+            return Ok(());
+        }
+        self.1.chunk(decoded, out)
+    }
+
+    fn finish(&mut self) -> Result<(), tonic::Status> {
+        self.0.finish().map_err(|err| codec_status(&err))?;
+        self.1.finish()
+    }
+}
+
+/// Connect streaming JSON: each envelope's message converted to protobuf
+/// and framed for gRPC.
+struct ConnectJson {
+    decoder: FrameDecoder,
+    input: MessageDescriptor,
+    json: JsonCodec,
+}
+
+impl Translate for ConnectJson {
+    fn chunk(&mut self, data: Bytes, out: &mut Vec<Bytes>) -> Result<(), tonic::Status> {
+        self.decoder.push_bytes(data);
+        while let Some(frame) = self
+            .decoder
+            .next_frame()
+            .map_err(|err| codec_status(&err))?
+        {
+            if frame.flags != 0 {
+                return Err(tonic::Status::invalid_argument(
+                    "a Connect request envelope must have flags 0 (no compression, no end-of-stream)",
+                ));
+            }
+            let proto = self
+                .json
+                .json_to_proto(&self.input, &frame.payload)
+                .map_err(|err| codec_status(&err))?;
+            out.push(encode_frame(0, &proto));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), tonic::Status> {
+        self.decoder.finish().map_err(|err| codec_status(&err))
+    }
+}
+
+/// The request body as the client sent it (gRPC and binary grpc-web frames
+/// are the same bytes), every frame checked against `max` bytes.
+pub fn limited_frames(incoming: Incoming, max: usize, slot: RequestSlot) -> tonic::body::Body {
+    translated(incoming, Limited(FrameLimiter::new(max)), slot)
+}
+
 /// A grpc-web-text request body: base64 decoded as it arrives, then
 /// checked as [`limited_frames`] does.
 pub fn text_frames(incoming: Incoming, max: usize, slot: RequestSlot) -> tonic::body::Body {
-    let stream = async_stream::stream! {
-        let mut incoming = incoming;
-        let mut decoder = Base64Decoder::new();
-        let mut limiter = FrameLimiter::new(max);
-        while let Some(frame) = incoming.frame().await {
-            match frame {
-                Ok(frame) => {
-                    let Ok(data) = frame.into_data() else { continue };
-                    let checked = decoder
-                        .push(&data)
-                        .and_then(|decoded| limiter.check(&decoded).map(|()| decoded));
-                    match checked {
-                        Ok(decoded) if decoded.is_empty() => {}
-                        Ok(decoded) => yield Ok(Frame::data(decoded)),
-                        Err(err) => {
-                            let status = codec_status(&err);
-                            slot.set(status.clone());
-                            yield Err(status);
-                            return;
-                        }
-                    }
-                }
-                Err(err) => {
-                    yield Err(tonic::Status::cancelled(format!("the client's request stream failed: {err}")));
-                    return;
-                }
-            }
-        }
-        if let Err(err) = decoder.finish().and_then(|()| limiter.finish()) {
-            let status = codec_status(&err);
-            slot.set(status.clone());
-            yield Err(status);
-        }
-    };
-    tonic::body::Body::new(StreamBody::new(stream))
+    translated(
+        incoming,
+        Text(Base64Decoder::new(), Limited(FrameLimiter::new(max))),
+        slot,
+    )
 }
 
 /// A Connect streaming request in JSON: each envelope's JSON message
@@ -165,49 +224,15 @@ pub fn connect_json_frames(
     max: usize,
     slot: RequestSlot,
 ) -> tonic::body::Body {
-    let stream = async_stream::stream! {
-        let mut incoming = incoming;
-        let mut decoder = FrameDecoder::new(max);
-        while let Some(frame) = incoming.frame().await {
-            match frame {
-                Ok(frame) => {
-                    let Ok(data) = frame.into_data() else { continue };
-                    decoder.push_bytes(data);
-                    loop {
-                        let converted = match decoder.next_frame() {
-                            Ok(None) => break,
-                            Ok(Some(frame)) if frame.flags != 0 => Err(tonic::Status::invalid_argument(
-                                "a Connect request envelope must have flags 0 (no compression, no end-of-stream)",
-                            )),
-                            Ok(Some(frame)) => json
-                                .json_to_proto(&input, &frame.payload)
-                                .map(|proto| encode_frame(0, &proto))
-                                .map_err(|err| codec_status(&err)),
-                            Err(err) => Err(codec_status(&err)),
-                        };
-                        match converted {
-                            Ok(framed) => yield Ok(Frame::data(framed)),
-                            Err(status) => {
-                                slot.set(status.clone());
-                                yield Err(status);
-                                return;
-                            }
-                        }
-                    }
-                }
-                Err(err) => {
-                    yield Err(tonic::Status::cancelled(format!("the client's request stream failed: {err}")));
-                    return;
-                }
-            }
-        }
-        if let Err(err) = decoder.finish() {
-            let status = codec_status(&err);
-            slot.set(status.clone());
-            yield Err(status);
-        }
-    };
-    tonic::body::Body::new(StreamBody::new(stream))
+    translated(
+        incoming,
+        ConnectJson {
+            decoder: FrameDecoder::new(max),
+            input,
+            json,
+        },
+        slot,
+    )
 }
 
 /// How a body read whole is bounded: its size, the memory all such bodies
@@ -447,10 +472,7 @@ pub fn connect_stream_response(
     let mut headers = response_metadata(&parts.headers);
     headers.insert(
         CONTENT_TYPE,
-        HeaderValue::from_static(match codec {
-            ConnectCodec::Json => "application/connect+json",
-            ConnectCodec::Proto => "application/connect+proto",
-        }),
+        HeaderValue::from_static(codec.stream_content_type()),
     );
     let end = |status: &tonic::Status, metadata: &HeaderMap| {
         if status.code() == Code::Ok {

@@ -107,7 +107,7 @@ impl Edge {
     /// Answers one HTTP request.
     pub async fn handle(
         self: Arc<Self>,
-        request: http::Request<hyper::body::Incoming>,
+        mut request: http::Request<hyper::body::Incoming>,
         peer: SocketAddr,
         activity: ConnActivity,
     ) -> Response<EdgeBody> {
@@ -159,11 +159,14 @@ impl Edge {
                 request.uri().query().unwrap_or_default(),
                 self.limits.max_request_bytes,
             ) {
-                Ok((codec, _)) => Some(Protocol::ConnectGet(codec)),
+                Ok((codec, message)) => {
+                    // Parsed once: the call takes the message from here.
+                    request.extensions_mut().insert(GetMessage(message));
+                    Some(Protocol::ConnectGet(codec))
+                }
                 Err(err) if path.len() > 1 && path[1..].contains('/') => {
                     let status = tonic::Status::invalid_argument(err.to_string());
-                    let mut response =
-                        connect_error_response(&status, ConnectCodec::Json, &HeaderMap::new());
+                    let mut response = connect_error_response(&status, &HeaderMap::new());
                     append_headers(response.headers_mut(), &cors);
                     return response;
                 }
@@ -317,9 +320,9 @@ impl Edge {
 
         // The gRPC call.
         let slot = RequestSlot::default();
-        let deadline = tokio::time::Instant::now() + timeout.budget;
+        let deadline = timeout.deadline;
         let outgoing = match self
-            .outgoing(request, protocol, &route, timeout, deadline, client.ip, &slot)
+            .outgoing(request, protocol, &route, timeout, client.ip, &slot)
             .await
         {
             Ok(outgoing) => outgoing,
@@ -464,13 +467,13 @@ impl Edge {
         let requested = match protocol {
             Protocol::Connect(_) | Protocol::ConnectGet(_) => {
                 match headers.get("connect-timeout-ms") {
-                    Some(value) => Some(connect::parse_timeout_ms(value.as_bytes()).map_err(
-                        |_| {
+                    Some(value) => {
+                        Some(connect::parse_timeout_ms(value.as_bytes()).map_err(|_| {
                             tonic::Status::invalid_argument(
                                 "connect-timeout-ms must be 1 to 10 digits",
                             )
-                        },
-                    )?),
+                        })?)
+                    }
                     None => None,
                 }
             }
@@ -482,9 +485,11 @@ impl Edge {
         } else {
             self.limits.default_timeout
         };
+        let budget = requested.unwrap_or(default);
         Ok(CallTimeout {
             requested,
-            budget: requested.unwrap_or(default),
+            budget,
+            deadline: tokio::time::Instant::now() + budget,
         })
     }
 
@@ -495,7 +500,6 @@ impl Edge {
         protocol: Protocol,
         route: &Route,
         timeout: CallTimeout,
-        deadline: tokio::time::Instant,
         client_ip: IpAddr,
         slot: &RequestSlot,
     ) -> Result<http::Request<tonic::body::Body>, tonic::Status> {
@@ -534,17 +538,19 @@ impl Edge {
                     body::CollectLimits {
                         max,
                         budget: &self.limits.buffer_budget,
-                        deadline,
+                        deadline: timeout.deadline,
                         idle: self.limits.body_read_timeout,
                     },
                 )
                 .await?;
                 self.unary_message(codec, route, bytes, Some(permit))?
             }
-            Protocol::ConnectGet(_) => {
-                let (codec, message) =
-                    connect::parse_get_query(parts.uri.query().unwrap_or_default(), max)
-                        .map_err(|err| tonic::Status::invalid_argument(err.to_string()))?;
+            Protocol::ConnectGet(codec) => {
+                let message = parts
+                    .extensions
+                    .get::<GetMessage>()
+                    .map(|get| get.0.clone())
+                    .unwrap_or_default();
                 self.unary_message(codec, route, message, None)?
             }
         };
@@ -593,7 +599,7 @@ impl Edge {
         let (parts, mut incoming) = response.into_parts();
         let refuse = |log: &mut CallLog, status: tonic::Status, metadata: &HeaderMap| {
             log.finish(status.code());
-            connect_error_response(&status, codec, metadata)
+            connect_error_response(&status, metadata)
         };
         if let Some(status) = tonic::Status::from_header_map(&parts.headers)
             && status.code() != Code::Ok
@@ -659,10 +665,10 @@ impl Edge {
                 tonic::Status::internal("the backend answered a unary call with no message");
             return refuse(&mut log, status, &metadata);
         };
-        let (content_type, body) = match codec {
-            ConnectCodec::Proto => ("application/proto", message),
+        let body = match codec {
+            ConnectCodec::Proto => message,
             ConnectCodec::Json => match self.json.proto_to_json(&route.output, &message) {
-                Ok(json) => ("application/json", json),
+                Ok(json) => json,
                 Err(err) => {
                     let status = tonic::Status::internal(format!(
                         "the backend's answer cannot be written as JSON: {err}"
@@ -674,9 +680,10 @@ impl Edge {
         log.finish(Code::Ok);
         let mut response = Response::new(body::full(body));
         *response.headers_mut() = metadata;
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(codec.unary_content_type()),
+        );
         response
     }
 }
@@ -792,15 +799,12 @@ pub fn status_response(protocol: Protocol, status: &tonic::Status) -> Response<E
             let mut response = Response::new(body::full(frame));
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static(match codec {
-                    ConnectCodec::Json => "application/connect+json",
-                    ConnectCodec::Proto => "application/connect+proto",
-                }),
+                HeaderValue::from_static(codec.stream_content_type()),
             );
             response
         }
-        Protocol::Connect(ConnectKind::Unary(codec)) | Protocol::ConnectGet(codec) => {
-            connect_error_response(status, codec, &HeaderMap::new())
+        Protocol::Connect(ConnectKind::Unary(_)) | Protocol::ConnectGet(_) => {
+            connect_error_response(status, &HeaderMap::new())
         }
     }
 }
@@ -814,11 +818,7 @@ pub fn status_details(status: &tonic::Status) -> Vec<connect::ErrorDetail> {
 }
 
 /// Connect's unary error: HTTP status by code, JSON body, metadata headers.
-fn connect_error_response(
-    status: &tonic::Status,
-    _codec: ConnectCodec,
-    metadata: &HeaderMap,
-) -> Response<EdgeBody> {
+fn connect_error_response(status: &tonic::Status, metadata: &HeaderMap) -> Response<EdgeBody> {
     let details = status_details(status);
     let body = connect::error_body(status.code(), status.message(), &details);
     let mut response = Response::new(body::full(body));
@@ -831,6 +831,10 @@ fn connect_error_response(
     response
 }
 
+/// The message of a Connect GET, from its query.
+#[derive(Clone)]
+struct GetMessage(Bytes);
+
 /// A call's time: what the client asked (cut to the maximum), and the
 /// budget it gets either way.
 #[derive(Clone, Copy, Debug)]
@@ -839,6 +843,8 @@ pub struct CallTimeout {
     pub requested: Option<Duration>,
     /// The time the call gets.
     pub budget: Duration,
+    /// When it runs out, from the call's arrival.
+    pub deadline: tokio::time::Instant,
 }
 
 /// Why the edge refused a call: a status, and for Connect an HTTP status

@@ -60,7 +60,7 @@ use crate::health::HealthState;
 use crate::listener::ConnLimits;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::routes::{LOCAL_SERVICES, Routes};
+use crate::routes::Routes;
 
 /// A bound gateway, ready to run.
 pub struct Gateway {
@@ -93,23 +93,13 @@ impl Gateway {
         let pool = descriptor_pool()?;
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let reflection = || {
-            let mut builder = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(agora_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(
-                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-                );
-            let mut services: Vec<&str> = table.methods().map(|m| m.service.as_str()).collect();
-            services.sort_unstable();
-            services.dedup();
-            for name in services.into_iter().chain(LOCAL_SERVICES) {
-                builder = builder.with_service_name(name);
-            }
-            builder
-        };
+        // Reflection lists the whole contract (no proto files needed).
+        let mut contract_services: Vec<&str> =
+            table.methods().map(|m| m.service.as_str()).collect();
+        contract_services.sort_unstable();
+        contract_services.dedup();
+        let reflection =
+            || agora_platform::server::reflection_builder(contract_services.iter().copied());
         let local = tonic::service::Routes::new(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?);

@@ -577,9 +577,10 @@ async fn health_readiness_and_metrics_endpoints() -> anyhow::Result<()> {
         "{text}"
     );
     assert!(
-        text.lines().any(|line| line.starts_with("agora_gateway_backend_breakers{")
-            && line.contains("service=\"catalog\"")
-            && line.contains("state=\"closed\"")),
+        text.lines()
+            .any(|line| line.starts_with("agora_gateway_backend_breakers{")
+                && line.contains("service=\"catalog\"")
+                && line.contains("state=\"closed\"")),
         "{text}"
     );
     // Counts, not addresses: the public port does not list the backends.
@@ -604,11 +605,7 @@ async fn bad_frames_and_bodies_get_clean_errors() -> anyhow::Result<()> {
             post(GET_PRODUCT, &web, &truncated),
             &["3"][..],
         ),
-        (
-            "length that lies",
-            post(GET_PRODUCT, &web, &lying),
-            &["3"],
-        ),
+        ("length that lies", post(GET_PRODUCT, &web, &lying), &["3"]),
         (
             "oversized prefix",
             post(GET_PRODUCT, &web, &oversized),

@@ -275,27 +275,7 @@ impl Server {
             .set_service_status("", ServingStatus::NotServing)
             .await;
 
-        // Reflection lists exactly what this server hosts, but can describe any
-        // type of the contract, of health and reflection themselves, and the
-        // google.rpc error details (so grpcurl can print BadRequest violations).
-        let reflection = || {
-            let mut builder = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(agora_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(
-                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-                );
-            for name in names.iter().copied().chain([
-                HEALTH_SERVICE_NAME,
-                "grpc.reflection.v1.ServerReflection",
-                "grpc.reflection.v1alpha.ServerReflection",
-            ]) {
-                builder = builder.with_service_name(name);
-            }
-            builder
-        };
+        let reflection = || reflection_builder(names.iter().copied());
         routes.add_service(health_service);
         routes.add_service(reflection().build_v1()?);
         routes.add_service(reflection().build_v1alpha()?);
@@ -316,6 +296,31 @@ impl Server {
             workers,
         })
     }
+}
+
+/// Server reflection (build it twice: `build_v1()` and `build_v1alpha()`)
+/// listing `services` plus health and reflection themselves, and able to
+/// describe any type of the contract, of health and reflection, and the
+/// `google.rpc` error details (so grpcurl can print `BadRequest`
+/// violations). Each server lists what it hosts; the gateway lists the
+/// whole contract.
+pub fn reflection_builder<'a>(
+    services: impl IntoIterator<Item = &'a str>,
+) -> tonic_reflection::server::Builder<'static> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(agora_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    for name in services.into_iter().chain([
+        HEALTH_SERVICE_NAME,
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]) {
+        builder = builder.with_service_name(name);
+    }
+    builder
 }
 
 /// A bound server, ready to run.

@@ -32,6 +32,24 @@ pub enum ConnectCodec {
     Proto,
 }
 
+impl ConnectCodec {
+    /// The content type of a streaming answer in this codec.
+    pub fn stream_content_type(self) -> &'static str {
+        match self {
+            Self::Json => "application/connect+json",
+            Self::Proto => "application/connect+proto",
+        }
+    }
+
+    /// The content type of a unary answer in this codec.
+    pub fn unary_content_type(self) -> &'static str {
+        match self {
+            Self::Json => "application/json",
+            Self::Proto => "application/proto",
+        }
+    }
+}
+
 /// What a Connect request's content type says about the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ConnectKind {
