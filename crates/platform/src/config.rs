@@ -140,7 +140,9 @@ pub struct GatewayConfig {
     /// reads whole (Connect unary) within as long of the previous one.
     pub header_read_timeout_ms: u64,
     /// A connection with no request in flight is closed after this many
-    /// seconds.
+    /// seconds. An HTTP/1.1 keep-alive connection waits for its next
+    /// request head at most `header_read_timeout_ms` (hyper's header timer
+    /// runs from the end of the previous answer), so this bounds HTTP/2.
     pub idle_timeout_secs: u64,
     /// Streams one HTTP/2 connection may have open at once.
     pub max_concurrent_streams: u32,
