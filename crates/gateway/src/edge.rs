@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use agora_platform::auth::{Caller, TokenVerifier};
 use agora_platform::deadline::{GRPC_TIMEOUT, format_grpc_timeout, grpc_timeout};
+use agora_platform::server::{is_server_fault, split_rpc_path};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
@@ -33,7 +34,7 @@ use crate::health::HealthState;
 use crate::listener::ConnActivity;
 use crate::metrics::Metrics;
 use crate::ratelimit::{ClientKey, RateLimiter};
-use crate::routes::{Route, Routes, split_path};
+use crate::routes::{Route, Routes};
 
 /// The protocol of one call, from its method and content type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,7 +258,7 @@ impl Edge {
         client: Client,
         activity: ConnActivity,
     ) -> Response<EdgeBody> {
-        let (service, method) = split_path(path);
+        let (service, method) = split_rpc_path(path);
         let span = tracing::info_span!(
             "rpc",
             otel.name = %format_args!("{service}/{method}"),
@@ -370,7 +371,7 @@ impl Edge {
     ) -> Result<(Arc<Route>, CallTimeout), Refusal> {
         let path = request.uri().path();
         let Some(route) = route else {
-            let (service, _) = split_path(path);
+            let (service, _) = split_rpc_path(path);
             let message = if self.routes.has_service(service) {
                 format!("unknown method {path}")
             } else {
@@ -1009,20 +1010,6 @@ fn truncate(text: &str, max: usize) -> &str {
         Some((index, _)) => &text[..index],
         None => text,
     }
-}
-
-/// Codes that mean the server, not the caller, is at fault (OTel semantic
-/// conventions for gRPC server spans).
-fn is_server_fault(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unknown
-            | Code::DeadlineExceeded
-            | Code::Unimplemented
-            | Code::Internal
-            | Code::Unavailable
-            | Code::DataLoss
-    )
 }
 
 #[cfg(test)]

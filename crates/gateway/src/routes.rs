@@ -12,6 +12,7 @@ use std::sync::Arc;
 use agora_platform::access::{AccessLevel, AccessTable, MethodAccess};
 use agora_platform::auth::Caller;
 use agora_platform::error::Error;
+use agora_platform::server::split_rpc_path;
 use agora_platform_client::{CallPolicy, Clients, ServiceChannel};
 use prost_reflect::{DescriptorPool, MessageDescriptor};
 use tower::ServiceExt as _;
@@ -172,7 +173,7 @@ impl Routes {
             let unary_channel = unary.channel(&name, policy.clone())?;
             let streaming_channel = streaming.channel(&name, policy)?;
             for method in methods {
-                let (service, rpc) = split_path(&method.path);
+                let (service, rpc) = split_rpc_path(&method.path);
                 services.insert(service.to_owned());
                 by_path.insert(
                     method.path.clone(),
@@ -252,12 +253,6 @@ impl Routes {
     }
 }
 
-/// `/pkg.Service/Method` -> (`pkg.Service`, `Method`).
-pub fn split_path(path: &str) -> (&str, &str) {
-    let trimmed = path.strip_prefix('/').unwrap_or(path);
-    trimmed.split_once('/').unwrap_or((trimmed, ""))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,14 +265,5 @@ mod tests {
         );
         assert_eq!(platform_name("grpc.health.v1.Health"), None);
         assert_eq!(platform_name("agora"), None);
-    }
-
-    #[test]
-    fn paths_split_into_service_and_method() {
-        assert_eq!(
-            split_path("/agora.catalog.v1.CatalogService/GetProduct"),
-            ("agora.catalog.v1.CatalogService", "GetProduct")
-        );
-        assert_eq!(split_path("/nothing"), ("nothing", ""));
     }
 }

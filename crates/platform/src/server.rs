@@ -835,7 +835,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
 
 /// Codes that mean the server, not the caller, is at fault (OTel semantic
 /// conventions for gRPC server spans).
-fn is_server_fault(code: tonic::Code) -> bool {
+pub fn is_server_fault(code: tonic::Code) -> bool {
     matches!(
         code,
         tonic::Code::Unknown
@@ -848,7 +848,7 @@ fn is_server_fault(code: tonic::Code) -> bool {
 }
 
 /// `/agora.users.v1.UserService/GetUser` -> (`agora.users.v1.UserService`, `GetUser`).
-fn split_rpc_path(path: &str) -> (&str, &str) {
+pub fn split_rpc_path(path: &str) -> (&str, &str) {
     let trimmed = path.trim_start_matches('/');
     trimmed.split_once('/').unwrap_or((trimmed, ""))
 }
