@@ -93,6 +93,112 @@ pub struct Config {
     pub notifications: ServiceConfig,
     /// The edge gateway: the one public port.
     pub gateway: GatewayConfig,
+    /// Transport limits of every service's gRPC server.
+    pub server: ServerConfig,
+    /// Password hashing: how many hashes may run at once, how long a call
+    /// waits for one, the longest password.
+    pub passwords: PasswordConfig,
+    /// `WatchOrder` streams: how many, for how long, how often re-read.
+    pub watch: WatchConfig,
+}
+
+/// Transport limits of every service's gRPC server (the gateway has its own
+/// under `gateway.*`): what one connection, one call and one service may
+/// ask of a process, so that no caller (a misbehaving neighbour, an internal
+/// port reached by mistake, a burst of legitimate traffic) can take it down.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Streams one HTTP/2 connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Calls one hosted service runs at once (streams included, for as long
+    /// as they are open); a call beyond it is refused at once with
+    /// RESOURCE_EXHAUSTED and `google.rpc.RetryInfo`, never queued. Health
+    /// and reflection are not counted, so probes answer under load.
+    pub max_in_flight_per_service: usize,
+    /// Seconds between HTTP/2 keepalive pings on an idle connection; a peer
+    /// that does not answer within `keepalive_timeout_secs` is dropped.
+    pub keepalive_interval_secs: u64,
+    /// Seconds a keepalive ping may go unanswered.
+    pub keepalive_timeout_secs: u64,
+    /// The largest request message, in bytes (decoded size on the wire).
+    pub max_request_bytes: usize,
+    /// The largest response message a server sends, in bytes.
+    pub max_response_bytes: usize,
+    /// Deadline of a unary call whose caller sets none, in milliseconds.
+    pub default_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 200,
+            max_in_flight_per_service: 512,
+            keepalive_interval_secs: 30,
+            keepalive_timeout_secs: 10,
+            max_request_bytes: 4 * 1024 * 1024,
+            max_response_bytes: 16 * 1024 * 1024,
+            default_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Password hashing (argon2id, about 19 MiB and tens of milliseconds of one
+/// core per hash): bounded, so that a burst of sign-ups or logins cannot
+/// exhaust the users service's memory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PasswordConfig {
+    /// Hashes computed at once; 0 sizes it from the CPU count and the
+    /// process's memory limit (cgroup), leaving room for everything else.
+    pub max_concurrent_hashes: usize,
+    /// Calls that may wait for a hash slot at once; beyond it they are
+    /// refused at once with RESOURCE_EXHAUSTED and `RetryInfo`.
+    pub max_waiting: usize,
+    /// Milliseconds a call waits for a slot (less if its deadline is
+    /// nearer) before RESOURCE_EXHAUSTED.
+    pub max_wait_ms: u64,
+    /// The longest password accepted, in bytes (UTF-8).
+    pub max_password_bytes: usize,
+}
+
+impl Default for PasswordConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_hashes: 0,
+            max_waiting: 64,
+            max_wait_ms: 2_000,
+            max_password_bytes: 128,
+        }
+    }
+}
+
+/// `WatchOrder` streams (orders service): bounded in number and lifetime,
+/// and fed by one shared re-read per replica instead of one per stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WatchConfig {
+    /// Streams one user may have open at once (on one replica).
+    pub max_streams_per_user: usize,
+    /// Streams one replica serves at once, all users together.
+    pub max_streams: usize,
+    /// Seconds a stream stays open at most; it then ends with OK and the
+    /// client watches again if it still cares.
+    pub max_lifetime_secs: u64,
+    /// Milliseconds between two re-reads of the watched orders (one query
+    /// for all of them), which catch changes made by other replicas.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            max_streams_per_user: 16,
+            max_streams: 10_000,
+            max_lifetime_secs: 1_800,
+            poll_interval_ms: 1_000,
+        }
+    }
 }
 
 /// The edge gateway (`agora serve gateway`): where it listens, who may call
@@ -490,6 +596,9 @@ impl Default for Config {
             orders: ServiceConfig::on_port(50055),
             notifications: ServiceConfig::on_port(50056),
             gateway: GatewayConfig::default(),
+            server: ServerConfig::default(),
+            passwords: PasswordConfig::default(),
+            watch: WatchConfig::default(),
         }
     }
 }
