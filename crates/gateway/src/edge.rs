@@ -75,8 +75,10 @@ pub struct Limits {
     pub body_read_timeout: Duration,
     /// Bytes of request bodies held whole, all clients together.
     pub buffer_budget: Arc<tokio::sync::Semaphore>,
-    /// Trust the first `x-forwarded-for` address.
+    /// Trust the last `x-forwarded-for` address.
     pub trust_forwarded_for: bool,
+    /// Calls in flight at once, all clients together (load shedding).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Everything every request shares.
@@ -302,7 +304,18 @@ impl Edge {
         client: Client,
         mut log: CallLog,
     ) -> Response<EdgeBody> {
-        let (route, timeout) = match self.policy(&request, protocol, route, &client, &mut log) {
+        // Load shedding first: an overloaded gateway refuses at once, with
+        // no token verified and nothing queued. The permit lives as long as
+        // the call's log, that is until its answer has been sent.
+        let admitted = match Arc::clone(&self.limits.in_flight).try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(_) => Err(Refusal::from(overloaded())),
+        };
+        let allowed = admitted.and_then(|permit| {
+            log._permit = Some(permit);
+            self.policy(&request, protocol, route, &client, &mut log)
+        });
+        let (route, timeout) = match allowed {
             Ok(allowed) => allowed,
             Err(refusal) => {
                 // An HTTP/1.1 client may still be sending its body: read it
@@ -703,6 +716,8 @@ pub struct CallLog {
     finished: bool,
     _activity: ConnActivity,
     _in_flight: crate::metrics::InFlightGuard,
+    /// The call's share of `max_in_flight`.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl CallLog {
@@ -726,6 +741,7 @@ impl CallLog {
             finished: false,
             _activity: activity,
             _in_flight: in_flight,
+            _permit: None,
         }
     }
 
@@ -884,6 +900,26 @@ async fn drain(mut body: hyper::body::Incoming, limit: usize) {
     })
     .await;
 }
+
+/// RESOURCE_EXHAUSTED for a gateway at `max_in_flight`: `ErrorInfo` reason
+/// `OVERLOADED` and a short `RetryInfo`, as the services shed load.
+fn overloaded() -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    let mut details = ErrorDetails::with_retry_info(Some(OVERLOADED_RETRY_AFTER));
+    details.set_error_info(
+        "OVERLOADED",
+        agora_platform::error::ERROR_DOMAIN,
+        std::collections::HashMap::new(),
+    );
+    tonic::Status::with_error_details(
+        Code::ResourceExhausted,
+        "the gateway is overloaded: try again shortly",
+        details,
+    )
+}
+
+/// When a client refused by load shedding should try again.
+const OVERLOADED_RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` (when to try again) and
 /// `ErrorInfo` reason `RATE_LIMITED`.

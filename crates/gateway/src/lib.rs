@@ -155,6 +155,11 @@ impl Gateway {
                         .min(tokio::sync::Semaphore::MAX_PERMITS),
                 )),
                 trust_forwarded_for: settings.trust_forwarded_for,
+                in_flight: Arc::new(tokio::sync::Semaphore::new(
+                    settings
+                        .max_in_flight
+                        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+                )),
             },
             routes,
         });
@@ -170,6 +175,8 @@ impl Gateway {
                 idle_timeout: Duration::from_secs(settings.idle_timeout_secs),
                 max_concurrent_streams: settings.max_concurrent_streams,
                 max_connections: settings.max_connections.max(1),
+                keepalive_interval: Duration::from_secs(settings.keepalive_interval_secs.max(1)),
+                keepalive_timeout: Duration::from_secs(settings.keepalive_timeout_secs.max(1)),
             },
         })
     }

@@ -36,6 +36,10 @@ pub struct ConnLimits {
     pub max_concurrent_streams: u32,
     /// Connections open at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// HTTP/2 keepalive ping interval: dead peers are noticed and dropped.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered.
+    pub keepalive_timeout: Duration,
 }
 
 /// What a connection has in flight and when it last had any: the calls on
@@ -121,8 +125,8 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .keep_alive_interval(Some(limits.keepalive_interval))
+        .keep_alive_timeout(limits.keepalive_timeout);
     let builder = Arc::new(builder);
     let mut connections = JoinSet::new();
     let open = Arc::new(tokio::sync::Semaphore::new(

@@ -895,6 +895,88 @@ async fn slow_bodies_and_long_streams_end_at_their_deadline() -> anyhow::Result<
 }
 
 #[tokio::test]
+async fn a_saturated_gateway_sheds_calls_while_health_answers() -> anyhow::Result<()> {
+    let mesh = Mesh::start(|config| {
+        config.gateway.max_in_flight = 2;
+        config.gateway.header_read_timeout_ms = 5_000;
+    })
+    .await?;
+    // Two Connect calls whose bodies never finish hold both slots.
+    let head = "POST /agora.catalog.v1.CatalogService/ListProducts HTTP/1.1\r\nhost: g\r\n\
+                connection: close\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{";
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(mesh.gateway).await?;
+        stream.write_all(head.as_bytes()).await?;
+        holders.push(stream);
+    }
+    // The slots are taken once the gateway has read the heads: poll until a
+    // third call is shed (bounded), rather than guess how long that takes.
+    let shed = async {
+        loop {
+            let response = raw(
+                mesh.gateway,
+                &post(
+                    LIST_PRODUCTS,
+                    &[("content-type", "application/json")],
+                    b"{}",
+                ),
+            )
+            .await?;
+            if response.status != 200 {
+                return anyhow::Ok(response);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let response = tokio::time::timeout(Duration::from_secs(4), shed).await??;
+    assert_eq!(response.status, 429, "{response:?}");
+    let body: serde_json::Value = serde_json::from_slice(&response.body)?;
+    assert_eq!(body["code"], "resource_exhausted", "{body}");
+    let info = body["details"]
+        .as_array()
+        .and_then(|details| {
+            details
+                .iter()
+                .find(|detail| detail["type"] == "google.rpc.ErrorInfo")
+        })
+        .and_then(|detail| detail["value"].as_str())
+        .ok_or_else(|| anyhow::anyhow!("no ErrorInfo in {body}"))?;
+    let info = base64::engine::general_purpose::STANDARD_NO_PAD.decode(info)?;
+    assert!(
+        String::from_utf8_lossy(&info).contains("OVERLOADED"),
+        "{body}"
+    );
+    // Native gRPC gets the same refusal, with RetryInfo; probes still answer.
+    use tonic_types::StatusExt as _;
+    let mut catalog = CatalogServiceClient::new(mesh.channel().await?);
+    let status = catalog
+        .list_products(catalog::ListProductsRequest::default())
+        .await
+        .expect_err("shed");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.get_details_retry_info().is_some(), "{status:?}");
+    let healthz = raw(mesh.gateway, &bodyless("GET", "/healthz", &[])).await?;
+    assert_eq!(healthz.status, 200);
+    // The slots come back when the held calls end.
+    drop(holders);
+    let recovered = async {
+        loop {
+            if catalog
+                .list_products(catalog::ListProductsRequest::default())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(8), recovered).await?;
+    mesh.stop().await
+}
+
+#[tokio::test]
 async fn behind_a_proxy_the_client_is_the_address_it_appended() -> anyhow::Result<()> {
     let mesh = Mesh::start(|config| {
         config.gateway.trust_forwarded_for = true;

@@ -252,6 +252,17 @@ pub struct GatewayConfig {
     pub idle_timeout_secs: u64,
     /// Streams one HTTP/2 connection may have open at once.
     pub max_concurrent_streams: u32,
+    /// Calls the gateway has in flight at once, all clients together
+    /// (streams count while open): past it a call is refused at once with
+    /// RESOURCE_EXHAUSTED (`OVERLOADED`; HTTP 429 for Connect) and
+    /// `RetryInfo`, never queued. `/healthz`, `/readyz` and `/metrics` are
+    /// not counted.
+    pub max_in_flight: usize,
+    /// Seconds between HTTP/2 keepalive pings on a connection; a client
+    /// that does not answer within `keepalive_timeout_secs` is dropped.
+    pub keepalive_interval_secs: u64,
+    /// Seconds a keepalive ping may go unanswered.
+    pub keepalive_timeout_secs: u64,
     /// Deadline of a unary call whose client sets none, in milliseconds.
     pub default_timeout_ms: u64,
     /// The longest deadline a client may ask for (and that of a streaming
@@ -283,6 +294,9 @@ impl Default for GatewayConfig {
             header_read_timeout_ms: 10_000,
             idle_timeout_secs: 300,
             max_concurrent_streams: 200,
+            max_in_flight: 10_000,
+            keepalive_interval_secs: 30,
+            keepalive_timeout_secs: 10,
             default_timeout_ms: 30_000,
             max_timeout_ms: 300_000,
             trust_forwarded_for: false,
