@@ -167,7 +167,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .service(service.name())
             .map(|s| s.listen_addr)
             .context("no configuration for the service")?;
-        let app = Server::new().host(hosted).bind(addr).await?;
+        let app = Server::new()
+            .limits(&config.server)
+            .host(hosted)
+            .bind(addr)
+            .await?;
         tracing::info!(service = service.name(), addr = %app.local_addr(), "listening");
         let server_stop = match &registrar {
             Some(registrar) => registrar.register(service, &config, app.local_addr(), &stop)?,

@@ -603,7 +603,8 @@ fn external_clients_talk_to_the_gateway() -> anyhow::Result<()> {
             "agora.orders.v1.PlaceOrderRequest",
             [
                 "agora.orders.v1.PlaceOrderRequest is a message:",
-                "string card_number = 3;",
+                // With its length limit: reflection serves the whole contract.
+                "string card_number = 3 [(.agora.common.v1.limits) = { max_bytes:64 }];",
             ],
         ),
     ] {

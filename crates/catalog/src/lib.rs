@@ -47,7 +47,9 @@ pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
         store::SqlCatalogStore::new(events.outbox.clone()),
         verifier.clone(),
     );
-    let hosted = HostedService::new(SERVICE_NAME, CatalogServiceServer::new(api))
+    // Response (and request) message size limits of `config.server`.
+    let server = agora_platform::message_limits!(CatalogServiceServer::new(api), &config.server);
+    let hosted = HostedService::new(SERVICE_NAME, server)
         .with_token_verifier(verifier)
         .with_check(db);
     Ok(events.attach(hosted))

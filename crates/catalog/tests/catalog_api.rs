@@ -322,7 +322,9 @@ async fn create_validation_names_every_bad_field(backend: Backend) -> anyhow::Re
     assert_eq!(bad_fields(&status), ["categories"]);
 
     // Garbage and oversized input is rejected, never a panic, and a huge list
-    // of bad categories gives one violation, not one per entry.
+    // of bad categories gives one violation, not one per entry. The server
+    // refuses what is over the contract's length limits before the handler
+    // runs, so the price (within them) is not looked at.
     let status = create_status(pb::CreateProductRequest {
         sku: "\u{0}".repeat(100_000),
         name: "\u{feff}\u{7}".repeat(50_000),
@@ -336,14 +338,7 @@ async fn create_validation_names_every_bad_field(backend: Backend) -> anyhow::Re
     .await;
     assert_eq!(
         bad_fields(&status),
-        [
-            "categories",
-            "description",
-            "name",
-            "price.amount_minor",
-            "price.currency_code",
-            "sku"
-        ]
+        ["categories", "description", "name", "sku"]
     );
 
     // Nothing was stored by any of these.

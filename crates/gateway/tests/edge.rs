@@ -666,8 +666,9 @@ async fn bad_frames_and_bodies_get_clean_errors() -> anyhow::Result<()> {
         ),
     )
     .await?;
-    // The backend cannot decode it: its INTERNAL, HTTP 500.
-    assert_eq!(response.status, 500, "garbage protobuf: {response:?}");
+    // The backend's request limits check refuses what does not decode:
+    // INVALID_ARGUMENT (a client's mistake, not the server's), HTTP 400.
+    assert_eq!(response.status, 400, "garbage protobuf: {response:?}");
     // The gateway still answers after all that.
     let mut client = CatalogServiceClient::new(mesh.channel().await?);
     client

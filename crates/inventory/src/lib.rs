@@ -60,14 +60,14 @@ pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
     };
     let sweeper = store.clone();
     let api = grpc::InventoryApi::new(store, verifier.clone());
-    Ok(
-        HostedService::new(SERVICE_NAME, InventoryServiceServer::new(api))
-            .with_token_verifier(verifier)
-            .with_check(db)
-            .with_worker("reservation-expiry", move |stop| {
-                expiry::run_sweeper(sweeper, expiry, stop)
-            }),
-    )
+    // Response (and request) message size limits of `config.server`.
+    let server = agora_platform::message_limits!(InventoryServiceServer::new(api), &config.server);
+    Ok(HostedService::new(SERVICE_NAME, server)
+        .with_token_verifier(verifier)
+        .with_check(db)
+        .with_worker("reservation-expiry", move |stop| {
+            expiry::run_sweeper(sweeper, expiry, stop)
+        }))
 }
 
 /// Expired reservations the sweeper looks at per query (each released in a

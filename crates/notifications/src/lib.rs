@@ -78,7 +78,10 @@ pub async fn build(config: &Config) -> anyhow::Result<(HostedService, Notifier)>
         events::SUBJECTS,
         events::NotificationEvents::new(notifier.clone(), db.clone()),
     );
-    let hosted = HostedService::new(SERVICE_NAME, NotificationServiceServer::new(api))
+    // Response (and request) message size limits of `config.server`.
+    let server =
+        agora_platform::message_limits!(NotificationServiceServer::new(api), &config.server);
+    let hosted = HostedService::new(SERVICE_NAME, server)
         .with_token_verifier(verifier)
         .with_check(db);
     Ok((events.attach_consumer(hosted, consumer), notifier))

@@ -173,11 +173,15 @@ impl NewOrder {
         if self.items.is_empty() {
             violations.add("items", "must have at least one item");
         }
-        if self.items.len() > MAX_ITEMS {
+        let too_many = self.items.len() > MAX_ITEMS;
+        if too_many {
             violations.add("items", format!("must have at most {MAX_ITEMS} items"));
         }
+        // Past the maximum count no line is looked at: one violation for the
+        // list, not one (or three) per line of a list of any length.
+        let lines = if too_many { &[][..] } else { &self.items[..] };
         let mut total: Option<i64> = Some(0);
-        for (index, item) in self.items.iter().enumerate() {
+        for (index, item) in lines.iter().enumerate() {
             let field = |name: &str| format!("items[{index}].{name}");
             violations.check(&field("product_id"), check_identifier(&item.product_id));
             if !(1..=MAX_QUANTITY).contains(&item.quantity) {
@@ -367,6 +371,42 @@ mod tests {
         assert_eq!(
             fields(&bad_currency.validate().expect_err("currency")),
             ["currency"]
+        );
+    }
+
+    /// Past the maximum count, no item is looked at: a hundred thousand
+    /// bad lines give one violation for the list, not one per line.
+    #[test]
+    fn too_many_items_stop_validation_early() {
+        let mut many = order(vec![item("", 0, eur(-1)); 100_000]);
+        many.user_id = String::new();
+        let err = many.validate().expect_err("too many");
+        assert_eq!(fields(&err), ["user_id", "items"]);
+        assert!(err.violations().iter().all(|(_, d)| d.len() < 100));
+    }
+
+    /// The limits the contract declares (checked by every server before
+    /// the handler) agree with the ones validated here.
+    #[test]
+    fn the_contract_declares_the_same_limits() {
+        use agora_platform::limits::LimitsTable;
+        let table = agora_platform::access::AccessTable::contract().expect("contract");
+        let pool = table.pool();
+        let limits = |message: &str, field: &str| {
+            let field = pool
+                .get_message_by_name(message)
+                .and_then(|m| m.get_field_by_name(field))
+                .unwrap_or_else(|| panic!("{message}.{field}"));
+            LimitsTable::limits_of(pool, &field)
+        };
+        let request = "agora.orders.v1.PlaceOrderRequest";
+        let max_items = u32::try_from(MAX_ITEMS).expect("small");
+        let max_id = u32::try_from(MAX_ID_CHARS).expect("small");
+        assert_eq!(limits(request, "items").max_items, Some(max_items));
+        assert_eq!(limits(request, "request_id").max_bytes, Some(max_id));
+        assert_eq!(
+            limits("agora.orders.v1.LineItem", "product_id").max_bytes,
+            Some(max_id)
         );
     }
 

@@ -91,7 +91,9 @@ async fn assemble<P: CardProvider>(
     };
     let sweeper = flow.clone();
     let api = grpc::PaymentApi::new(flow, verifier.clone());
-    let hosted = HostedService::new(SERVICE_NAME, PaymentServiceServer::new(api))
+    // Response (and request) message size limits of `config.server`.
+    let server = agora_platform::message_limits!(PaymentServiceServer::new(api), &config.server);
+    let hosted = HostedService::new(SERVICE_NAME, server)
         .with_token_verifier(verifier)
         .with_check(db)
         .with_worker("payment-sweeper", move |stop| {

@@ -564,7 +564,17 @@ async fn invalid_input_names_every_bad_field(backend: Backend) -> anyhow::Result
         })
         .await
         .expect_err("oversized");
-    assert_eq!(bad_fields(&status).len(), 5);
+    // Every field over its length limit in the contract, refused before the
+    // handler: the amount (within them) is not looked at.
+    assert_eq!(
+        bad_fields(&status),
+        [
+            "amount.currency_code",
+            "card_number",
+            "payment_id",
+            "user_id"
+        ]
+    );
 
     // Refund and GetPayment validate their ids too.
     let status = h.refund("drop table payments;").await.expect_err("bad id");

@@ -688,9 +688,18 @@ impl TokenVerifier {
 
     /// [`Self::caller`] from the HTTP headers of a request.
     pub fn caller_from_headers(&self, headers: &http::HeaderMap) -> Result<Caller, Error> {
-        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+        let Some(value) = values.next() else {
             return Ok(Caller::Anonymous);
         };
+        // Two credentials are ambiguous: which one a proxy, the gateway and
+        // the service each read could differ. Refuse rather than pick.
+        if values.next().is_some() {
+            return Err(Error::new(
+                ErrorKind::Unauthenticated,
+                "more than one authorization header",
+            ));
+        }
         let value = value.to_str().map_err(|_| {
             Error::new(
                 ErrorKind::Unauthenticated,
@@ -973,6 +982,19 @@ mod tests {
         let mut md = MetadataMap::new();
         md.insert("authorization", "Basic abc".parse().expect("ascii"));
         assert!(verifier.caller(&md).is_err());
+    }
+
+    #[test]
+    fn two_authorization_headers_are_refused_even_with_one_valid() {
+        let (issuer, verifier) = pair();
+        let token = issuer
+            .issue_user_token("u1", "a@example.com", &[])
+            .expect("issue");
+        let mut md = bearer(&token.token);
+        assert!(verifier.caller(&md).is_ok());
+        md.append("authorization", "Bearer garbage".parse().expect("ascii"));
+        let err = verifier.caller(&md).expect_err("ambiguous");
+        assert_eq!(err.kind(), ErrorKind::Unauthenticated);
     }
 
     #[test]

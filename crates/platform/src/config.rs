@@ -109,23 +109,32 @@ pub struct Config {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Streams one HTTP/2 connection may have open at once.
+    /// Streams one HTTP/2 connection may have open at once (at least 1);
+    /// the client queues the rest until one ends.
     pub max_concurrent_streams: u32,
-    /// Calls one hosted service runs at once (streams included, for as long
-    /// as they are open); a call beyond it is refused at once with
-    /// RESOURCE_EXHAUSTED and `google.rpc.RetryInfo`, never queued. Health
-    /// and reflection are not counted, so probes answer under load.
+    /// Calls one hosted service runs at once (a stream counts until its
+    /// answer starts; open streams have their own caps, `watch.*`, so they
+    /// never starve unary calls); a call beyond it is refused at once with
+    /// RESOURCE_EXHAUSTED (reason `OVERLOADED`) and `google.rpc.RetryInfo`,
+    /// never queued. Health and reflection are not counted, so probes
+    /// answer under load. At least 1.
     pub max_in_flight_per_service: usize,
-    /// Seconds between HTTP/2 keepalive pings on an idle connection; a peer
-    /// that does not answer within `keepalive_timeout_secs` is dropped.
+    /// Seconds between HTTP/2 keepalive pings on a connection that has
+    /// been quiet that long; a peer that does not answer within
+    /// `keepalive_timeout_secs` is dropped, with its calls. Also the idle
+    /// time before TCP keepalive probes. At least 1.
     pub keepalive_interval_secs: u64,
-    /// Seconds a keepalive ping may go unanswered.
+    /// Seconds a keepalive ping may go unanswered (and between TCP
+    /// keepalive probes). At least 1.
     pub keepalive_timeout_secs: u64,
     /// The largest request message, in bytes (decoded size on the wire).
     pub max_request_bytes: usize,
-    /// The largest response message a server sends, in bytes.
+    /// The largest response message a server sends, in bytes: a larger one
+    /// fails the call (OUT_OF_RANGE, tonic's code) instead of being sent.
     pub max_response_bytes: usize,
-    /// Deadline of a unary call whose caller sets none, in milliseconds.
+    /// Deadline of a unary call whose caller sets none, in milliseconds:
+    /// past it the handler is dropped and the caller gets
+    /// DEADLINE_EXCEEDED. Streams are not bounded by it. 0: no default.
     pub default_timeout_ms: u64,
 }
 
@@ -149,8 +158,10 @@ impl Default for ServerConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PasswordConfig {
-    /// Hashes computed at once; 0 sizes it from the CPU count and the
-    /// process's memory limit (cgroup), leaving room for everything else.
+    /// Hashes computed at once; 0 sizes it from the machine: no more than
+    /// the cores, nor than fit (19 MiB each) in a quarter of the memory
+    /// limit (cgroup v2 or v1, else physical memory), at least 1. The chosen
+    /// size is logged at startup.
     pub max_concurrent_hashes: usize,
     /// Calls that may wait for a hash slot at once; beyond it they are
     /// refused at once with RESOURCE_EXHAUSTED and `RetryInfo`.
@@ -158,7 +169,11 @@ pub struct PasswordConfig {
     /// Milliseconds a call waits for a slot (less if its deadline is
     /// nearer) before RESOURCE_EXHAUSTED.
     pub max_wait_ms: u64,
-    /// The longest password accepted, in bytes (UTF-8).
+    /// The longest password accepted, in bytes (UTF-8). The default, 1024,
+    /// admits every password the earlier limit of 256 characters did, so
+    /// no existing user is locked out; the contract's own limit on the
+    /// field is 1024 too, so a larger value has no effect. Hashing cost
+    /// barely depends on the length (argon2 pre-hashes the password).
     pub max_password_bytes: usize,
 }
 
@@ -168,7 +183,7 @@ impl Default for PasswordConfig {
             max_concurrent_hashes: 0,
             max_waiting: 64,
             max_wait_ms: 2_000,
-            max_password_bytes: 128,
+            max_password_bytes: 1024,
         }
     }
 }
@@ -178,15 +193,19 @@ impl Default for PasswordConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WatchConfig {
-    /// Streams one user may have open at once (on one replica).
+    /// Streams one user may have open at once (on one replica); beyond it
+    /// `WatchOrder` is RESOURCE_EXHAUSTED (`TOO_MANY_WATCHES`). 0 turns
+    /// watching off.
     pub max_streams_per_user: usize,
     /// Streams one replica serves at once, all users together.
     pub max_streams: usize,
-    /// Seconds a stream stays open at most; it then ends with OK and the
-    /// client watches again if it still cares.
+    /// Seconds a stream stays open at most (at least 1); it then ends with
+    /// OK and the client watches again if it still cares.
     pub max_lifetime_secs: u64,
-    /// Milliseconds between two re-reads of the watched orders (one query
-    /// for all of them), which catch changes made by other replicas.
+    /// Milliseconds between two re-reads of the watched orders (at least
+    /// 10; one query per 500 watched orders, however many streams), which
+    /// catch changes made by other replicas. This replica's own changes
+    /// arrive at once.
     pub poll_interval_ms: u64,
 }
 

@@ -235,6 +235,190 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
+/// What a failed database call means for its caller: the classes of the
+/// one table from database errors to gRPC codes (applied by
+/// `impl From<sqlx::Error> for Error`), the same for both backends.
+///
+/// | class | PostgreSQL SQLSTATE | SQLite result code | gRPC code | RetryInfo |
+/// |---|---|---|---|---|
+/// | [`Conflict`](Self::Conflict) | 40001 serialization failure, 40P01 deadlock | 517 BUSY_SNAPSHOT | ABORTED | 50 ms |
+/// | [`Busy`](Self::Busy) | 55P03 lock not available | 5 BUSY, 6 LOCKED and their extended codes (261, 773, 262, ...) | UNAVAILABLE | 100 ms |
+/// | [`Unreachable`](Self::Unreachable) | 08xxx connection exception, 57P01..57P05 shutdown/terminated, 58xxx system error; no connection (I/O, TLS, pool timed out or closed) | 10 IOERR, 14 CANTOPEN | UNAVAILABLE | 500 ms |
+/// | [`Exhausted`](Self::Exhausted) | 53xxx insufficient resources (53300 too many connections, 53100 disk full) | 7 NOMEM, 13 FULL | UNAVAILABLE | 1 s |
+/// | [`TimedOut`](Self::TimedOut) | 57014 query canceled (statement timeout) | 9 INTERRUPT | UNAVAILABLE | none |
+/// | [`Duplicate`](Self::Duplicate) | 23505 unique violation | 2067 CONSTRAINT_UNIQUE, 1555 CONSTRAINT_PRIMARYKEY | ALREADY_EXISTS | none |
+/// | [`MissingReference`](Self::MissingReference) | 23503 foreign key violation | 787 CONSTRAINT_FOREIGNKEY | FAILED_PRECONDITION | none |
+/// | [`InvalidData`](Self::InvalidData) | 22xxx data exception, 23502 not null, 23514 check | 18 TOOBIG, 20 MISMATCH, 1299 CONSTRAINT_NOTNULL, 275 CONSTRAINT_CHECK | INVALID_ARGUMENT | none |
+/// | [`Other`](Self::Other) | everything else (42xxx, XX000, ...) | everything else (1 ERROR, 11 CORRUPT, ...) | INTERNAL | none |
+///
+/// Why ABORTED for some and UNAVAILABLE for others: ABORTED says the
+/// caller's transaction lost a race and the whole read-modify-write must
+/// start again (a serialization failure, a deadlock victim, a SQLite
+/// snapshot that went stale before its write); UNAVAILABLE says the
+/// database could not take the work now and the same call can simply be
+/// sent again (a lock held by another writer past the busy timeout, a lost
+/// connection). Both carry `google.rpc.RetryInfo`, so clients retry either
+/// after the hinted delay. A statement timeout gets no hint: the same
+/// query would likely time out again. SQLite reports extended result codes
+/// (517, 773, ...), so its classes go by the primary code (`code & 0xff`),
+/// but for BUSY_SNAPSHOT. A unique violation a service did not expect (it
+/// checks [`is_unique_violation`] where a duplicate has a meaning of its
+/// own) is still the caller's doing: ALREADY_EXISTS, never INTERNAL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbFailure {
+    /// The transaction lost a race with a concurrent one: start it again.
+    Conflict,
+    /// Another writer holds the lock: send the same call again shortly.
+    Busy,
+    /// No connection to the database, or it is going away.
+    Unreachable,
+    /// The database is out of connections, memory or disk.
+    Exhausted,
+    /// The statement was cancelled for running too long.
+    TimedOut,
+    /// A row with the same unique key exists.
+    Duplicate,
+    /// A row refers to one that does not exist.
+    MissingReference,
+    /// A value does not fit its column (too long, malformed, a check).
+    InvalidData,
+    /// Anything else: a bug or corruption, for the server log.
+    Other,
+}
+
+impl DbFailure {
+    /// The class of a `sqlx` error (of either backend, through the `Any`
+    /// driver).
+    pub fn of(err: &sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Self::Unreachable,
+            sqlx::Error::Database(db) => {
+                let backend = if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some()
+                {
+                    Backend::Postgres
+                } else if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    Backend::Sqlite
+                } else {
+                    return Self::Other;
+                };
+                db.code()
+                    .map_or(Self::Other, |code| Self::classify(backend, &code))
+            }
+            _ => Self::Other,
+        }
+    }
+
+    /// The class of error `code` of `backend`: a PostgreSQL SQLSTATE
+    /// (`40001`) or a SQLite extended result code (`517`), as `sqlx`
+    /// reports them.
+    pub fn classify(backend: Backend, code: &str) -> Self {
+        match backend {
+            Backend::Postgres => Self::classify_sqlstate(code),
+            Backend::Sqlite => code
+                .parse::<i32>()
+                .map_or(Self::Other, Self::classify_sqlite),
+        }
+    }
+
+    fn classify_sqlstate(code: &str) -> Self {
+        let class = code.get(..2).unwrap_or_default();
+        match (class, code) {
+            (_, "40001" | "40P01") => Self::Conflict,
+            (_, "55P03") => Self::Busy,
+            (_, "57014") => Self::TimedOut,
+            (_, "23505") => Self::Duplicate,
+            (_, "23503") => Self::MissingReference,
+            (_, "23502" | "23514") | ("22", _) => Self::InvalidData,
+            ("08" | "58", _) => Self::Unreachable,
+            ("57", _) if code.starts_with("57P") => Self::Unreachable,
+            ("53", _) => Self::Exhausted,
+            _ => Self::Other,
+        }
+    }
+
+    fn classify_sqlite(code: i32) -> Self {
+        // https://www.sqlite.org/rescode.html
+        const BUSY_SNAPSHOT: i32 = 517;
+        const CONSTRAINT_CHECK: i32 = 275;
+        const CONSTRAINT_FOREIGNKEY: i32 = 787;
+        const CONSTRAINT_NOTNULL: i32 = 1299;
+        const CONSTRAINT_PRIMARYKEY: i32 = 1555;
+        const CONSTRAINT_UNIQUE: i32 = 2067;
+        match code {
+            BUSY_SNAPSHOT => return Self::Conflict,
+            CONSTRAINT_UNIQUE | CONSTRAINT_PRIMARYKEY => return Self::Duplicate,
+            CONSTRAINT_FOREIGNKEY => return Self::MissingReference,
+            CONSTRAINT_NOTNULL | CONSTRAINT_CHECK => return Self::InvalidData,
+            _ => {}
+        }
+        match code & 0xff {
+            // BUSY, LOCKED
+            5 | 6 => Self::Busy,
+            // IOERR, CANTOPEN
+            10 | 14 => Self::Unreachable,
+            // NOMEM, FULL
+            7 | 13 => Self::Exhausted,
+            // INTERRUPT
+            9 => Self::TimedOut,
+            // TOOBIG, MISMATCH
+            18 | 20 => Self::InvalidData,
+            _ => Self::Other,
+        }
+    }
+
+    /// The kind of [`Error`] (and so the gRPC code) of this class.
+    pub fn kind(self) -> ErrorKind {
+        match self {
+            Self::Conflict => ErrorKind::Conflict,
+            Self::Busy | Self::Unreachable | Self::Exhausted | Self::TimedOut => {
+                ErrorKind::Unavailable
+            }
+            Self::Duplicate => ErrorKind::AlreadyExists,
+            Self::MissingReference => ErrorKind::FailedPrecondition,
+            Self::InvalidData => ErrorKind::InvalidArgument,
+            Self::Other => ErrorKind::Internal,
+        }
+    }
+
+    /// When the caller should try again (`google.rpc.RetryInfo`), for the
+    /// classes where trying again helps.
+    pub fn retry_after(self) -> Option<Duration> {
+        match self {
+            Self::Conflict => Some(Duration::from_millis(50)),
+            Self::Busy => Some(Duration::from_millis(100)),
+            Self::Unreachable => Some(Duration::from_millis(500)),
+            Self::Exhausted => Some(Duration::from_secs(1)),
+            Self::TimedOut
+            | Self::Duplicate
+            | Self::MissingReference
+            | Self::InvalidData
+            | Self::Other => None,
+        }
+    }
+
+    /// The message the caller sees: what happened, never the database's
+    /// own words (which name tables and constraints).
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Conflict => "concurrent update: retry",
+            Self::Busy => "the database is busy: retry shortly",
+            Self::Unreachable => "database unavailable",
+            Self::Exhausted => "the database is out of resources: retry later",
+            Self::TimedOut => "the database did not answer in time",
+            Self::Duplicate => "already exists",
+            Self::MissingReference => "refers to something that does not exist",
+            Self::InvalidData => "a value is malformed, too long or out of range",
+            Self::Other => "database error",
+        }
+    }
+}
+
 fn sqlite_path(url: &str) -> Option<&Path> {
     let rest = url
         .strip_prefix("sqlite://")
@@ -262,6 +446,137 @@ mod tests {
             Some(Backend::Sqlite)
         );
         assert!(Backend::from_url("mysql://x").is_err());
+    }
+
+    #[test]
+    fn database_error_codes_map_to_their_class_and_grpc_code() {
+        use DbFailure::*;
+        use tonic::Code;
+        let table: &[(Backend, &str, DbFailure, Code)] = &[
+            // PostgreSQL
+            (Backend::Postgres, "40001", Conflict, Code::Aborted),
+            (Backend::Postgres, "40P01", Conflict, Code::Aborted),
+            (Backend::Postgres, "55P03", Busy, Code::Unavailable),
+            (Backend::Postgres, "53300", Exhausted, Code::Unavailable),
+            (Backend::Postgres, "53100", Exhausted, Code::Unavailable),
+            (Backend::Postgres, "53200", Exhausted, Code::Unavailable),
+            (Backend::Postgres, "57014", TimedOut, Code::Unavailable),
+            (Backend::Postgres, "08006", Unreachable, Code::Unavailable),
+            (Backend::Postgres, "08P01", Unreachable, Code::Unavailable),
+            (Backend::Postgres, "57P01", Unreachable, Code::Unavailable),
+            (Backend::Postgres, "57P02", Unreachable, Code::Unavailable),
+            (Backend::Postgres, "57P03", Unreachable, Code::Unavailable),
+            (Backend::Postgres, "58030", Unreachable, Code::Unavailable),
+            (Backend::Postgres, "23505", Duplicate, Code::AlreadyExists),
+            (
+                Backend::Postgres,
+                "23503",
+                MissingReference,
+                Code::FailedPrecondition,
+            ),
+            (
+                Backend::Postgres,
+                "23502",
+                InvalidData,
+                Code::InvalidArgument,
+            ),
+            (
+                Backend::Postgres,
+                "23514",
+                InvalidData,
+                Code::InvalidArgument,
+            ),
+            (
+                Backend::Postgres,
+                "22001",
+                InvalidData,
+                Code::InvalidArgument,
+            ),
+            (
+                Backend::Postgres,
+                "22P02",
+                InvalidData,
+                Code::InvalidArgument,
+            ),
+            (
+                Backend::Postgres,
+                "22021",
+                InvalidData,
+                Code::InvalidArgument,
+            ),
+            (
+                Backend::Postgres,
+                "22003",
+                InvalidData,
+                Code::InvalidArgument,
+            ),
+            (Backend::Postgres, "42P01", Other, Code::Internal),
+            (Backend::Postgres, "42601", Other, Code::Internal),
+            (Backend::Postgres, "XX000", Other, Code::Internal),
+            (Backend::Postgres, "40003", Other, Code::Internal),
+            (Backend::Postgres, "57000", Other, Code::Internal),
+            (Backend::Postgres, "", Other, Code::Internal),
+            (Backend::Postgres, "5", Other, Code::Internal),
+            // SQLite: primary and extended result codes
+            (Backend::Sqlite, "5", Busy, Code::Unavailable),
+            (Backend::Sqlite, "261", Busy, Code::Unavailable),
+            (Backend::Sqlite, "773", Busy, Code::Unavailable),
+            (Backend::Sqlite, "517", Conflict, Code::Aborted),
+            (Backend::Sqlite, "6", Busy, Code::Unavailable),
+            (Backend::Sqlite, "262", Busy, Code::Unavailable),
+            (Backend::Sqlite, "518", Busy, Code::Unavailable),
+            (Backend::Sqlite, "7", Exhausted, Code::Unavailable),
+            (Backend::Sqlite, "13", Exhausted, Code::Unavailable),
+            (Backend::Sqlite, "10", Unreachable, Code::Unavailable),
+            (Backend::Sqlite, "266", Unreachable, Code::Unavailable),
+            (Backend::Sqlite, "14", Unreachable, Code::Unavailable),
+            (Backend::Sqlite, "9", TimedOut, Code::Unavailable),
+            (Backend::Sqlite, "2067", Duplicate, Code::AlreadyExists),
+            (Backend::Sqlite, "1555", Duplicate, Code::AlreadyExists),
+            (
+                Backend::Sqlite,
+                "787",
+                MissingReference,
+                Code::FailedPrecondition,
+            ),
+            (Backend::Sqlite, "1299", InvalidData, Code::InvalidArgument),
+            (Backend::Sqlite, "275", InvalidData, Code::InvalidArgument),
+            (Backend::Sqlite, "18", InvalidData, Code::InvalidArgument),
+            (Backend::Sqlite, "20", InvalidData, Code::InvalidArgument),
+            (Backend::Sqlite, "1", Other, Code::Internal),
+            (Backend::Sqlite, "11", Other, Code::Internal),
+            (Backend::Sqlite, "19", Other, Code::Internal),
+            (Backend::Sqlite, "40001", Other, Code::Internal),
+            (Backend::Sqlite, "busy", Other, Code::Internal),
+        ];
+        for &(backend, code, class, grpc) in table {
+            let classified = DbFailure::classify(backend, code);
+            assert_eq!(classified, class, "{backend:?} {code}");
+            assert_eq!(classified.kind().code(), grpc, "{backend:?} {code}");
+        }
+    }
+
+    #[test]
+    fn transient_classes_and_only_they_carry_a_retry_hint() {
+        use DbFailure::*;
+        for class in [Conflict, Busy, Unreachable, Exhausted] {
+            assert!(class.retry_after().is_some(), "{class:?}");
+        }
+        for class in [TimedOut, Duplicate, MissingReference, InvalidData, Other] {
+            assert_eq!(class.retry_after(), None, "{class:?}");
+        }
+    }
+
+    #[test]
+    fn connection_errors_without_a_code_are_unreachable() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        for err in [io, sqlx::Error::PoolTimedOut, sqlx::Error::PoolClosed] {
+            assert_eq!(DbFailure::of(&err), DbFailure::Unreachable, "{err}");
+        }
+        assert_eq!(
+            DbFailure::of(&sqlx::Error::ColumnNotFound("x".into())),
+            DbFailure::Other
+        );
     }
 
     #[test]

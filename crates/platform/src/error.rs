@@ -7,9 +7,13 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::num::NonZeroU32;
+use std::time::Duration;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::db::DbFailure;
 
 /// What went wrong, as a client should understand it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +68,10 @@ pub struct Error {
     reason: Option<Cow<'static, str>>,
     /// `ErrorInfo.metadata` beside the reason, for example the order's id.
     metadata: Vec<(String, String)>,
+    /// When the caller may usefully try again (`google.rpc.RetryInfo`), in
+    /// whole milliseconds: four bytes, so that `Error` stays small enough to
+    /// return by value everywhere.
+    retry_after_ms: Option<NonZeroU32>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -92,6 +100,7 @@ impl Error {
             violations: Vec::new(),
             reason: None,
             metadata: Vec::new(),
+            retry_after_ms: None,
             source: None,
         }
     }
@@ -114,6 +123,23 @@ impl Error {
     /// The stable reason, if one was attached.
     pub fn reason(&self) -> Option<&str> {
         self.reason.as_deref()
+    }
+
+    /// Tells the caller to try again after `delay`, sent as
+    /// `google.rpc.RetryInfo` beside the `ErrorInfo` of [`Error::with_reason`]
+    /// (for RESOURCE_EXHAUSTED, UNAVAILABLE, ABORTED and the like; never for
+    /// INTERNAL, whose details stay in the log). The delay is kept in whole
+    /// milliseconds, at least one.
+    pub fn with_retry_after(mut self, delay: Duration) -> Self {
+        let millis = u32::try_from(delay.as_millis()).unwrap_or(u32::MAX);
+        self.retry_after_ms = NonZeroU32::new(millis.max(1));
+        self
+    }
+
+    /// The retry delay, if one was attached.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after_ms
+            .map(|millis| Duration::from_millis(u64::from(millis.get())))
     }
 
     /// INVALID_ARGUMENT naming one bad field.
@@ -169,6 +195,7 @@ impl fmt::Debug for Error {
             .field("violations", &self.violations)
             .field("reason", &self.reason)
             .field("metadata", &self.metadata)
+            .field("retry_after", &self.retry_after())
             .field("source", &self.source)
             .finish()
     }
@@ -195,6 +222,7 @@ impl std::error::Error for Error {
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let code = err.kind.code();
+        let retry_after = err.retry_after();
         match err.kind {
             ErrorKind::Internal => {
                 // The cause may name tables, hosts or keys: log it, don't send it.
@@ -203,7 +231,12 @@ impl From<Error> for Status {
             }
             ErrorKind::Unavailable => {
                 tracing::warn!(error = %err, "dependency unavailable");
-                with_reason(Status::unavailable(&err.message), err.reason, err.metadata)
+                with_details(
+                    Status::unavailable(&err.message),
+                    err.reason,
+                    err.metadata,
+                    retry_after,
+                )
             }
             ErrorKind::InvalidArgument if !err.violations.is_empty() => {
                 let violations = err
@@ -217,73 +250,113 @@ impl From<Error> for Status {
                     ErrorDetails::with_bad_request(violations),
                 )
             }
-            _ => with_reason(Status::new(code, err.message), err.reason, err.metadata),
+            _ => with_details(
+                Status::new(code, err.message),
+                err.reason,
+                err.metadata,
+                retry_after,
+            ),
         }
     }
 }
 
-/// `status` with `reason` as its `google.rpc.ErrorInfo`, when there is one.
-fn with_reason(
+/// `status` with `reason` as its `google.rpc.ErrorInfo` and `retry_after`
+/// as its `google.rpc.RetryInfo`, each when there is one.
+fn with_details(
     status: Status,
     reason: Option<Cow<'static, str>>,
     metadata: Vec<(String, String)>,
+    retry_after: Option<Duration>,
 ) -> Status {
-    match reason {
-        Some(reason) => Status::with_error_details(
-            status.code(),
-            status.message(),
-            ErrorDetails::with_error_info(
-                reason,
-                ERROR_DOMAIN,
-                metadata
-                    .into_iter()
-                    .collect::<std::collections::HashMap<String, String>>(),
-            ),
-        ),
-        None => status,
+    if reason.is_none() && retry_after.is_none() {
+        return status;
     }
+    let mut details = ErrorDetails::new();
+    if let Some(reason) = reason {
+        details.set_error_info(
+            reason,
+            ERROR_DOMAIN,
+            metadata
+                .into_iter()
+                .collect::<std::collections::HashMap<String, String>>(),
+        );
+    }
+    if let Some(delay) = retry_after {
+        details.set_retry_info(Some(delay));
+    }
+    Status::with_error_details(status.code(), status.message(), details)
 }
 
+/// The one table from database errors to gRPC codes: each error is put in
+/// its class by [`DbFailure::of`] (the classes, their codes on both
+/// backends and why, are listed there), which gives the kind, a message
+/// safe to show and, where trying again helps, `google.rpc.RetryInfo`.
+/// The database's own message stays in the source, for the log.
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
-        match &err {
-            // Transient: the pool could not get a connection or the socket died.
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                Error::new(ErrorKind::Unavailable, "database unavailable").with_source(err)
-            }
-            // PostgreSQL: connection exceptions (08xxx) and the server shutting
-            // down or restarting (57P0x); SQLite: the file is busy or locked.
-            sqlx::Error::Database(db)
-                if db.code().is_some_and(|code| {
-                    code.starts_with("08") || code.starts_with("57P") || code == "5" || code == "6"
-                }) =>
-            {
-                Error::new(ErrorKind::Unavailable, "database unavailable").with_source(err)
-            }
-            // PostgreSQL: a serialization failure or a deadlock (40001,
-            // 40P01): the transaction lost a race, trying again helps.
-            sqlx::Error::Database(db)
-                if db
-                    .code()
-                    .is_some_and(|code| code == "40001" || code == "40P01") =>
-            {
-                Error::new(ErrorKind::Conflict, "concurrent update: retry").with_source(err)
-            }
-            sqlx::Error::RowNotFound => Error::new(ErrorKind::NotFound, "not found"),
-            _ => Error::internal("database error", err),
+        if matches!(err, sqlx::Error::RowNotFound) {
+            return Error::new(ErrorKind::NotFound, "not found");
+        }
+        let class = DbFailure::of(&err);
+        let error = Error::new(class.kind(), class.message()).with_source(err);
+        match class.retry_after() {
+            Some(delay) => error.with_retry_after(delay),
+            None => error,
         }
     }
 }
 
+/// The most field violations one error carries. A request with thousands of
+/// bad entries learns about the first ones and how many more there were; it
+/// never makes a service build (or a client receive) a megabyte of details.
+pub const MAX_VIOLATIONS: usize = 20;
+
 /// Collects every invalid field of a request before failing, so that a client
-/// learns about all of them at once.
+/// learns about all of them at once: the first [`MAX_VIOLATIONS`] of them,
+/// with the rest only counted (the error's message says how many).
 #[derive(Debug, Default)]
-pub struct Violations(Vec<(String, String)>);
+pub struct Violations {
+    /// `(field, description)`, at most [`MAX_VIOLATIONS`].
+    recorded: Vec<(String, String)>,
+    /// Violations beyond [`MAX_VIOLATIONS`]: counted, not kept.
+    omitted: usize,
+}
 
 impl Violations {
-    /// Records that `field` is invalid, with a description of what is expected.
+    /// Records that `field` is invalid, with a description of what is expected
+    /// (only counted once [`MAX_VIOLATIONS`] are recorded).
     pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push((field.into(), description.into()));
+        self.add_with(|| (field, description));
+    }
+
+    /// Like [`Violations::add`], but the field and description are only made
+    /// when the violation is kept: for callers that would otherwise format a
+    /// path for each of thousands of bad entries.
+    pub fn add_with<F, D>(&mut self, violation: impl FnOnce() -> (F, D))
+    where
+        F: Into<String>,
+        D: Into<String>,
+    {
+        if self.is_full() {
+            self.omitted = self.omitted.saturating_add(1);
+        } else {
+            let (field, description) = violation();
+            self.recorded.push((field.into(), description.into()));
+        }
+    }
+
+    /// Whether [`MAX_VIOLATIONS`] are recorded: any more are only counted.
+    pub fn is_full(&self) -> bool {
+        self.recorded.len() >= MAX_VIOLATIONS
+    }
+
+    /// Adds `other`'s violations after these (within the bound), and counts
+    /// the ones it left out.
+    pub fn append(&mut self, other: Violations) {
+        for (field, description) in other.recorded {
+            self.add(field, description);
+        }
+        self.omitted = self.omitted.saturating_add(other.omitted);
     }
 
     /// Runs a parser and records its error under `field`; returns the parsed value.
@@ -313,7 +386,9 @@ impl Violations {
                 None
             }
             Err(err) => {
-                self.0.extend(err.violations);
+                for (field, description) in err.violations {
+                    self.add(field, description);
+                }
                 None
             }
         }
@@ -321,31 +396,39 @@ impl Violations {
 
     /// Whether no violation was recorded.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.recorded.is_empty() && self.omitted == 0
     }
 
-    /// `Ok(())` when nothing was recorded, else INVALID_ARGUMENT with them all.
+    /// `Ok(())` when nothing was recorded, else INVALID_ARGUMENT with them all
+    /// (the first [`MAX_VIOLATIONS`]).
     pub fn finish(self) -> Result<()> {
-        if self.0.is_empty() {
+        if self.is_empty() {
             Ok(())
         } else {
             Err(self.into_error())
         }
     }
 
+    /// INVALID_ARGUMENT with the recorded violations; the message names
+    /// their fields and counts the ones left out.
     fn into_error(self) -> Error {
         let fields = self
-            .0
+            .recorded
             .iter()
             .map(|(field, _)| field.as_str())
             .collect::<Vec<_>>()
             .join(", ");
+        let message = match self.omitted {
+            0 => format!("invalid {fields}"),
+            omitted => format!("invalid {fields} and {omitted} more"),
+        };
         Error {
             kind: ErrorKind::InvalidArgument,
-            message: format!("invalid {fields}"),
-            violations: self.0,
+            message,
+            violations: self.recorded,
             reason: None,
             metadata: Vec::new(),
+            retry_after_ms: None,
             source: None,
         }
     }
@@ -393,6 +476,41 @@ mod tests {
         assert_eq!(fields, ["email", "name"]);
     }
 
+    /// A request with a hundred thousand bad entries gets the first
+    /// [`MAX_VIOLATIONS`] and a count of the rest, never a megabyte.
+    #[test]
+    fn violations_are_bounded_and_the_rest_counted() {
+        let mut v = Violations::default();
+        let mut made = 0;
+        for index in 0..100_000 {
+            v.add_with(|| {
+                made += 1;
+                (format!("items[{index}].product_id"), "must not be empty")
+            });
+        }
+        assert_eq!(made, MAX_VIOLATIONS, "paths formatted only for kept ones");
+        assert!(v.is_full());
+        let err = v.finish().expect_err("violations");
+        assert_eq!(err.violations().len(), MAX_VIOLATIONS);
+        assert!(
+            err.message()
+                .ends_with("items[19].product_id and 99980 more")
+        );
+        let status = Status::from(err);
+        let details = status.get_details_bad_request().expect("details");
+        assert_eq!(details.field_violations.len(), MAX_VIOLATIONS);
+        assert!(status.details().len() < 4096, "{}", status.details().len());
+
+        // Absorbing nested errors respects the bound too.
+        let mut v = Violations::default();
+        for _ in 0..30 {
+            v.absorb::<()>("x", Err(Error::invalid_field("page_token", "bad")));
+        }
+        let err = v.finish().expect_err("violations");
+        assert_eq!(err.violations().len(), MAX_VIOLATIONS);
+        assert!(err.message().ends_with("and 10 more"), "{}", err.message());
+    }
+
     #[test]
     fn absorb_keeps_field_violations_and_names_bare_errors() {
         let mut v = Violations::default();
@@ -432,6 +550,32 @@ mod tests {
             Some("o1")
         );
         assert_eq!(reason_of(&Status::unavailable("x")), None);
+    }
+
+    #[test]
+    fn retry_after_travels_as_retry_info_beside_the_reason() {
+        let err = Error::new(ErrorKind::ResourceExhausted, "busy")
+            .with_reason("SERVER_BUSY")
+            .with_retry_after(Duration::from_millis(250));
+        let status = Status::from(err);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(reason_of(&status).as_deref(), Some("SERVER_BUSY"));
+        let retry = status.get_details_retry_info().expect("retry info");
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(250)));
+
+        // Without a reason, RetryInfo alone; UNAVAILABLE carries it too.
+        let status = Status::from(
+            Error::new(ErrorKind::Unavailable, "down").with_retry_after(Duration::from_secs(1)),
+        );
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(reason_of(&status), None);
+        let retry = status.get_details_retry_info().expect("retry info");
+        assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
+        assert!(
+            Status::from(Error::new(ErrorKind::Conflict, "x"))
+                .get_details_retry_info()
+                .is_none()
+        );
     }
 
     #[test]

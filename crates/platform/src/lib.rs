@@ -30,11 +30,17 @@
 //! - [`card`]: the one definition of a valid card number (Luhn, 12 to 19
 //!   digits), redacted in `Debug`, for orders and payments alike.
 //! - [`ids`]: identifiers every service agrees on (`UserId`).
+//! - [`limits`]: the length limits the contract declares on every string
+//!   and list of a request, checked on the encoded message by [`server`]
+//!   before any handler runs.
 //! - [`pagination`]: page sizes and opaque cursor page tokens for `List*` RPCs.
 //! - [`money`]: validated `agora.common.v1.Money` amounts.
 //! - [`shutdown`]: the process-wide stop signal (SIGTERM / SIGINT).
 //! - [`backoff`]: the one retry schedule (exponential, capped, optionally
 //!   jittered) every retry in Agora follows.
+//! - [`work`]: bounded expensive work (password hashing and the like): a
+//!   semaphore sized from the cores and the memory limit, a bounded waiting
+//!   room, RESOURCE_EXHAUSTED with `RetryInfo` beyond it.
 
 #![forbid(unsafe_code)]
 
@@ -48,11 +54,13 @@ pub mod deadline;
 pub mod email;
 pub mod error;
 pub mod ids;
+pub mod limits;
 pub mod money;
 pub mod pagination;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;
+pub mod work;
 
 pub use error::{Error, ErrorKind, Result};

@@ -1,9 +1,11 @@
 //! The gRPC server every Agora service runs in.
 //!
 //! ```ignore
+//! let users = message_limits!(UserServiceServer::new(api), &config.server);
 //! let app = Server::new()
+//!     .limits(&config.server)
 //!     .host(
-//!         HostedService::new(SERVICE_NAME, UserServiceServer::new(api))
+//!         HostedService::new(SERVICE_NAME, users)
 //!             .with_token_verifier(verifier)
 //!             .with_check(db),
 //!     )
@@ -18,11 +20,33 @@
 //! services it hosts. Before any handler runs, the caller's token is
 //! verified and checked against the access level the contract declares for
 //! the RPC ([`AccessLayer`], [`crate::access`]). Each handler runs within
-//! the caller's `grpc-timeout` ([`DeadlineLayer`], [`crate::deadline`]),
-//! which bounds the calls it makes in turn.
+//! the caller's `grpc-timeout`, or the server's default for a unary call
+//! that states none ([`DeadlineLayer`], [`crate::deadline`]), which bounds
+//! the calls it makes in turn.
 //! [`Application::run_until_stopped`] turns health to NOT_SERVING on
 //! shutdown, stops accepting, and lets in-flight calls finish for up to
 //! [`Server::drain_timeout`].
+//!
+//! # Transport limits
+//!
+//! [`Server::limits`] takes `config.server` ([`ServerConfig`]), so that no
+//! caller can take a process down:
+//! - HTTP/2: at most `max_concurrent_streams` streams per connection (a
+//!   client queues the rest), keepalive pings every
+//!   `keepalive_interval_secs` and TCP keepalive, so dead peers are dropped;
+//! - load shedding ([`LoadShedLayer`]): each hosted service runs at most
+//!   `max_in_flight_per_service` calls at once (a stream counts until its
+//!   answer starts: open streams are bounded by their own caps, `watch.*`,
+//!   and never starve unary calls); one more is refused at once with RESOURCE_EXHAUSTED, reason
+//!   `OVERLOADED` and `google.rpc.RetryInfo`, never queued. Health and
+//!   reflection are never shed, so probes answer under load;
+//! - a default deadline of `default_timeout_ms` for unary calls that state
+//!   none: past it the handler is dropped and the caller gets
+//!   DEADLINE_EXCEEDED ([`DeadlineLayer`]). Streams are bounded by their
+//!   own limits (`watch.*`), not by it;
+//! - message sizes: [`message_limits!`](crate::message_limits) applies
+//!   `max_response_bytes` (and `max_request_bytes`) to each generated
+//!   server, where the service builds it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,6 +58,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
@@ -45,8 +70,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::access::{AccessLevel, AccessTable};
 use crate::auth::{Caller, TokenVerifier, VerifiedCaller};
+use crate::config::ServerConfig;
 use crate::db::Db;
 use crate::error::{Error, ErrorKind};
+use crate::limits::RequestLimitsLayer;
 
 /// The name of the standard health service, as listed by reflection.
 pub const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
@@ -178,11 +205,13 @@ impl HostedService {
 }
 
 /// Builds an [`Application`]: which services, how often health is checked,
-/// how long shutdown waits for in-flight calls.
+/// how long shutdown waits for in-flight calls, which transport limits hold.
 pub struct Server {
     services: Vec<HostedService>,
     health_interval: Duration,
     drain_timeout: Duration,
+    /// Streams per connection, keepalive, load shedding, default deadline.
+    limits: ServerConfig,
 }
 
 impl Default for Server {
@@ -192,13 +221,24 @@ impl Default for Server {
 }
 
 impl Server {
-    /// A server with no services yet; health checked every second, 30 s drain.
+    /// A server with no services yet; health checked every second, 30 s
+    /// drain, the default transport limits of [`ServerConfig`].
     pub fn new() -> Self {
         Self {
             services: Vec::new(),
             health_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
+            limits: ServerConfig::default(),
         }
+    }
+
+    /// The transport limits of `config.server`: streams per connection,
+    /// HTTP/2 and TCP keepalive, calls in flight per hosted service, the
+    /// default deadline of unary calls (see the module docs). Message sizes
+    /// are set on each generated server ([`crate::message_limits!`]).
+    pub fn limits(mut self, limits: &ServerConfig) -> Self {
+        self.limits = limits.clone();
+        self
     }
 
     /// Hosts a service.
@@ -284,7 +324,23 @@ impl Server {
             listener,
             local_addr,
             routes: routes.routes(),
+            transport: Transport::from_config(&self.limits),
+            shed: LoadShedLayer::new(
+                names.iter().copied(),
+                table,
+                self.limits.max_in_flight_per_service,
+            ),
+            deadline: DeadlineLayer::new(
+                table.clone(),
+                (self.limits.default_timeout_ms > 0)
+                    .then(|| Duration::from_millis(self.limits.default_timeout_ms)),
+            ),
             access: AccessLayer::new(table.clone(), verifiers),
+            request_limits: RequestLimitsLayer::contract(
+                names.iter().copied(),
+                self.limits.max_request_bytes,
+            )
+            .map_err(|err| anyhow::anyhow!("the contract's request limits: {err}"))?,
             health: HealthMonitor {
                 reporter: health_reporter,
                 services: monitored,
@@ -328,8 +384,16 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     routes: Routes,
+    /// HTTP/2 and TCP settings of every connection.
+    transport: Transport,
+    /// Refuses calls beyond a hosted service's share of in-flight calls.
+    shed: LoadShedLayer,
+    /// Bounds each call by its caller's deadline or the unary default.
+    deadline: DeadlineLayer,
     /// Checks every call of a hosted service against its declared access.
     access: AccessLayer,
+    /// Checks each request message against the contract's length limits.
+    request_limits: RequestLimitsLayer,
     health: HealthMonitor,
     drain_timeout: Duration,
     /// The hosted services' drain signals, cancelled when shutdown begins.
@@ -356,7 +420,11 @@ impl Application {
             listener,
             local_addr,
             routes,
+            transport,
+            shed,
+            deadline,
             access,
+            request_limits,
             health,
             drain_timeout,
             drain,
@@ -380,17 +448,38 @@ impl Application {
             drain.iter().for_each(CancellationToken::cancel);
         });
 
-        // TCP_NODELAY: small gRPC frames must not wait for Nagle's algorithm.
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = TcpIncoming::from(listener)
+            // TCP_NODELAY: small gRPC frames must not wait for Nagle's algorithm.
+            .with_nodelay(Some(true))
+            // TCP keepalive: the kernel notices peers that vanished without
+            // a word (a pod gone, a NAT entry forgotten) even while idle.
+            .with_keepalive(Some(transport.keepalive_interval))
+            .with_keepalive_interval(Some(transport.keepalive_timeout));
         let serve = tonic::transport::Server::builder()
+            // A connection opens at most this many streams at once; the
+            // client queues the rest (SETTINGS_MAX_CONCURRENT_STREAMS).
+            .max_concurrent_streams(transport.max_concurrent_streams)
+            // Pings on every connection: one whose peer stops answering is
+            // closed, with its calls, instead of holding them forever.
+            .http2_keepalive_interval(Some(transport.keepalive_interval))
+            .http2_keepalive_timeout(Some(transport.keepalive_timeout))
             // Outermost: one span per RPC, so everything below is inside it.
             .layer(RpcTraceLayer)
-            // Next: the handler runs within the caller's `grpc-timeout`, so
-            // the calls it makes are bounded by what the caller has left.
-            .layer(DeadlineLayer)
-            // Innermost, just before the handler: who may call this RPC, as
-            // the contract declares. Inside the span, so refusals are traced.
+            // Next: load shedding, before any work is done for the call (no
+            // token verified, nothing queued), inside the span so that
+            // refusals are traced; the permit lives until the response ends.
+            .layer(shed)
+            // Next: the handler runs within the caller's `grpc-timeout` (or
+            // the unary default), so the calls it makes are bounded by what
+            // the caller has left, and it is dropped when that runs out.
+            .layer(deadline)
+            // Next: who may call this RPC, as the contract declares. Inside
+            // the span, so refusals are traced.
             .layer(access)
+            // Innermost, just before the handler: the request message, read
+            // whole (at most `max_request_bytes`) once the caller is known to
+            // be allowed, within the contract's length limits.
+            .layer(request_limits)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         tracing::info!(addr = %local_addr, "serving gRPC");
@@ -509,17 +598,119 @@ fn status(serving: bool) -> ServingStatus {
     }
 }
 
-/// Runs every request's handler inside [`crate::deadline::scope`] of the
-/// deadline its `grpc-timeout` header states (requests without one run
-/// without a deadline).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DeadlineLayer;
+/// The HTTP/2 and TCP settings of every connection, from [`ServerConfig`].
+#[derive(Clone, Copy, Debug)]
+struct Transport {
+    max_concurrent_streams: u32,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+}
+
+impl Transport {
+    fn from_config(config: &ServerConfig) -> Self {
+        Self {
+            // Zero would refuse every call: at least one stream.
+            max_concurrent_streams: config.max_concurrent_streams.max(1),
+            keepalive_interval: Duration::from_secs(config.keepalive_interval_secs.max(1)),
+            keepalive_timeout: Duration::from_secs(config.keepalive_timeout_secs.max(1)),
+        }
+    }
+}
+
+/// The message size limits of `config.server` on a tonic-generated server:
+/// it sends no response larger than `max_response_bytes` (the call fails
+/// with OUT_OF_RANGE, tonic's code for it, instead) and decodes no request
+/// larger than `max_request_bytes` (a second line behind the request
+/// limits checked before the handler; tonic's default is 4 MiB).
+/// Generated servers share no trait for these settings, hence a macro,
+/// used where each service builds its server:
+///
+/// ```ignore
+/// let server = agora_platform::message_limits!(UserServiceServer::new(api), &config.server);
+/// HostedService::new(SERVICE_NAME, server)
+/// ```
+#[macro_export]
+macro_rules! message_limits {
+    ($server:expr, $limits:expr $(,)?) => {{
+        let limits: &$crate::config::ServerConfig = $limits;
+        $server
+            .max_decoding_message_size(limits.max_request_bytes)
+            .max_encoding_message_size(limits.max_response_bytes)
+    }};
+}
+
+/// Bounds every call by its deadline: the caller's `grpc-timeout`, or, for
+/// a unary RPC of the contract whose caller states none, the server's
+/// default. The handler runs inside [`crate::deadline::scope`] of it (so
+/// the calls it makes get what is left) and is dropped when it passes: the
+/// caller gets DEADLINE_EXCEEDED and the work stops. A call whose deadline
+/// has already passed on arrival is refused without running.
+///
+/// The deadline bounds the time until the response starts: all of a unary
+/// call, only the setup of a server stream. Streams get no default: they
+/// are bounded by limits of their own (`watch.max_lifetime_secs`).
+#[derive(Clone, Debug)]
+pub struct DeadlineLayer {
+    /// Tells unary RPCs (which get the default) from streams.
+    table: AccessTable,
+    /// The deadline of a unary call that states none; `None`: no default.
+    default_unary: Option<Duration>,
+}
+
+/// How much earlier than the caller's deadline a handler is stopped.
+/// Tonic runs a timer of its own on the same `grpc-timeout`, started as
+/// the call arrives, and answers CANCELLED when it fires; stopping the
+/// handler a moment earlier (counted from the same arrival, see
+/// [`Arrival`]) makes sure the caller hears DEADLINE_EXCEEDED, the code
+/// gRPC defines for it.
+const DEADLINE_HEAD_START: Duration = Duration::from_millis(2);
+
+/// When a call arrived: put in its extensions by [`RpcTrace`], the
+/// outermost layer, whose `call` runs as the call arrives (handlers run on
+/// a task of their own, possibly a moment later), so that every deadline
+/// counts from the same instant as tonic's timer.
+#[derive(Clone, Copy, Debug)]
+struct Arrival(tokio::time::Instant);
+
+impl DeadlineLayer {
+    /// Enforces callers' deadlines, and `default_unary` on the unary RPCs
+    /// of `table` whose caller states none.
+    pub fn new(table: AccessTable, default_unary: Option<Duration>) -> Self {
+        Self {
+            table,
+            default_unary,
+        }
+    }
+
+    /// When the call must be answered, if ever.
+    fn deadline_of(&self, request: &http::Request<impl Sized>) -> Option<tokio::time::Instant> {
+        let arrived = request
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(tokio::time::Instant::now, |arrival| arrival.0);
+        let timeout = match crate::deadline::grpc_timeout(request.headers()) {
+            Some(stated) => stated.saturating_sub(DEADLINE_HEAD_START),
+            None => {
+                let unary = self
+                    .table
+                    .get(request.uri().path())
+                    .is_some_and(|method| !method.client_streaming && !method.server_streaming);
+                self.default_unary.filter(|_| unary)?
+            }
+        };
+        // Overflow (a timeout of years): as good as no deadline.
+        arrived.checked_add(timeout)
+    }
+}
 
 impl<S> tower::Layer<S> for DeadlineLayer {
     type Service = Deadline<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Deadline { inner }
+        Deadline {
+            inner,
+            layer: self.clone(),
+        }
     }
 }
 
@@ -527,17 +718,23 @@ impl<S> tower::Layer<S> for DeadlineLayer {
 #[derive(Clone, Debug)]
 pub struct Deadline<S> {
     inner: S,
+    layer: DeadlineLayer,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for Deadline<S>
+impl<S, B, RB> tower::Service<http::Request<B>> for Deadline<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    RB: Default,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = futures::future::Either<
-        tokio::task::futures::TaskLocalFuture<tokio::time::Instant, S::Future>,
-        S::Future,
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>,
+        futures::future::Either<
+            S::Future,
+            futures::future::Ready<Result<Self::Response, Self::Error>>,
+        >,
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -545,16 +742,198 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use futures::future::Either;
         // Read before the handler runs: the budget starts when the call arrives.
-        let deadline = crate::deadline::grpc_timeout(request.headers())
-            .and_then(|timeout| tokio::time::Instant::now().checked_add(timeout));
-        match deadline {
-            Some(deadline) => futures::future::Either::Left(crate::deadline::scope(
-                deadline,
-                self.inner.call(request),
-            )),
-            None => futures::future::Either::Right(self.inner.call(request)),
+        let Some(deadline) = self.layer.deadline_of(&request) else {
+            return Either::Right(Either::Left(self.inner.call(request)));
+        };
+        if deadline <= tokio::time::Instant::now() {
+            return Either::Right(Either::Right(futures::future::ready(Ok(
+                deadline_exceeded().into_http(),
+            ))));
         }
+        let call = crate::deadline::scope(deadline, self.inner.call(request));
+        Either::Left(Box::pin(async move {
+            match tokio::time::timeout_at(deadline, call).await {
+                Ok(answered) => answered,
+                // The handler is dropped here: its work stops with the call.
+                Err(_) => Ok(deadline_exceeded().into_http()),
+            }
+        }))
+    }
+}
+
+/// The answer to a call whose deadline passed before its handler answered.
+fn deadline_exceeded() -> tonic::Status {
+    tonic::Status::deadline_exceeded("the deadline passed before the call was answered")
+}
+
+/// Load shedding: each hosted service answers at most `limit` calls at once
+/// (streams count for as long as they are open, as a call holds its permit
+/// until its response body ends). One call more is refused at once,
+/// trailers-only, with RESOURCE_EXHAUSTED, `ErrorInfo` reason `OVERLOADED`
+/// and a short `google.rpc.RetryInfo`: never queued, so an overloaded
+/// service answers in microseconds and its latency stays that of the calls
+/// it accepted. Each service has its own semaphore, so one saturated
+/// service of a monolith leaves the others alone. Paths of services not
+/// hosted here (health, reflection, unknown) are never shed: probes answer
+/// under any load.
+#[derive(Clone, Debug)]
+pub struct LoadShedLayer {
+    /// Full gRPC service name -> its calls in flight.
+    services: Arc<HashMap<String, Arc<Semaphore>>>,
+    /// Paths of the contract's streaming RPCs.
+    streaming: Arc<std::collections::HashSet<String>>,
+}
+
+/// When a client refused by load shedding should try again: soon, as calls
+/// in flight end all the time.
+pub const OVERLOADED_RETRY_AFTER: Duration = Duration::from_millis(100);
+
+impl LoadShedLayer {
+    /// At most `limit` calls in flight for each of `services` (full gRPC
+    /// names); a limit of 0 counts as 1. A streaming RPC of `table` holds
+    /// its permit only until its answer starts: how many streams stay open,
+    /// and for how long, is bounded by the stream's own caps (`watch.*` for
+    /// `WatchOrder`), so that open streams never starve the unary calls.
+    pub fn new<'a>(
+        services: impl IntoIterator<Item = &'a str>,
+        table: &AccessTable,
+        limit: usize,
+    ) -> Self {
+        let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
+        let services = services
+            .into_iter()
+            .map(|name| (name.to_owned(), Arc::new(Semaphore::new(limit))))
+            .collect();
+        let streaming = table
+            .methods()
+            .filter(|method| method.client_streaming || method.server_streaming)
+            .map(|method| method.path.clone())
+            .collect();
+        Self {
+            services: Arc::new(services),
+            streaming: Arc::new(streaming),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for LoadShedLayer {
+    type Service = LoadShed<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LoadShed {
+            inner,
+            services: Arc::clone(&self.services),
+            streaming: Arc::clone(&self.streaming),
+        }
+    }
+}
+
+/// The service made by [`LoadShedLayer`].
+#[derive(Clone, Debug)]
+pub struct LoadShed<S> {
+    inner: S,
+    services: Arc<HashMap<String, Arc<Semaphore>>>,
+    streaming: Arc<std::collections::HashSet<String>>,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for LoadShed<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    RB: Default,
+{
+    type Response = http::Response<PermitBody<RB>>;
+    type Error = S::Error;
+    type Future = futures::future::Either<
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>,
+        futures::future::Ready<Result<Self::Response, Self::Error>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use futures::future::Either;
+        let (service, _) = split_rpc_path(request.uri().path());
+        let permit = match self.services.get(service) {
+            // Not a hosted service: health, reflection, or UNIMPLEMENTED.
+            None => None,
+            Some(in_flight) => match Arc::clone(in_flight).try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    tracing::debug!(service, "overloaded: call refused");
+                    let refusal = tonic::Status::from(overloaded(service)).into_http::<RB>();
+                    return Either::Right(futures::future::ready(Ok(
+                        refusal.map(|body| PermitBody::new(body, None))
+                    )));
+                }
+            },
+        };
+        let streaming = self.streaming.contains(request.uri().path());
+        let call = self.inner.call(request);
+        Either::Left(Box::pin(async move {
+            let response = call.await?;
+            // A stream's setup has been counted; its lifetime is its own
+            // caps' business (see `LoadShedLayer::new`).
+            let permit = if streaming { None } else { permit };
+            Ok(response.map(|body| PermitBody::new(body, permit)))
+        }))
+    }
+}
+
+/// RESOURCE_EXHAUSTED for a call to `service` beyond its in-flight limit.
+fn overloaded(service: &str) -> Error {
+    Error::new(
+        ErrorKind::ResourceExhausted,
+        format!("{service} is overloaded: try again shortly"),
+    )
+    .with_reason("OVERLOADED")
+    .with_retry_after(OVERLOADED_RETRY_AFTER)
+}
+
+/// A response body holding its call's load-shedding permit: released when
+/// the body ends (its trailers pass) or is dropped (the client went away).
+pub struct PermitBody<B> {
+    inner: B,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<B> PermitBody<B> {
+    fn new(inner: B, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self { inner, permit }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for PermitBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
+            Poll::Ready(Some(Err(_)) | None) => true,
+            Poll::Pending => false,
+        };
+        if ended {
+            this.permit = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -707,7 +1086,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request
+            .extensions_mut()
+            .insert(Arrival(tokio::time::Instant::now()));
         let (service, method) = split_rpc_path(request.uri().path());
         let span = tracing::info_span!(
             "rpc",
@@ -864,5 +1246,130 @@ mod tests {
             ("agora.users.v1.UserService", "GetUser")
         );
         assert_eq!(split_rpc_path("/weird"), ("weird", ""));
+    }
+
+    /// A handler that answers with the deadline it runs under (the
+    /// milliseconds left, in a header) and counts its calls.
+    fn reporting_handler(
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> impl tower::Service<
+        http::Request<()>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future = BoxFuture<
+            'static,
+            Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+        >,
+    > + Clone {
+        tower::service_fn(move |_request: http::Request<()>| {
+            let calls = Arc::clone(&calls);
+            // Like a tonic handler, it runs when polled (inside the scope).
+            Box::pin(async move {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let left = crate::deadline::remaining()
+                    .map_or_else(|| "none".to_owned(), |left| left.as_millis().to_string());
+                let mut response = http::Response::new(tonic::body::Body::empty());
+                if let Ok(value) = http::HeaderValue::from_str(&left) {
+                    response.headers_mut().insert("x-deadline-left-ms", value);
+                }
+                Ok(response)
+            }) as BoxFuture<'static, _>
+        })
+    }
+
+    fn request(path: &str, timeout: Option<&str>) -> http::Request<()> {
+        let mut builder = http::Request::builder().uri(path);
+        if let Some(timeout) = timeout {
+            builder = builder.header(crate::deadline::GRPC_TIMEOUT, timeout);
+        }
+        builder.body(()).expect("a valid request")
+    }
+
+    /// The handler's view of its deadline for a call of `path`.
+    async fn deadline_seen(
+        layer: &DeadlineLayer,
+        path: &str,
+        timeout: Option<&str>,
+    ) -> (Option<String>, Option<String>) {
+        use tower::{Layer as _, ServiceExt as _};
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let service = layer.layer(reporting_handler(calls));
+        let response = service
+            .oneshot(request(path, timeout))
+            .await
+            .expect("infallible");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        (header("x-deadline-left-ms"), header("grpc-status"))
+    }
+
+    fn layer_with_default(default: Option<Duration>) -> DeadlineLayer {
+        let table = AccessTable::contract().expect("the contract's access table");
+        DeadlineLayer::new(table.clone(), default)
+    }
+
+    #[tokio::test]
+    async fn the_default_deadline_applies_to_unary_calls_that_state_none() {
+        let layer = layer_with_default(Some(Duration::from_secs(30)));
+        let unary = "/agora.orders.v1.OrderService/GetOrder";
+        let (left, _) = deadline_seen(&layer, unary, None).await;
+        let left: u64 = left.expect("a deadline").parse().expect("millis");
+        assert!(left > 29_000 && left <= 30_000, "{left}");
+
+        // A stated deadline replaces it, longer or shorter.
+        let (left, _) = deadline_seen(&layer, unary, Some("60S")).await;
+        let left: u64 = left.expect("a deadline").parse().expect("millis");
+        assert!(left > 59_000 && left <= 60_000, "{left}");
+
+        // No default: no deadline.
+        let (left, _) = deadline_seen(&layer_with_default(None), unary, None).await;
+        assert_eq!(left.as_deref(), Some("none"));
+    }
+
+    #[tokio::test]
+    async fn streams_and_paths_outside_the_contract_get_no_default() {
+        let layer = layer_with_default(Some(Duration::from_millis(1)));
+        for path in [
+            "/agora.orders.v1.OrderService/WatchOrder",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            let (left, status) = deadline_seen(&layer, path, None).await;
+            assert_eq!(left.as_deref(), Some("none"), "{path}");
+            assert_eq!(status, None, "{path}");
+        }
+        // A stream's caller may still state one.
+        let (left, _) = deadline_seen(
+            &layer,
+            "/agora.orders.v1.OrderService/WatchOrder",
+            Some("5S"),
+        )
+        .await;
+        assert_ne!(left.as_deref(), Some("none"));
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_deadline_passed_on_arrival_never_runs() {
+        use tower::{Layer as _, ServiceExt as _};
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let layer = layer_with_default(None);
+        for timeout in ["0n", "0m", "1m"] {
+            let service = layer.layer(reporting_handler(Arc::clone(&calls)));
+            let response = service
+                .oneshot(request(
+                    "/agora.orders.v1.OrderService/GetOrder",
+                    Some(timeout),
+                ))
+                .await
+                .expect("infallible");
+            let status = tonic::Status::from_header_map(response.headers()).expect("a status");
+            assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{timeout}");
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 }
