@@ -1,10 +1,10 @@
 //! `agora.users.v1.UserService` over a [`UserStore`]: validates requests,
-//! decides who may do what, hashes passwords off the async runtime, and maps
-//! states and events to protobuf.
+//! decides who may do what, hashes passwords off the async runtime and
+//! bounded ([`Passwords`]), and maps states and events to protobuf.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use agora_platform::auth::{ADMIN_ROLE, Caller, TokenIssuer, TokenVerifier};
+use agora_platform::auth::{Caller, TokenIssuer, TokenVerifier};
 use agora_platform::config::Secret;
 use agora_platform::error::{Error, ErrorKind, Result, Violations};
 use agora_platform::ids::UserId;
@@ -13,8 +13,9 @@ use agora_proto::users::v1 as pb;
 use agora_proto::users::v1::user_service_server::UserService;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{Email, Password, UserName, verify_password};
+use crate::domain::{Email, UserName};
 use crate::events::{StoredEvent, UserEventData, UserState, UserStatus};
+use crate::passwords::Passwords;
 use crate::store::UserStore;
 
 /// How often a write without `expected_version` is retried after losing a
@@ -32,25 +33,35 @@ pub struct UserApi<S> {
     store: Arc<S>,
     issuer: TokenIssuer,
     verifier: TokenVerifier,
-    /// Normalized emails that get the admin role at sign-up.
+    /// Every password hash and verification goes through it.
+    passwords: Passwords,
+    /// Normalized emails that may claim the admin bootstrap at sign-up.
     admin_emails: Vec<String>,
 }
 
 impl<S: UserStore> UserApi<S> {
-    /// The service over `store`, issuing tokens with `issuer` and checking
-    /// callers with `verifier`.
-    pub fn new(store: S, issuer: TokenIssuer, verifier: TokenVerifier) -> Self {
+    /// The service over `store`, issuing tokens with `issuer`, checking
+    /// callers with `verifier` and hashing with `passwords`.
+    pub fn new(
+        store: S,
+        issuer: TokenIssuer,
+        verifier: TokenVerifier,
+        passwords: Passwords,
+    ) -> Self {
         Self {
             store: Arc::new(store),
             issuer,
             verifier,
+            passwords,
             admin_emails: Vec::new(),
         }
     }
 
-    /// Users signing up with one of these emails get the admin role while no
-    /// admin exists yet: the bootstrap of the first admin, closed as soon as
-    /// there is one (so a listed address freed later by an email change
+    /// The first user to sign up with one of these emails gets the admin
+    /// role: the bootstrap of the first admin, claimed once in the same
+    /// transaction that creates the user ([`UserStore::create`]), so that
+    /// racing sign-ups make exactly one admin and the others plain users, and
+    /// closed for ever after (a listed address freed later by an email change
     /// cannot be taken over). Invalid addresses are ignored.
     pub fn with_admin_emails(mut self, emails: &[String]) -> Self {
         self.admin_emails = emails
@@ -65,12 +76,9 @@ impl<S: UserStore> UserApi<S> {
         self.verifier.caller_of(request)
     }
 
-    /// Whether signing up with `email` makes the first admin.
-    async fn bootstraps_admin(&self, email: &Email) -> Result<bool> {
-        if !self.admin_emails.iter().any(|e| e == email.as_str()) {
-            return Ok(false);
-        }
-        Ok(!self.store.any_admin().await?)
+    /// Whether signing up with `email` may claim the admin bootstrap.
+    fn may_bootstrap_admin(&self, email: &Email) -> bool {
+        self.admin_emails.iter().any(|e| e == email.as_str())
     }
 
     /// Appends an event, retrying lost races when the client did not pin a version.
@@ -123,7 +131,7 @@ impl<S: UserStore> UserService for UserApi<S> {
         let mut violations = Violations::default();
         let email = violations.check("email", Email::parse(&req.email));
         let name = violations.check("name", UserName::parse(&req.name));
-        let password = violations.check("password", Password::parse(&req.password));
+        let password = violations.check("password", self.passwords.parse_new(&req.password));
         violations.finish()?;
         let (Some(email), Some(name), Some(password)) = (email, name, password) else {
             return Err(Error::new(ErrorKind::Internal, "validation passed without values").into());
@@ -131,20 +139,17 @@ impl<S: UserStore> UserService for UserApi<S> {
         if self.store.find_by_email(email.as_str()).await?.is_some() {
             return Err(Error::new(ErrorKind::AlreadyExists, "email is already registered").into());
         }
-        let password_hash = hash_blocking(password).await?;
+        let password_hash = self.passwords.hash(password).await?;
         let user_id = uuid::Uuid::now_v7().to_string();
         let created = UserEventData::UserCreated {
             email: email.as_str().to_owned(),
             name: name.as_str().to_owned(),
             password_hash: Secret::new(password_hash),
-            roles: if self.bootstraps_admin(&email).await? {
-                vec![ADMIN_ROLE.to_owned()]
-            } else {
-                Vec::new()
-            },
+            roles: Vec::new(),
         };
-        let user = self.store.create(&user_id, created).await?;
-        tracing::info!(user_id = %user.id, "user created");
+        let claim_admin = self.may_bootstrap_admin(&email);
+        let user = self.store.create(&user_id, created, claim_admin).await?;
+        tracing::info!(user_id = %user.id, roles = ?user.roles, "user created");
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(to_proto(&user)),
         }))
@@ -157,24 +162,20 @@ impl<S: UserStore> UserService for UserApi<S> {
         let req = request.into_inner();
         let mut violations = Violations::default();
         let email = violations.check("email", Email::parse(&req.email));
-        if req.password.is_empty() {
-            violations.add("password", "must not be empty");
-        }
+        // Before any database or hashing work: an over-long password costs
+        // nothing but this check.
+        violations.check("password", self.passwords.check_length(&req.password));
         violations.finish()?;
         let Some(email) = email else {
             return Err(Error::new(ErrorKind::Internal, "validation passed without values").into());
         };
         let user = self.store.find_by_email(email.as_str()).await?;
-        // Verify against a dummy hash when the email is unknown, so that the
-        // answer takes as long as for a wrong password and reveals nothing.
-        let hash = match &user {
-            Some(user) => user.password_hash.expose().clone(),
-            None => dummy_hash().to_owned(),
-        };
-        let password = req.password;
-        let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-            .await
-            .map_err(|err| Error::internal("verifying a password", err))?;
+        // An unknown email is verified against a dummy hash, so that the
+        // answer costs as much as for a wrong password and reveals nothing.
+        let hash = user
+            .as_ref()
+            .map(|user| user.password_hash.expose().clone());
+        let matches = self.passwords.verify(req.password, hash).await?;
         let user = match user {
             Some(user) if matches => user,
             _ => {
@@ -275,24 +276,6 @@ fn parse_id(raw: &str) -> Result<String> {
     UserId::parse(raw)
         .map(|id| id.as_str().to_owned())
         .map_err(|reason| Error::invalid_field("id", reason))
-}
-
-async fn hash_blocking(password: Password) -> Result<String> {
-    tokio::task::spawn_blocking(move || password.hash())
-        .await
-        .map_err(|err| Error::internal("hashing a password", err))?
-        .map_err(|err| Error::internal("hashing a password", err.to_string()))
-}
-
-/// A valid argon2id hash of a random password, computed once.
-fn dummy_hash() -> &'static str {
-    static HASH: OnceLock<String> = OnceLock::new();
-    HASH.get_or_init(|| {
-        Password::parse(&uuid::Uuid::new_v4().to_string())
-            .ok()
-            .and_then(|p| p.hash().ok())
-            .unwrap_or_default()
-    })
 }
 
 fn status_to_proto(status: UserStatus) -> pb::UserStatus {

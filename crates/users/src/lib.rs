@@ -8,6 +8,9 @@
 //! # Layout
 //! - [`domain`]: validated newtypes (`Email`, `UserName`, `Password`) and the
 //!   password hashing.
+//! - [`passwords`]: every hash and verification bounded (`config.passwords`:
+//!   so many at once, a bounded wait, RESOURCE_EXHAUSTED beyond) and off the
+//!   async runtime; the longest password accepted.
 //! - [`events`]: the stored events, the state they fold into, and the decisions
 //!   that turn commands into new events.
 //! - [`store`]: the [`store::UserStore`] trait and its SQL implementation
@@ -21,6 +24,7 @@
 pub mod domain;
 pub mod events;
 pub mod grpc;
+pub mod passwords;
 pub mod store;
 
 use agora_platform::auth::{TokenIssuer, TokenVerifier};
@@ -42,6 +46,10 @@ pub const MIGRATIONS: Migrations = Migrations {
 /// NATS as a degraded-only dependency and the outbox relay publishing
 /// `UserCreated`, `UserEmailUpdated` and `UserActivated`.
 pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
+    // First: a configuration no password fits fails before any connection.
+    let passwords = passwords::Passwords::from_config(&config.passwords)?;
+    // The dummy hash unknown emails are verified against, before any login.
+    passwords.prepare().await?;
     let db = Db::connect_and_migrate(&config.database_url("users"), MIGRATIONS).await?;
     let events = ServiceEvents::start(config, &db, "users").await?;
     let issuer = TokenIssuer::from_config(&config.auth)?;
@@ -50,9 +58,12 @@ pub async fn hosted(config: &Config) -> anyhow::Result<HostedService> {
         store::SqlUserStore::new(events.outbox.clone()),
         issuer,
         verifier.clone(),
+        passwords,
     )
     .with_admin_emails(&config.auth.admin_emails);
-    let hosted = HostedService::new(SERVICE_NAME, UserServiceServer::new(api))
+    // Response (and request) message size limits of `config.server`.
+    let server = agora_platform::message_limits!(UserServiceServer::new(api), &config.server);
+    let hosted = HostedService::new(SERVICE_NAME, server)
         .with_token_verifier(verifier)
         .with_check(db);
     Ok(events.attach(hosted))

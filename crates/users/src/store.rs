@@ -12,9 +12,16 @@
 //! public protobuf event until it is published. Both are written in the same
 //! unit of work ([`Outbox::begin`]), so an event is published if and only if
 //! the change committed.
+//!
+//! The admin bootstrap (the first listed email to sign up becomes admin) is
+//! the one-row table `admin_bootstrap`: a sign-up that may bootstrap claims
+//! its row in the transaction that creates the user, and only the claim that
+//! inserted the row gets the role. Racing sign-ups cannot both see "no admin
+//! yet": the primary key decides, and the losers are created as plain users.
 
 use std::future::Future;
 
+use agora_platform::auth::ADMIN_ROLE;
 use agora_platform::config::Secret;
 use agora_platform::db::{Db, is_unique_violation};
 use agora_platform::error::{Error, ErrorKind, Result};
@@ -29,11 +36,15 @@ use crate::events::{StoredEvent, UserEventData, UserState, UserStatus};
 /// Storage of user histories and their current state.
 pub trait UserStore: Send + Sync + 'static {
     /// Starts a new user's history with `created` (a `UserCreated` event).
-    /// ALREADY_EXISTS when the email is taken.
+    /// ALREADY_EXISTS when the email is taken. With `claim_admin`, the user
+    /// claims the one-time admin bootstrap in the same transaction: the
+    /// first such user ever gets the admin role added to `created`, every
+    /// later one (racing or not) is created as `created` says, without it.
     fn create(
         &self,
         user_id: &str,
         created: UserEventData,
+        claim_admin: bool,
     ) -> impl Future<Output = Result<UserState>> + Send;
 
     /// Appends the event `decide` returns for the user's current state.
@@ -57,9 +68,6 @@ pub trait UserStore: Send + Sync + 'static {
 
     /// A user's history, oldest first.
     fn events(&self, user_id: &str) -> impl Future<Output = Result<Vec<StoredEvent>>> + Send;
-
-    /// Whether any user holds the admin role.
-    fn any_admin(&self) -> impl Future<Output = Result<bool>> + Send;
 }
 
 /// [`UserStore`] on a SQL database (PostgreSQL or SQLite), recording the
@@ -91,7 +99,19 @@ macro_rules! select_user {
 }
 
 impl UserStore for SqlUserStore {
-    async fn create(&self, user_id: &str, created: UserEventData) -> Result<UserState> {
+    async fn create(
+        &self,
+        user_id: &str,
+        mut created: UserEventData,
+        claim_admin: bool,
+    ) -> Result<UserState> {
+        let mut work = self.outbox.begin().await?;
+        if claim_admin
+            && let UserEventData::UserCreated { roles, .. } = &mut created
+            && claim_admin_bootstrap(&mut work, user_id).await?
+        {
+            roles.push(ADMIN_ROLE.to_owned());
+        }
         let event = StoredEvent {
             event_id: uuid::Uuid::now_v7().to_string(),
             user_id: user_id.to_owned(),
@@ -101,7 +121,6 @@ impl UserStore for SqlUserStore {
         };
         let state = UserState::apply(None, &event)
             .map_err(|err| Error::internal("applying user_created", err))?;
-        let mut work = self.outbox.begin().await?;
         insert_event(&mut work, &event).await?;
         sqlx::query(
             "INSERT INTO users (id, email, name, status, roles, password_hash, \
@@ -227,18 +246,22 @@ impl UserStore for SqlUserStore {
         })
         .collect()
     }
-
-    async fn any_admin(&self) -> Result<bool> {
-        any_admin_row(&self.db).await
-    }
 }
 
-async fn any_admin_row(db: &Db) -> Result<bool> {
-    // Roles are a JSON array of strings; the quotes make the match exact.
-    let row = sqlx::query("SELECT 1 AS found FROM users WHERE roles LIKE '%\"admin\"%' LIMIT 1")
-        .fetch_optional(db.pool())
-        .await?;
-    Ok(row.is_some())
+/// Claims the admin bootstrap for `user_id` within `work`: whether this
+/// transaction inserted the one row of `admin_bootstrap`. A concurrent claim
+/// waits for ours to commit or roll back (PostgreSQL: the primary key;
+/// SQLite: one writer at a time) and then finds the row taken, or free again.
+async fn claim_admin_bootstrap(work: &mut UnitOfWork, user_id: &str) -> Result<bool> {
+    let claimed = sqlx::query(
+        "INSERT INTO admin_bootstrap (id, user_id, claimed_at) VALUES (1, $1, $2) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(user_id)
+    .bind(now_micros())
+    .execute(work.tx())
+    .await?;
+    Ok(claimed.rows_affected() == 1)
 }
 
 /// Records the public protobuf form of `event` in the outbox: never the
