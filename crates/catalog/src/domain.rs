@@ -16,8 +16,12 @@ pub const MAX_DESCRIPTION_CHARS: usize = 5000;
 pub const MAX_CATEGORY_CHARS: usize = 50;
 /// The most distinct categories one product may be in.
 pub const MAX_CATEGORIES: usize = 20;
-/// The most characters a search query may have: matching is a full scan, and
-/// nothing longer than a name plus a description can match anyway.
+/// The most characters a search query may have: a longer pattern only costs
+/// more to match (and to extract trigrams from, on PostgreSQL), and nothing
+/// longer than a name can be what a shopper types. There is no minimum: one-
+/// and two-character queries match most products, so a search for them fills
+/// its page after reading a few rows newest first (and the statement timeout
+/// bounds the rare exception on PostgreSQL, see `crate::store`).
 pub const MAX_QUERY_CHARS: usize = 200;
 
 /// A stock keeping unit: 1 to 64 characters of `[A-Za-z0-9._-]`, surrounding

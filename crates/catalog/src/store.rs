@@ -4,10 +4,20 @@
 //! it on PostgreSQL and SQLite with the same SQL. A product is one `products`
 //! row plus one `product_categories` row per category, written in one
 //! transaction; reads join the two and fold the rows back into products.
+//!
+//! A listing with a text query is `search_text LIKE '%<query>%'`, which no
+//! B-tree serves. On PostgreSQL a trigram index (`pg_trgm`, migration
+//! `20261126000004`) answers it, and each such search runs in a read-only
+//! transaction with `SET LOCAL statement_timeout` ([`SEARCH_TIMEOUT`] by
+//! default), so no query text can keep a connection busy for long: past it
+//! the search fails with UNAVAILABLE and the reason `SEARCH_TIMED_OUT`.
+//! SQLite has neither (see that migration): a search there walks the
+//! products newest first until the page is full.
 
 use std::future::Future;
+use std::time::Duration;
 
-use agora_platform::db::{Db, is_unique_violation};
+use agora_platform::db::{Backend, Db, DbFailure, is_unique_violation};
 use agora_platform::error::{Error, ErrorKind, Result};
 use agora_platform::money::Money;
 use agora_platform::pagination::Cursor;
@@ -60,12 +70,24 @@ pub trait CatalogStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<UpdatedProduct>> + Send;
 }
 
+/// How long one text search may run on PostgreSQL before the database
+/// cancels it. With the trigram index a search takes milliseconds; this only
+/// stops the worst case (a short, rare query on a huge catalog) from holding
+/// a connection.
+pub const SEARCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The ErrorInfo reason of a search the database cancelled for taking too
+/// long.
+pub const SEARCH_TIMED_OUT: &str = "SEARCH_TIMED_OUT";
+
 /// [`CatalogStore`] on a SQL database (PostgreSQL or SQLite), recording
 /// `ProductPriceChanged` in the same database's outbox.
 #[derive(Clone, Debug)]
 pub struct SqlCatalogStore {
     db: Db,
     outbox: Outbox,
+    /// The statement timeout of a text search (PostgreSQL only).
+    search_timeout: Duration,
 }
 
 impl SqlCatalogStore {
@@ -74,7 +96,15 @@ impl SqlCatalogStore {
         Self {
             db: outbox.db().clone(),
             outbox,
+            search_timeout: SEARCH_TIMEOUT,
         }
+    }
+
+    /// Text searches time out after `timeout` instead of [`SEARCH_TIMEOUT`]
+    /// (at least 1 ms: PostgreSQL reads 0 as "no timeout").
+    pub fn with_search_timeout(mut self, timeout: Duration) -> Self {
+        self.search_timeout = timeout.max(Duration::from_millis(1));
+        self
     }
 }
 
@@ -144,6 +174,20 @@ const PAGE_IN_CATEGORY_MATCHING: &str = product_page!(
     " AND p.search_text LIKE $5 ESCAPE '\\'"
 );
 
+/// The statement a listing runs, with or without a text query and a
+/// category: public so that tests can EXPLAIN exactly what runs. Binds `$1`
+/// and `$2` to the cursor (`created_at`, id: `i64::MAX` and `""` for the
+/// first page), `$3` to the limit, then the category, then the `LIKE`
+/// pattern (`SearchQuery::like_pattern`).
+pub fn page_statement(with_query: bool, with_category: bool) -> &'static str {
+    match (with_query, with_category) {
+        (false, false) => PAGE_ALL,
+        (true, false) => PAGE_MATCHING,
+        (false, true) => PAGE_IN_CATEGORY,
+        (true, true) => PAGE_IN_CATEGORY_MATCHING,
+    }
+}
+
 impl CatalogStore for SqlCatalogStore {
     async fn create(&self, new: NewProduct) -> Result<Product> {
         let mut work = self.outbox.begin().await?;
@@ -200,21 +244,32 @@ impl CatalogStore for SqlCatalogStore {
         let (after_key, after_id) = after.map_or((i64::MAX, ""), |c| (c.key, c.id.as_str()));
         let pattern = filter.query.as_ref().map(SearchQuery::like_pattern);
         let category = filter.category.as_ref().map(Category::as_str);
-        let query = match (&pattern, category) {
-            (None, None) => sqlx::query(PAGE_ALL),
-            (Some(_), None) => sqlx::query(PAGE_MATCHING),
-            (None, Some(_)) => sqlx::query(PAGE_IN_CATEGORY),
-            (Some(_), Some(_)) => sqlx::query(PAGE_IN_CATEGORY_MATCHING),
-        };
+        let query = sqlx::query(page_statement(pattern.is_some(), category.is_some()));
         // Binds follow the placeholder numbers: category before pattern.
         let mut query = query.bind(after_key).bind(after_id).bind(limit);
         if let Some(category) = category {
             query = query.bind(category);
         }
+        let searching = pattern.is_some();
         if let Some(pattern) = pattern {
             query = query.bind(pattern);
         }
-        let rows = query.fetch_all(self.db.pool()).await?;
+        let rows = if searching && self.db.backend() == Backend::Postgres {
+            // SET LOCAL holds for this transaction only: the pooled
+            // connection goes back without a timeout of its own.
+            let mut tx = self.db.pool().begin().await?;
+            let millis = u64::try_from(self.search_timeout.as_millis()).unwrap_or(u64::MAX);
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SET LOCAL statement_timeout = {millis}"
+            )))
+            .execute(&mut *tx)
+            .await?;
+            let rows = query.fetch_all(&mut *tx).await.map_err(search_failed)?;
+            tx.commit().await?;
+            rows
+        } else {
+            query.fetch_all(self.db.pool()).await?
+        };
         products_from_rows(&rows)
     }
 
@@ -309,6 +364,22 @@ async fn insert_categories(
         .await?;
     }
     Ok(())
+}
+
+/// A search's database error, with a message that says what to do when the
+/// statement timeout cancelled it (the gRPC code stays the platform's).
+fn search_failed(err: sqlx::Error) -> Error {
+    if DbFailure::of(&err) == DbFailure::TimedOut {
+        let kind = DbFailure::TimedOut.kind();
+        Error::new(
+            kind,
+            "the search took too long: use a longer, more specific query",
+        )
+        .with_reason(SEARCH_TIMED_OUT)
+        .with_source(err)
+    } else {
+        err.into()
+    }
 }
 
 /// The only unique constraint of `products` a caller can hit is the SKU (ids

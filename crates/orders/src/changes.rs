@@ -1,13 +1,14 @@
 //! In-process notice of order changes, for `WatchOrder`.
 //!
 //! The store announces the id of every order whose status it changed, after
-//! the change is committed. Watchers subscribe and re-read their order when
-//! its id goes by. A broadcast channel suits this because sending never waits
-//! for receivers: a watcher that falls behind loses notices (it learns that it
-//! lagged and re-reads), it never slows down a writer.
+//! the change is committed. The watch hub ([`crate::watch`]) subscribes while
+//! any order is watched and re-reads an order when its id goes by. A
+//! broadcast channel suits this because sending never waits for receivers: a
+//! hub that falls behind loses notices (it learns that it lagged and re-reads
+//! every watched order), it never slows down a writer.
 //!
 //! Notices only cover this process. Changes made by another replica reach
-//! watchers through their periodic re-check (see [`crate::watch`]).
+//! watchers through the hub's periodic poll.
 
 use std::sync::Arc;
 
@@ -42,8 +43,8 @@ impl OrderChanges {
         let _ = self.sender.send(Arc::from(order_id));
     }
 
-    /// How many receivers exist: one per running watch (plus any other
-    /// subscriber). Watches drop theirs when they end.
+    /// How many receivers exist: one while the watch hub's poll task runs
+    /// (plus any other subscriber), however many streams are open.
     pub fn subscribers(&self) -> usize {
         self.sender.receiver_count()
     }

@@ -4,7 +4,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use agora_platform::auth::{Caller, TokenVerifier};
 use agora_platform::error::{Error, ErrorKind, Result, Violations};
@@ -18,7 +17,8 @@ use tonic::{Request, Response, Status};
 use crate::checkout::{Checkout, PlaceOrder};
 use crate::domain::{Order, OrderItem, OrderStatus, parse_order_id};
 use crate::store::OrderStore;
-use crate::watch::{RECHECK_INTERVAL, watch_order};
+use crate::watch::{WatchHub, WatchLimits};
+use agora_platform::config::WatchConfig;
 use tokio_util::sync::CancellationToken;
 
 /// The gRPC service.
@@ -27,24 +27,38 @@ pub struct OrderApi<S> {
     /// Runs PlaceOrder and CancelOrder.
     checkout: Checkout,
     verifier: TokenVerifier,
-    /// How often each watch re-reads its order without a notice.
-    recheck: Duration,
+    /// Open `WatchOrder` streams: their caps and the one shared re-read.
+    watches: WatchHub<S>,
     /// Cancelled when the server starts shutting down: open watches end.
     drain: CancellationToken,
 }
 
 impl<S: OrderStore> OrderApi<S> {
-    /// The service over `store`, checking callers with `verifier`. Watches
-    /// follow the store's notifier, so writes through any clone of `store`
-    /// reach them at once.
+    /// The service over `store`, checking callers with `verifier`, with the
+    /// default `watch.*` limits. Watches follow the store's notifier, so
+    /// writes through any clone of `store` reach them at once.
     pub fn new(store: S, checkout: Checkout, verifier: TokenVerifier) -> Self {
+        let store = Arc::new(store);
         Self {
-            store: Arc::new(store),
+            watches: WatchHub::new(Arc::clone(&store), WatchLimits::default()),
+            store,
             checkout,
             verifier,
-            recheck: RECHECK_INTERVAL,
             drain: CancellationToken::new(),
         }
+    }
+
+    /// Caps, lifetime and poll interval of `WatchOrder` streams from
+    /// `config` (call before serving: it starts a new, empty hub).
+    pub fn with_watch_config(mut self, config: &WatchConfig) -> Self {
+        self.watches = WatchHub::new(Arc::clone(&self.store), WatchLimits::from_config(config));
+        self
+    }
+
+    /// The hub of this service's `WatchOrder` streams (a handle on the same
+    /// one), to observe it.
+    pub fn watches(&self) -> WatchHub<S> {
+        self.watches.clone()
     }
 
     /// Ends every open watch with UNAVAILABLE once `drain` is cancelled (pass
@@ -161,10 +175,12 @@ impl<S: OrderStore> OrderService for OrderApi<S> {
         request: Request<pb::WatchOrderRequest>,
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
         let caller = self.caller(&request)?;
-        require_user(&caller)?;
+        let user_id = require_user(&caller)?;
         let id = parse_id(&request.get_ref().id)?;
-        // Subscribe before reading, so a change right after the read is seen.
-        let notices = self.store.changes().subscribe();
+        // The caps are checked first, before any database work. Following
+        // the order before reading it means a change right after the read is
+        // seen; the slot comes back with `following` on every early return.
+        let following = self.watches.follow(user_id, &id)?;
         // Owner only: an admin watching someone else's order gets NOT_FOUND too.
         let order = self
             .store
@@ -172,13 +188,8 @@ impl<S: OrderStore> OrderService for OrderApi<S> {
             .await?
             .filter(|order| caller.is_user(&order.user_id))
             .ok_or_else(|| not_found(&id))?;
-        let states = watch_order(
-            Arc::clone(&self.store),
-            order,
-            notices,
-            self.recheck,
-            self.drain.clone(),
-        );
+        following.offer(order);
+        let states = following.into_stream(self.drain.clone());
         let responses = states.map(|state| {
             state
                 .map(|order| pb::WatchOrderResponse {

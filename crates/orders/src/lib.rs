@@ -23,7 +23,8 @@
 //!   (PostgreSQL and SQLite): create, get, list, status transitions.
 //! - [`changes`]: [`changes::OrderChanges`], the in-process broadcast the
 //!   store signals after each committed transition.
-//! - [`watch`]: the per-stream task behind `WatchOrder`.
+//! - [`watch`]: the `WatchOrder` hub: caps per user and per replica, the
+//!   streams' lifetime, one shared re-read of all watched orders.
 //! - [`grpc`]: the `agora.orders.v1.OrderService` adapter: authorization,
 //!   validation, mapping to protobuf.
 
@@ -70,9 +71,13 @@ pub async fn build(config: &Config) -> anyhow::Result<Orders> {
     // rather than holding its drain until the timeout.
     let drain = tokio_util::sync::CancellationToken::new();
     let api = grpc::OrderApi::new(store.clone(), checkout.clone(), verifier.clone())
+        .with_watch_config(&config.watch)
         .with_drain_signal(drain.clone());
+    let watches = api.watches();
     let resume_every = checkout.resume_interval();
-    let hosted = HostedService::new(SERVICE_NAME, OrderServiceServer::new(api))
+    // Response (and request) message size limits of `config.server`.
+    let server = agora_platform::message_limits!(OrderServiceServer::new(api), &config.server);
+    let hosted = HostedService::new(SERVICE_NAME, server)
         .with_token_verifier(verifier)
         .with_check(db)
         .with_drain_signal(drain)
@@ -84,6 +89,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Orders> {
         hosted: events.attach(hosted),
         store,
         checkout,
+        watches,
     })
 }
 
@@ -97,6 +103,8 @@ pub struct Orders {
     pub store: store::SqlOrderStore,
     /// The checkout orchestrator the service runs (and its clients).
     pub checkout: checkout::Checkout,
+    /// The service's `WatchOrder` hub (open streams, polls).
+    pub watches: watch::WatchHub<store::SqlOrderStore>,
 }
 
 /// Clients of inventory, payments and catalog through the platform's client

@@ -26,6 +26,10 @@ use sqlx::{Any, Row};
 use crate::changes::OrderChanges;
 use crate::domain::{NewOrder, Order, OrderItem, OrderStatus, failure_reason};
 
+/// The most order ids [`OrderStore::get_many`] takes at once: one bound
+/// parameter each, far below PostgreSQL's 65,535 and SQLite's 32,766.
+pub const MAX_IDS_PER_READ: usize = 500;
+
 /// How often a status change re-reads and retries after a concurrent writer
 /// moved the order first (each retry decides again on the fresh status).
 const TRANSITION_ATTEMPTS: usize = 5;
@@ -49,6 +53,13 @@ pub trait OrderStore: Send + Sync + 'static {
 
     /// The order `id`, whoever owns it.
     fn get(&self, id: &str) -> impl Future<Output = Result<Option<Order>>> + Send;
+
+    /// The orders among `ids` that exist, in one query (in no particular
+    /// order; unknown ids are left out). For the `WatchOrder` hub, which
+    /// re-reads every watched order at once: callers keep `ids` to at most
+    /// [`MAX_IDS_PER_READ`] (INVALID_ARGUMENT beyond), so that one
+    /// statement stays within every backend's limit on bound parameters.
+    fn get_many(&self, ids: &[String]) -> impl Future<Output = Result<Vec<Order>>> + Send;
 
     /// The user's orders, newest first by `(created_at, id)`, starting after
     /// `cursor` (or at the newest), at most `size` of them.
@@ -128,6 +139,24 @@ const LIST_FOR_USER: &str = select_orders!(
 );
 
 const GET_BY_ID: &str = select_orders!("orders", "WHERE o.id = $1 ORDER BY i.line");
+
+/// The statement of [`OrderStore::get_many`] for `count` ids: only numbered
+/// placeholders are generated, every id is bound. Ordered by id so that each
+/// order's rows are adjacent, as [`orders_from_rows`] needs.
+fn get_many_sql(count: usize) -> String {
+    let mut placeholders = String::with_capacity(count * 5);
+    for n in 1..=count {
+        if n > 1 {
+            placeholders.push_str(", ");
+        }
+        placeholders.push('$');
+        placeholders.push_str(&n.to_string());
+    }
+    format!(
+        select_orders!("orders", "WHERE o.id IN ({}) ORDER BY o.id, i.line"),
+        placeholders
+    )
+}
 
 const GET_BY_REQUEST: &str = select_orders!(
     "orders",
@@ -216,6 +245,27 @@ impl OrderStore for SqlOrderStore {
             .fetch_all(self.db.pool())
             .await?;
         Ok(orders_from_rows(&rows)?.into_iter().next())
+    }
+
+    async fn get_many(&self, ids: &[String]) -> Result<Vec<Order>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        if ids.len() > MAX_IDS_PER_READ {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "at most {MAX_IDS_PER_READ} orders are read at once, not {}",
+                    ids.len()
+                ),
+            ));
+        }
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(get_many_sql(ids.len())));
+        for id in ids {
+            query = query.bind(id);
+        }
+        let rows = query.fetch_all(self.db.pool()).await?;
+        orders_from_rows(&rows)
     }
 
     async fn list_for_user(

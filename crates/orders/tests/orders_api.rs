@@ -35,11 +35,18 @@ struct Harness {
     client: OrderServiceClient<Channel>,
     /// The store the running service uses (same notifier).
     store: SqlOrderStore,
+    /// The running service's `WatchOrder` hub.
+    watches: agora_orders::watch::WatchHub<SqlOrderStore>,
 }
 
 async fn start(backend: Backend) -> anyhow::Result<Harness> {
     let env = TestEnv::new(backend).await?;
-    let agora_orders::Orders { hosted, store, .. } = agora_orders::build(&env.config).await?;
+    let agora_orders::Orders {
+        hosted,
+        store,
+        watches,
+        ..
+    } = agora_orders::build(&env.config).await?;
     let server = TestServer::start(vec![hosted]).await?;
     let client = OrderServiceClient::new(server.channel()?);
     Ok(Harness {
@@ -47,6 +54,7 @@ async fn start(backend: Backend) -> anyhow::Result<Harness> {
         server,
         client,
         store,
+        watches,
     })
 }
 
@@ -632,8 +640,9 @@ async fn watch_sees_changes_made_by_another_replica(backend: Backend) -> anyhow:
     h.server.stop().await
 }
 
-/// A client that goes away ends its watch task (it stops listening for
-/// notices), even though the order never changes.
+/// A client that goes away ends its watch (its slot and its place on the
+/// order come back), even though the order never changes; with nothing
+/// left to watch, the hub stops listening for notices.
 async fn watch_task_ends_when_the_client_goes_away(backend: Backend) -> anyhow::Result<()> {
     let mut h = start(backend).await?;
     let ada = shopper(&h.env, "ada@example.com")?;
@@ -649,10 +658,20 @@ async fn watch_task_ends_when_the_client_goes_away(backend: Backend) -> anyhow::
         next_state(&mut stream).await?;
         streams.push(stream);
     }
-    assert_eq!(h.store.changes().subscribers(), before + 3);
+    let stats = h.watches.stats();
+    assert_eq!((stats.open_streams, stats.watched_orders), (3, 1));
+    // One listener for all the streams: the hub's.
+    assert_eq!(h.store.changes().subscribers(), before + 1);
     drop(streams);
     let ended = async {
-        while h.store.changes().subscribers() > before {
+        loop {
+            let stats = h.watches.stats();
+            if stats.open_streams == 0
+                && stats.watched_orders == 0
+                && h.store.changes().subscribers() == before
+            {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
