@@ -31,6 +31,9 @@ pub struct AgoraProcess {
     pub addrs: BTreeMap<&'static str, String>,
     /// The data folder.
     pub data: PathBuf,
+    /// Where the process's stderr (its logs) goes, when started with
+    /// [`AgoraProcess::start_logged`]; otherwise it is the test's own.
+    log: Option<PathBuf>,
     started: Vec<&'static str>,
     child: Child,
     _dir: tempfile::TempDir,
@@ -53,6 +56,25 @@ impl AgoraProcess {
         data: PathBuf,
         targets: &[&str],
         env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::spawn(dir, data, targets, env, None)
+    }
+
+    /// [`AgoraProcess::start`] with the process's logs (stderr) written to a
+    /// file, for tests that inspect them ([`AgoraProcess::logs`]).
+    pub fn start_logged(targets: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("data");
+        let log = dir.path().join("agora.log");
+        Self::spawn(dir, data, targets, env, Some(log))
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        data: PathBuf,
+        targets: &[&str],
+        env: &[(&str, &str)],
+        log: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
         let keygen = Command::new(AGORA)
             .arg("keygen")
@@ -85,6 +107,9 @@ impl AgoraProcess {
         for (key, value) in env {
             command.env(key, value);
         }
+        if let Some(log) = &log {
+            command.stderr(std::fs::File::create(log)?);
+        }
         let started = DEFAULT_PORTS
             .iter()
             .map(|(name, _)| *name)
@@ -93,6 +118,7 @@ impl AgoraProcess {
         let process = Self {
             addrs,
             data,
+            log,
             started,
             child: command.spawn()?,
             _dir: dir,
@@ -100,6 +126,20 @@ impl AgoraProcess {
         let (serving, table) = process.health(60)?;
         anyhow::ensure!(serving, "not healthy:\n{table}");
         Ok(process)
+    }
+
+    /// The process id of the running `agora`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process has logged so far, when started with
+    /// [`AgoraProcess::start_logged`] (empty otherwise).
+    pub fn logs(&self) -> anyhow::Result<String> {
+        match &self.log {
+            Some(log) => Ok(String::from_utf8_lossy(&std::fs::read(log)?).into_owned()),
+            None => Ok(String::new()),
+        }
     }
 
     /// The address of a service.
