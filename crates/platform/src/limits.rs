@@ -1079,9 +1079,15 @@ mod tests {
             field("agora.orders.v1.PlaceOrderRequest", "items").max_items,
             Some(100)
         );
+        // The contract and the configuration's default agree.
+        let password = crate::config::PasswordConfig::default().max_password_bytes;
         assert_eq!(
             field("agora.users.v1.CreateUserRequest", "password").max_bytes,
-            Some(128)
+            u32::try_from(password).ok()
+        );
+        assert_eq!(
+            field("agora.users.v1.AuthenticateRequest", "password").max_bytes,
+            u32::try_from(password).ok()
         );
         assert_eq!(
             field("agora.users.v1.CreateUserRequest", "email").max_bytes,
