@@ -48,7 +48,7 @@ use agora_proto::inventory::v1 as inventory;
 use agora_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use agora_testkit::{NatsServer, with_token};
 use anyhow::Context as _;
-use common::AgoraProcess;
+use common::{AgoraProcess, memory};
 use futures::StreamExt as _;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -457,29 +457,6 @@ async fn health(channel: Channel, service: &str) -> String {
         Ok(Err(status)) => format!("{:?}: {}", status.code(), status.message()),
         Err(_) => "no answer within 10 s".to_owned(),
     }
-}
-
-/// Resident memory of a process, from `/proc/<pid>/status`.
-struct Memory {
-    /// `VmRSS`: now.
-    rss_kib: u64,
-    /// `VmHWM`: the peak since it started.
-    peak_kib: u64,
-}
-
-fn memory(pid: u32) -> anyhow::Result<Memory> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))
-    };
-    Ok(Memory {
-        rss_kib: field("VmRSS:")?,
-        peak_kib: field("VmHWM:")?,
-    })
 }
 
 /// `text` on one line, at most `max` characters.

@@ -18,7 +18,7 @@ use agora_platform::error::reason_of;
 use agora_proto::users::v1 as pb;
 use agora_proto::users::v1::user_service_client::UserServiceClient;
 use anyhow::Context as _;
-use common::AgoraProcess;
+use common::{AgoraProcess, memory};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -213,27 +213,4 @@ async fn flood(channels: &[Channel], calls: usize) -> anyhow::Result<Tally> {
         *tally.codes.entry(code).or_default() += 1;
     }
     Ok(tally)
-}
-
-/// Resident memory of a process, from `/proc/<pid>/status`.
-struct Memory {
-    /// `VmRSS`: now.
-    rss_kib: u64,
-    /// `VmHWM`: the peak since it started.
-    peak_kib: u64,
-}
-
-fn memory(pid: u32) -> anyhow::Result<Memory> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))
-    };
-    Ok(Memory {
-        rss_kib: field("VmRSS:")?,
-        peak_kib: field("VmHWM:")?,
-    })
 }

@@ -12,11 +12,11 @@
 use std::fmt;
 
 use agora_platform::access::{AccessLevel, AccessTable};
+use agora_platform::limits::LimitsTable;
 use bytes::Bytes;
 use prost::Message as _;
 use prost_reflect::{
-    DescriptorPool, DynamicMessage, ExtensionDescriptor, FieldDescriptor, Kind, MessageDescriptor,
-    Value,
+    DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value,
 };
 use rand::{Rng as _, SeedableRng as _};
 use tonic::Code;
@@ -40,9 +40,6 @@ const PLAUSIBLE_MAX_BYTES: usize = 256;
 const PLAUSIBLE_MAX_ITEMS: usize = 50;
 /// How deep field paths go into nested messages.
 const MAX_DEPTH: usize = 4;
-/// The full name of the field option declaring length limits (it may not
-/// exist yet; then every field counts as undeclared).
-const LIMITS_EXTENSION: &str = "agora.common.v1.limits";
 /// The packages of the services under test.
 const AGORA_PACKAGE_PREFIX: &str = "agora.";
 
@@ -277,33 +274,14 @@ struct Limits {
     max_items: Option<usize>,
 }
 
-fn limits(field: &FieldDescriptor, extension: Option<&ExtensionDescriptor>) -> Limits {
-    let Some(extension) = extension else {
-        return Limits::default();
-    };
-    let options = field.options();
-    if !options.has_extension(extension) {
-        return Limits::default();
-    }
-    let value = options.get_extension(extension);
-    let Value::Message(limits) = value.as_ref() else {
-        return Limits::default();
-    };
-    let number = |name: &str| -> Option<usize> {
-        let value = limits.get_field_by_name(name)?;
-        let n = match value.as_ref() {
-            Value::U32(n) => u64::from(*n),
-            Value::U64(n) => *n,
-            Value::I32(n) => u64::try_from(*n).ok()?,
-            Value::I64(n) => u64::try_from(*n).ok()?,
-            _ => return None,
-        };
-        // 0 means "not set" in proto3.
-        (n > 0).then(|| usize::try_from(n).ok()).flatten()
-    };
+fn limits(field: &FieldDescriptor) -> Limits {
+    // The servers' own reading of the contract, so the suite aims exactly
+    // at the limits they enforce.
+    let declared = LimitsTable::limits_of(field.parent_pool(), field);
+    let size = |n: Option<u32>| n.and_then(|n| usize::try_from(n).ok());
     Limits {
-        max_bytes: number("max_bytes"),
-        max_items: number("max_items"),
+        max_bytes: size(declared.max_bytes),
+        max_items: size(declared.max_items),
     }
 }
 
@@ -397,18 +375,13 @@ fn in_list(field: &FieldDescriptor, value: Value) -> Value {
 
 /// Every string at its declared limit (or [`PLAUSIBLE_MAX_BYTES`]) and
 /// every list at its declared item limit (or [`PLAUSIBLE_MAX_ITEMS`]).
-fn maximal(
-    message: &MessageDescriptor,
-    known: &Known,
-    extension: Option<&ExtensionDescriptor>,
-    depth: usize,
-) -> DynamicMessage {
+fn maximal(message: &MessageDescriptor, known: &Known, depth: usize) -> DynamicMessage {
     let mut out = DynamicMessage::new(message.clone());
     for field in message.fields() {
         if field.is_map() {
             continue;
         }
-        let limit = limits(&field, extension);
+        let limit = limits(&field);
         let one = match field.kind() {
             Kind::String => Some(Value::String(
                 "m".repeat(limit.max_bytes.unwrap_or(PLAUSIBLE_MAX_BYTES).min(ONE_MIB)),
@@ -421,7 +394,7 @@ fn maximal(
                     .min(ONE_MIB)
             ]))),
             Kind::Message(m) if depth < MAX_DEPTH => {
-                Some(Value::Message(maximal(&m, known, extension, depth + 1)))
+                Some(Value::Message(maximal(&m, known, depth + 1)))
             }
             _ => plausible_scalar(&field, known, depth),
         };
@@ -530,11 +503,6 @@ const RANDOM_SIZES: [usize; 12] = [0, 1, 2, 3, 5, 8, 16, 64, 256, 4096, 65_536, 
 pub fn cases_for(index: usize, rpc: &Rpc, ctx: &Context<'_>) -> anyhow::Result<Vec<Case>> {
     let auth = right_auth(rpc, ctx)?;
     let known = ctx.known;
-    let extension = rpc
-        .input
-        .parent_pool()
-        .get_extension_by_name(LIMITS_EXTENSION);
-    let extension = extension.as_ref();
     let base = plausible(&rpc.input, known, 0);
     let base_bytes = base.encode_to_vec();
     let mut cases = Vec::new();
@@ -546,13 +514,13 @@ pub fn cases_for(index: usize, rpc: &Rpc, ctx: &Context<'_>) -> anyhow::Result<V
     body("plausible".into(), base_bytes.clone());
     body(
         "maximal".into(),
-        maximal(&rpc.input, known, extension, 0).encode_to_vec(),
+        maximal(&rpc.input, known, 0).encode_to_vec(),
     );
 
     let all_paths = paths(&rpc.input);
     for path in &all_paths {
         let leaf = path.leaf();
-        let limit = limits(leaf, extension);
+        let limit = limits(leaf);
         let with = |value: Value| {
             let mut message = base.clone();
             set_at(&mut message, &path.0, value, known);

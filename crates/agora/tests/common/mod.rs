@@ -205,3 +205,27 @@ impl Drop for AgoraProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+pub struct Memory {
+    /// `VmRSS`: now.
+    pub rss_kib: u64,
+    /// `VmHWM`: the peak since it started.
+    pub peak_kib: u64,
+}
+
+/// The resident memory of process `pid` now and at its peak.
+pub fn memory(pid: u32) -> anyhow::Result<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no {name} in /proc/{pid}/status"))
+    };
+    Ok(Memory {
+        rss_kib: field("VmRSS:")?,
+        peak_kib: field("VmHWM:")?,
+    })
+}
