@@ -10,9 +10,13 @@
 //! `20261126000004`) answers it, and each such search runs in a read-only
 //! transaction with `SET LOCAL statement_timeout` ([`SEARCH_TIMEOUT`] by
 //! default), so no query text can keep a connection busy for long: past it
-//! the search fails with UNAVAILABLE and the reason `SEARCH_TIMED_OUT`.
-//! SQLite has neither (see that migration): a search there walks the
-//! products newest first until the page is full.
+//! the search fails with DEADLINE_EXCEEDED and the reason `SEARCH_TIMED_OUT`
+//! (not UNAVAILABLE: retry policies would send the same expensive search
+//! again at once, which is what the timeout is there to stop). Where the
+//! database user may not create the `pg_trgm` extension, the migration
+//! skips the index and searches are bounded by the timeout alone. SQLite
+//! has neither (see that migration): a search there walks the products
+//! newest first until the page is full.
 
 use std::future::Future;
 use std::time::Duration;
@@ -77,7 +81,8 @@ pub trait CatalogStore: Send + Sync + 'static {
 pub const SEARCH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The ErrorInfo reason of a search the database cancelled for taking too
-/// long.
+/// long (DEADLINE_EXCEEDED, without RetryInfo: the same search would time
+/// out again; a longer, more specific query is what helps).
 pub const SEARCH_TIMED_OUT: &str = "SEARCH_TIMED_OUT";
 
 /// [`CatalogStore`] on a SQL database (PostgreSQL or SQLite), recording
@@ -367,7 +372,8 @@ async fn insert_categories(
 }
 
 /// A search's database error, with a message that says what to do when the
-/// statement timeout cancelled it (the gRPC code stays the platform's).
+/// statement timeout cancelled it (the gRPC code stays the platform's:
+/// DEADLINE_EXCEEDED; the database error stays the source, for the log).
 fn search_failed(err: sqlx::Error) -> Error {
     if DbFailure::of(&err) == DbFailure::TimedOut {
         let kind = DbFailure::TimedOut.kind();

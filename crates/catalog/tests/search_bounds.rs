@@ -1,8 +1,8 @@
 //! `ListProducts`' text query stays bounded: a search among many products
 //! finds the rare one on both backends, PostgreSQL serves it from the trigram
 //! index, and a search that runs past its statement timeout is cancelled by
-//! the database and answered with UNAVAILABLE and `SEARCH_TIMED_OUT` instead
-//! of holding a connection.
+//! the database and answered with DEADLINE_EXCEEDED (no RetryInfo) and
+//! `SEARCH_TIMED_OUT` instead of holding a connection.
 
 use std::time::Duration;
 
@@ -163,8 +163,16 @@ async fn postgres_cancels_a_search_past_its_statement_timeout() -> anyhow::Resul
         .list(&filter, None, 51)
         .await
         .expect_err("cancelled by the statement timeout");
-    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded, "{err:?}");
     assert_eq!(err.reason(), Some(SEARCH_TIMED_OUT));
+    // Retrying the same search at once would time out again.
+    assert_eq!(err.retry_after(), None, "{err:?}");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        agora_platform::error::reason_of(&status).as_deref(),
+        Some(SEARCH_TIMED_OUT)
+    );
     // Listings without a query run without the timeout, on the same pool.
     assert_eq!(
         hasty.list(&ProductFilter::default(), None, 5).await?.len(),
@@ -187,5 +195,113 @@ async fn postgres_cancels_a_search_past_its_statement_timeout() -> anyhow::Resul
     for timeout in futures::future::try_join_all(checks).await? {
         assert_eq!(timeout, "0");
     }
+    Ok(())
+}
+
+/// Whether the catalog's trigram index exists in `db`.
+async fn has_trigram_index(db: &Db) -> anyhow::Result<bool> {
+    let found: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_indexes WHERE indexname = 'products_search_text_trgm_idx'",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    Ok(found > 0)
+}
+
+/// Migrates a fresh catalog database as a role that is not its owner and
+/// lacks CREATE on it (it may create tables in `public` only), after the
+/// owner installed `pg_trgm` or not, then searches through the service.
+/// Returns whether the trigram index was created.
+async fn migrate_as_a_plain_role(extension_installed: bool) -> anyhow::Result<bool> {
+    let mut env = TestEnv::new(Backend::Postgres).await?;
+    let owner = connect(&env).await?;
+    let role = format!("catalog_{}", uuid::Uuid::new_v4().simple());
+    // The role's name is ours (hex), so formatting it in is safe.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN; GRANT CREATE, USAGE ON SCHEMA public TO {role}"
+    )))
+    .execute(owner.pool())
+    .await?;
+    if extension_installed {
+        sqlx::query("CREATE EXTENSION pg_trgm")
+            .execute(owner.pool())
+            .await?;
+    }
+    let role_url = env
+        .database_url()
+        .replacen("://postgres@", &format!("://{role}@"), 1);
+    anyhow::ensure!(role_url != env.database_url(), "unexpected test URL shape");
+    env.config.catalog.database_url = Some(Secret::new(role_url));
+    let outcome = async {
+        // Migrates as the role: it must start either way.
+        let server = TestServer::start(vec![agora_catalog::hosted(&env.config).await?]).await?;
+        let indexed = has_trigram_index(&owner).await?;
+        add_fillers(&owner, 1_000).await?;
+        let mut client = CatalogServiceClient::new(server.channel()?);
+        client
+            .create_product(with_token(
+                pb::CreateProductRequest {
+                    sku: "RARE".into(),
+                    name: "The Zebracorn".into(),
+                    description: "Striped, with one horn.".into(),
+                    price: Some(agora_proto::common::v1::Money {
+                        currency_code: "EUR".into(),
+                        amount_minor: 4200,
+                    }),
+                    categories: vec![],
+                },
+                &env.admin_token()?,
+            ))
+            .await?;
+        let page = client
+            .list_products(pb::ListProductsRequest {
+                page_size: 10,
+                page_token: String::new(),
+                query: "zebracorn".into(),
+                category: String::new(),
+            })
+            .await?
+            .into_inner();
+        let skus: Vec<_> = page.products.iter().map(|p| p.sku.as_str()).collect();
+        assert_eq!(skus, ["RARE"]);
+        server.stop().await?;
+        anyhow::Ok(indexed)
+    }
+    .await;
+    // The role owns the catalog's tables: drop them with it (best effort:
+    // the throwaway cluster goes away after the run anyway).
+    let dropped = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP OWNED BY {role}; DROP ROLE {role}"
+    )))
+    .execute(owner.pool())
+    .await;
+    if let Err(err) = dropped {
+        eprintln!("could not drop the test role {role}: {err}");
+    }
+    outcome
+}
+
+/// A database user without CREATE on the database cannot create `pg_trgm`:
+/// the migration skips the index (with a NOTICE) instead of failing, so the
+/// catalog still starts and searches, bounded by the statement timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migrates_without_the_extension_privilege_and_searches_without_the_index()
+-> anyhow::Result<()> {
+    assert!(
+        !migrate_as_a_plain_role(false).await?,
+        "no extension, no index"
+    );
+    Ok(())
+}
+
+/// When an administrator installed `pg_trgm`, the same plain role's
+/// migration builds the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_builds_the_index_when_the_extension_was_installed_for_the_role()
+-> anyhow::Result<()> {
+    assert!(
+        migrate_as_a_plain_role(true).await?,
+        "the extension is there: the index must be built"
+    );
     Ok(())
 }

@@ -3,15 +3,19 @@
 //!
 //! A [`WatchHub`] per orders replica keeps one entry per watched order: the
 //! newest state read of it, in a [`tokio::sync::watch`] channel that every
-//! stream watching that order reads. One poll task re-reads all watched
-//! orders that are not over yet every `watch.poll_interval_ms`, with
-//! [`OrderStore::get_many`] in batches of [`MAX_IDS_PER_READ`] (so one
-//! query per 500 watched orders per interval, however many streams watch
-//! them), and re-reads at once the orders named by this replica's change
-//! notices ([`crate::changes::OrderChanges`]); changes made by other
-//! replicas arrive with the next poll. The task runs only while something
-//! is watched: the first watch starts it, and it ends at the first tick
-//! that finds nothing left to watch.
+//! stream watching that order reads. One poll task checks all watched
+//! orders that are not over yet every `watch.poll_interval_ms`: it reads
+//! only their [`OrderStamp`]s (id, status, `updated_at`: one narrow row
+//! each, no items) with [`OrderStore::stamps`] in batches of
+//! [`MAX_IDS_PER_READ`], so one light query per 500 watched orders per
+//! interval, however many streams watch them, and reads in full
+//! ([`OrderStore::get_many`]) only the orders whose stamp differs from the
+//! state the hub holds. It also re-reads at once, in full, the orders named
+//! by this replica's change notices ([`crate::changes::OrderChanges`]),
+//! looking up just those entries; changes made by other replicas arrive
+//! with the next poll. The task runs only while something is watched: the
+//! first watch starts it, and it ends at the first tick that finds nothing
+//! left to watch.
 //!
 //! A stream is not a task: it is the receiving side of its order's channel,
 //! polled by the server when the client can take a message. A watch channel
@@ -47,7 +51,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Order, OrderStatus};
-use crate::store::{MAX_IDS_PER_READ, OrderStore};
+use crate::store::{MAX_IDS_PER_READ, OrderStamp, OrderStore};
 
 /// The shortest poll interval honoured: a configured 0 would spin.
 const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
@@ -116,6 +120,30 @@ struct Entry {
     state: watch::Sender<Watched>,
     /// Streams (and watches being set up) following this order.
     followers: usize,
+}
+
+impl Entry {
+    /// Whether the poll should look at this order: not when it is over
+    /// (finished orders do not change: their streams are ending) or gone.
+    fn pollable(&self) -> bool {
+        match &*self.state.borrow() {
+            Watched::Live(order) => !order.status.is_terminal(),
+            Watched::Gone => false,
+            Watched::Loading => true,
+        }
+    }
+
+    /// Whether `stamp` says the order is not the state this entry holds
+    /// (a loading entry holds none yet), so that it must be read in full.
+    fn differs_from(&self, stamp: &OrderStamp) -> bool {
+        match &*self.state.borrow() {
+            Watched::Live(order) => {
+                (order.status, order.updated_at) != (stamp.status, stamp.updated_at)
+            }
+            Watched::Loading => true,
+            Watched::Gone => false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -235,6 +263,19 @@ impl Registry {
         });
     }
 
+    /// The watched orders among `stamps` whose state the hub does not hold
+    /// yet: the ones to read in full.
+    fn changed(&self, stamps: &[OrderStamp]) -> Vec<Arc<str>> {
+        let slots = self.lock();
+        stamps
+            .iter()
+            .filter_map(|stamp| {
+                let (id, entry) = slots.entries.get_key_value(stamp.id.as_str())?;
+                entry.differs_from(stamp).then(|| Arc::clone(id))
+            })
+            .collect()
+    }
+
     /// Marks the watched orders among `ids` that a read did not find.
     fn mark_gone(&self, ids: &[Arc<str>], found: &HashSet<&str>) {
         let slots = self.lock();
@@ -255,11 +296,9 @@ impl Registry {
 }
 
 fn too_many(message: String, scope: &str, limit: usize, retry_after: Duration) -> Error {
-    Error::new(ErrorKind::ResourceExhausted, message)
-        .with_reason(TOO_MANY_WATCHES)
+    Error::overloaded(message, TOO_MANY_WATCHES, retry_after)
         .with_metadata("scope", scope)
         .with_metadata("limit", limit.to_string())
-        .with_retry_after(retry_after)
 }
 
 /// How many streams are open and what the hub does, for tests and logs.
@@ -518,9 +557,10 @@ fn next_notices(
     Some(ids)
 }
 
-/// The poll task: re-reads every watched order that is not over each
-/// interval, and the orders named by change notices as they come, until
-/// nothing is watched.
+/// The poll task: each interval checks the stamps of every watched order
+/// that is not over and reads in full the ones that changed; reads in full
+/// the orders named by change notices as they come; until nothing is
+/// watched.
 async fn poll<S: OrderStore>(
     store: Arc<S>,
     registry: Arc<Registry>,
@@ -534,7 +574,7 @@ async fn poll<S: OrderStore>(
     // Only while the store lives can notices come; after that, polls.
     let mut notices_open = true;
     loop {
-        // `None`: re-read everything watched; `Some`: just these ids.
+        // `None`: check everything watched; `Some`: re-read just these ids.
         let wanted: Option<HashSet<Arc<str>>> = tokio::select! {
             _ = ticker.tick() => None,
             notice = notices.recv(), if notices_open => match notice {
@@ -556,42 +596,76 @@ async fn poll<S: OrderStore>(
                 slots.poller_running = false;
                 return;
             }
-            let pollable = |(id, entry): (&Arc<str>, &Entry)| match &*entry.state.borrow() {
-                // Finished orders do not change: their streams are ending.
-                Watched::Live(order) if order.status.is_terminal() => None,
-                Watched::Gone => None,
-                _ => Some(Arc::clone(id)),
-            };
             match &wanted {
-                None => slots.entries.iter().filter_map(pollable).collect(),
-                Some(wanted) => slots
+                None => slots
                     .entries
                     .iter()
-                    .filter(|(id, _)| wanted.contains(*id))
-                    .filter_map(pollable)
+                    .filter(|(_, entry)| entry.pollable())
+                    .map(|(id, _)| Arc::clone(id))
+                    .collect(),
+                // A notice names a few orders: look up just those, never
+                // every entry of a hub that may watch thousands.
+                Some(wanted) => wanted
+                    .iter()
+                    .filter_map(|id| {
+                        let (id, entry) = slots.entries.get_key_value(id)?;
+                        entry.pollable().then(|| Arc::clone(id))
+                    })
                     .collect(),
             }
         };
         for batch in ids.chunks(MAX_IDS_PER_READ) {
-            let owned: Vec<String> = batch.iter().map(|id| id.to_string()).collect();
-            match store.get_many(&owned).await {
-                Ok(orders) => {
-                    let found: HashSet<&str> = orders.iter().map(|o| o.id.as_str()).collect();
-                    registry.mark_gone(batch, &found);
-                    drop(found);
-                    for order in orders {
-                        registry.offer(order);
-                    }
-                }
-                // Transient or not, the next poll tries again; the streams
-                // keep their last state meanwhile (and end by their lifetime).
-                Err(err) => {
-                    tracing::warn!(error = %err, orders = batch.len(), "watch hub could not re-read the watched orders");
-                }
+            if full {
+                check_stamps(&*store, &registry, batch).await;
+            } else {
+                // A notice follows a committed change: read it in full.
+                read_in_full(&*store, &registry, batch).await;
             }
         }
         if full {
             registry.poll_rounds.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The poll of one batch of watched orders: reads their stamps, marks the
+/// ones gone, and reads in full only the ones whose stamp differs from the
+/// state the hub holds (an unchanged order costs one narrow row).
+async fn check_stamps<S: OrderStore>(store: &S, registry: &Registry, batch: &[Arc<str>]) {
+    let owned: Vec<String> = batch.iter().map(|id| id.to_string()).collect();
+    let stamps = match store.stamps(&owned).await {
+        Ok(stamps) => stamps,
+        // Transient or not, the next poll tries again; the streams keep
+        // their last state meanwhile (and end by their lifetime).
+        Err(err) => {
+            tracing::warn!(error = %err, orders = batch.len(), "watch hub could not check the watched orders");
+            return;
+        }
+    };
+    let found: HashSet<&str> = stamps.iter().map(|stamp| stamp.id.as_str()).collect();
+    registry.mark_gone(batch, &found);
+    let changed = registry.changed(&stamps);
+    if !changed.is_empty() {
+        read_in_full(store, registry, &changed).await;
+    }
+}
+
+/// Reads `ids` (at most [`MAX_IDS_PER_READ`]) in full and offers what it
+/// finds to their entries; marks the ones not found gone.
+async fn read_in_full<S: OrderStore>(store: &S, registry: &Registry, ids: &[Arc<str>]) {
+    let owned: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    match store.get_many(&owned).await {
+        Ok(orders) => {
+            let found: HashSet<&str> = orders.iter().map(|o| o.id.as_str()).collect();
+            registry.mark_gone(ids, &found);
+            drop(found);
+            for order in orders {
+                registry.offer(order);
+            }
+        }
+        // As above: the next poll or notice tries again.
+        Err(err) => {
+            tracing::warn!(error = %err, orders = ids.len(), "watch hub could not re-read the watched orders");
         }
     }
 }

@@ -3,7 +3,8 @@
 //! RESOURCE_EXHAUSTED (`TOO_MANY_WATCHES`, RetryInfo), slots come back
 //! however a stream ends, streams end with OK after their lifetime, and the
 //! database reads of the one shared poll do not grow with the number of
-//! watchers (counted by a decorator around the real store).
+//! watchers, and read orders in full only when they changed (counted by a
+//! decorator around the real store).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +14,7 @@ use agora_orders::changes::OrderChanges;
 use agora_orders::checkout::{Backends, Checkout};
 use agora_orders::domain::{NewOrder, Order, OrderItem, OrderStatus};
 use agora_orders::grpc::{OrderApi, to_proto};
-use agora_orders::store::{MAX_IDS_PER_READ, OrderPage, OrderStore, SqlOrderStore};
+use agora_orders::store::{MAX_IDS_PER_READ, OrderPage, OrderStamp, OrderStore, SqlOrderStore};
 use agora_orders::watch::{TOO_MANY_WATCHES, WatchHub, WatchStats};
 use agora_platform::auth::TokenVerifier;
 use agora_platform::config::WatchConfig;
@@ -348,12 +349,31 @@ async fn slots_come_back_however_a_stream_ends(backend: Backend) -> anyhow::Resu
     Ok(())
 }
 
-/// An [`OrderStore`] that counts the reads the watch path makes (`get` and
-/// `get_many`: one SQL statement each) and does them on the real store.
+/// An [`OrderStore`] that counts the reads the watch path makes (`get`,
+/// `get_many` and `stamps`: one SQL statement each) and does them on the
+/// real store.
 #[derive(Clone)]
 struct CountingStore {
     inner: SqlOrderStore,
-    reads: Arc<AtomicU64>,
+    counts: Arc<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Statements: every `get`, `get_many` and `stamps`.
+    reads: AtomicU64,
+    /// Orders read in full (with their items) by `get_many`.
+    full_orders: AtomicU64,
+}
+
+impl Counts {
+    fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    fn full_orders(&self) -> u64 {
+        self.full_orders.load(Ordering::Relaxed)
+    }
 }
 
 impl OrderStore for CountingStore {
@@ -362,13 +382,21 @@ impl OrderStore for CountingStore {
     }
 
     async fn get(&self, id: &str) -> AgoraResult<Option<Order>> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.counts.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.get(id).await
     }
 
     async fn get_many(&self, ids: &[String]) -> AgoraResult<Vec<Order>> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.counts.reads.fetch_add(1, Ordering::Relaxed);
+        self.counts
+            .full_orders
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
         self.inner.get_many(ids).await
+    }
+
+    async fn stamps(&self, ids: &[String]) -> AgoraResult<Vec<OrderStamp>> {
+        self.counts.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.stamps(ids).await
     }
 
     async fn list_for_user(
@@ -396,12 +424,16 @@ struct Measured {
     rounds: u64,
     reads: u64,
     reads_per_sec: f64,
+    /// Orders read in full meanwhile: none changed, so none.
+    full_orders: u64,
 }
 
 /// The orders service over a [`CountingStore`]: the reads the watch hub
 /// makes for 1, 10, 200 and 501 open watches (of as many orders) over a few
 /// polls are at most one per 500 watched orders per poll, not one per
-/// watch: they do not grow with the number of watchers.
+/// watch: they do not grow with the number of watchers. Those reads are
+/// stamps only: an order that did not change is never read in full, and
+/// one that changed (on another replica: no notice) is read in full alone.
 async fn database_reads_stay_flat_as_watchers_grow(backend: Backend) -> anyhow::Result<()> {
     const POLL_MS: u64 = 50;
     const ROUNDS: u64 = 6;
@@ -411,10 +443,10 @@ async fn database_reads_stay_flat_as_watchers_grow(backend: Backend) -> anyhow::
         .await?;
     agora_platform_events::migrate(&db).await?;
     let store = SqlOrderStore::new(agora_platform_events::Outbox::new(db));
-    let reads = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new(Counts::default());
     let counting = CountingStore {
         inner: store.clone(),
-        reads: Arc::clone(&reads),
+        counts: Arc::clone(&counts),
     };
     // The checkout is never called here: its clients are never used.
     let credentials: Credentials = Arc::new(|_: &str| Ok(None));
@@ -468,20 +500,27 @@ async fn database_reads_stay_flat_as_watchers_grow(backend: Backend) -> anyhow::
         let start = until(&watches, "a poll", |s| s.poll_rounds > start)
             .await?
             .poll_rounds;
-        let (reads_before, since) = (reads.load(Ordering::Relaxed), Instant::now());
+        let (reads_before, full_before, since) =
+            (counts.reads(), counts.full_orders(), Instant::now());
         let end = until(&watches, "the polls", |s| s.poll_rounds >= start + ROUNDS)
             .await?
             .poll_rounds;
-        let (reads_after, elapsed) = (reads.load(Ordering::Relaxed), since.elapsed());
+        let (reads_after, full_after, elapsed) =
+            (counts.reads(), counts.full_orders(), since.elapsed());
         let phase = Measured {
             watchers,
             rounds: end - start,
             reads: reads_after - reads_before,
             reads_per_sec: (reads_after - reads_before) as f64 / elapsed.as_secs_f64(),
+            full_orders: full_after - full_before,
         };
         eprintln!(
-            "watch reads: {} watchers, {} polls, {} reads, {:.1} reads/s",
-            phase.watchers, phase.rounds, phase.reads, phase.reads_per_sec
+            "watch reads: {} watchers, {} polls, {} reads, {:.1} reads/s, {} orders read in full",
+            phase.watchers, phase.rounds, phase.reads, phase.reads_per_sec, phase.full_orders
+        );
+        assert_eq!(
+            phase.full_orders, 0,
+            "unchanged orders are read in full: {phase:?}"
         );
         let per_poll = watchers.div_ceil(MAX_IDS_PER_READ) as u64;
         // One statement per 500 watched orders per poll. The two counters
@@ -505,10 +544,88 @@ async fn database_reads_stay_flat_as_watchers_grow(backend: Backend) -> anyhow::
         per_round(&measured[2]) <= per_round(&measured[0]) + 1.0,
         "{measured:?}"
     );
+
+    // One of 10 watched orders changes on another replica (a store with a
+    // notifier of its own: no notice reaches this hub). The poll finds it by
+    // its stamp and reads that order, and only it, in full.
+    let mut client = OrderServiceClient::new(server.channel()?);
+    let mut streams = Vec::new();
+    for order in orders.iter().take(10) {
+        streams.push(open(&mut client, order, &token).await?);
+    }
+    // A poll that began while a watch was still being set up may read
+    // that order in full once; count from the end of the next one.
+    let start = watches.stats().poll_rounds;
+    until(&watches, "a poll", |s| s.poll_rounds > start).await?;
+    let full_before = counts.full_orders();
+    let replica = SqlOrderStore::with_changes(store.outbox().clone(), OrderChanges::new());
+    let completed = replica
+        .transition(&orders[3].id, OrderStatus::Completed, "")
+        .await?;
+    assert_eq!(
+        next_state(&mut streams[3]).await?,
+        Some(to_proto(&completed))
+    );
+    assert_eq!(next_state(&mut streams[3]).await?, None);
+    // A few more polls: the finished order is not looked at again, the
+    // others were never read in full.
+    let start = watches.stats().poll_rounds;
+    until(&watches, "more polls", |s| s.poll_rounds >= start + 3).await?;
+    assert_eq!(
+        counts.full_orders() - full_before,
+        1,
+        "only the changed order"
+    );
+    drop(streams);
     server.stop().await
 }
 
+/// The poll's light read: each existing order's status and `updated_at`
+/// as a full read gives them, unknown ids left out, at most
+/// [`MAX_IDS_PER_READ`] ids at once.
+async fn stamps_match_the_orders_and_leave_unknown_ids_out(backend: Backend) -> anyhow::Result<()> {
+    let env = TestEnv::new(backend).await?;
+    let db = Db::connect_and_migrate(&env.config.database_url("orders"), agora_orders::MIGRATIONS)
+        .await?;
+    agora_platform_events::migrate(&db).await?;
+    let store = SqlOrderStore::new(agora_platform_events::Outbox::new(db));
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(store.create(new_order("ada")).await?.id);
+    }
+    store
+        .transition(&ids[1], OrderStatus::Failed, "declined")
+        .await?;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let mut asked = ids.clone();
+    asked.push(unknown);
+    let mut stamps = store.stamps(&asked).await?;
+    stamps.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut expected = Vec::new();
+    for order in store.get_many(&ids).await? {
+        expected.push(OrderStamp {
+            id: order.id,
+            status: order.status,
+            updated_at: order.updated_at,
+        });
+    }
+    expected.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(stamps, expected);
+    assert!(stamps.iter().any(|s| s.status == OrderStatus::Failed));
+    assert!(store.stamps(&[]).await?.is_empty());
+    let too_many = vec![ids[0].clone(); MAX_IDS_PER_READ + 1];
+    let err = store.stamps(&too_many).await.expect_err("over the limit");
+    assert_eq!(err.kind(), agora_platform::ErrorKind::InvalidArgument);
+    assert_eq!(
+        store.stamps(&too_many[..MAX_IDS_PER_READ]).await?.len(),
+        1,
+        "the limit itself is served"
+    );
+    Ok(())
+}
+
 backend_tests!(
+    stamps_match_the_orders_and_leave_unknown_ids_out,
     a_thousand_watches_from_one_user_get_exactly_the_cap,
     the_replica_cap_holds_across_users,
     a_watch_ends_with_ok_after_its_lifetime,

@@ -243,13 +243,13 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
 /// |---|---|---|---|---|
 /// | [`Conflict`](Self::Conflict) | 40001 serialization failure, 40P01 deadlock | 517 BUSY_SNAPSHOT | ABORTED | 50 ms |
 /// | [`Busy`](Self::Busy) | 55P03 lock not available | 5 BUSY, 6 LOCKED and their extended codes (261, 773, 262, ...) | UNAVAILABLE | 100 ms |
-/// | [`Unreachable`](Self::Unreachable) | 08xxx connection exception, 57P01..57P05 shutdown/terminated, 58xxx system error; no connection (I/O, TLS, pool timed out or closed) | 10 IOERR, 14 CANTOPEN | UNAVAILABLE | 500 ms |
+/// | [`Unreachable`](Self::Unreachable) | 08xxx connection exception, 57P01..57P05 shutdown/terminated, 58xxx system error, 25006 read-only transaction (a write sent to a standby during a failover); no connection (I/O, TLS, pool timed out or closed) | 10 IOERR, 14 CANTOPEN | UNAVAILABLE | 500 ms |
 /// | [`Exhausted`](Self::Exhausted) | 53xxx insufficient resources (53300 too many connections, 53100 disk full) | 7 NOMEM, 13 FULL | UNAVAILABLE | 1 s |
-/// | [`TimedOut`](Self::TimedOut) | 57014 query canceled (statement timeout) | 9 INTERRUPT | UNAVAILABLE | none |
+/// | [`TimedOut`](Self::TimedOut) | 57014 query canceled (statement timeout) | 9 INTERRUPT | DEADLINE_EXCEEDED | none |
 /// | [`Duplicate`](Self::Duplicate) | 23505 unique violation | 2067 CONSTRAINT_UNIQUE, 1555 CONSTRAINT_PRIMARYKEY | ALREADY_EXISTS | none |
 /// | [`MissingReference`](Self::MissingReference) | 23503 foreign key violation | 787 CONSTRAINT_FOREIGNKEY | FAILED_PRECONDITION | none |
 /// | [`InvalidData`](Self::InvalidData) | 22xxx data exception, 23502 not null, 23514 check | 18 TOOBIG, 20 MISMATCH, 1299 CONSTRAINT_NOTNULL, 275 CONSTRAINT_CHECK | INVALID_ARGUMENT | none |
-/// | [`Other`](Self::Other) | everything else (42xxx, XX000, ...) | everything else (1 ERROR, 11 CORRUPT, ...) | INTERNAL | none |
+/// | [`Other`](Self::Other) | everything else (42xxx, XX000, 25P02 in failed transaction, ...) | everything else (1 ERROR, 11 CORRUPT, ...) | INTERNAL | none |
 ///
 /// Why ABORTED for some and UNAVAILABLE for others: ABORTED says the
 /// caller's transaction lost a race and the whole read-modify-write must
@@ -258,8 +258,22 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
 /// database could not take the work now and the same call can simply be
 /// sent again (a lock held by another writer past the busy timeout, a lost
 /// connection). Both carry `google.rpc.RetryInfo`, so clients retry either
-/// after the hinted delay. A statement timeout gets no hint: the same
-/// query would likely time out again. SQLite reports extended result codes
+/// after the hinted delay. A write refused as read-only (25006) is a
+/// failover in progress: the pool still holds connections to the old
+/// primary, now a standby, and the call succeeds once they are replaced,
+/// so it is UNAVAILABLE like a lost connection. A statement timeout is
+/// DEADLINE_EXCEEDED without a hint: the same query would likely time out
+/// again, and standard gRPC retry policies (which retry UNAVAILABLE on
+/// their own) would multiply exactly the expensive queries the timeout is
+/// there to stop. 25P02 (a statement in a transaction that already failed)
+/// means the service ignored an error: INTERNAL.
+///
+/// The classes a caller can cause (Duplicate, MissingReference,
+/// InvalidData) keep their caller's codes, but services validate before
+/// any database work, so reaching them is almost always a server bug: the
+/// [`Error`] keeps the database error as its source and answering with it
+/// logs it at WARN with its code (see `From<Error> for Status`), never
+/// sending the database's words. SQLite reports extended result codes
 /// (517, 773, ...), so its classes go by the primary code (`code & 0xff`),
 /// but for BUSY_SNAPSHOT. A unique violation a service did not expect (it
 /// checks [`is_unique_violation`] where a duplicate has a meaning of its
@@ -274,7 +288,8 @@ pub enum DbFailure {
     Unreachable,
     /// The database is out of connections, memory or disk.
     Exhausted,
-    /// The statement was cancelled for running too long.
+    /// The statement was cancelled for running too long: DEADLINE_EXCEEDED,
+    /// which retry policies do not repeat.
     TimedOut,
     /// A row with the same unique key exists.
     Duplicate,
@@ -331,6 +346,7 @@ impl DbFailure {
         match (class, code) {
             (_, "40001" | "40P01") => Self::Conflict,
             (_, "55P03") => Self::Busy,
+            (_, "25006") => Self::Unreachable,
             (_, "57014") => Self::TimedOut,
             (_, "23505") => Self::Duplicate,
             (_, "23503") => Self::MissingReference,
@@ -376,9 +392,8 @@ impl DbFailure {
     pub fn kind(self) -> ErrorKind {
         match self {
             Self::Conflict => ErrorKind::Conflict,
-            Self::Busy | Self::Unreachable | Self::Exhausted | Self::TimedOut => {
-                ErrorKind::Unavailable
-            }
+            Self::Busy | Self::Unreachable | Self::Exhausted => ErrorKind::Unavailable,
+            Self::TimedOut => ErrorKind::DeadlineExceeded,
             Self::Duplicate => ErrorKind::AlreadyExists,
             Self::MissingReference => ErrorKind::FailedPrecondition,
             Self::InvalidData => ErrorKind::InvalidArgument,
@@ -460,7 +475,10 @@ mod tests {
             (Backend::Postgres, "53300", Exhausted, Code::Unavailable),
             (Backend::Postgres, "53100", Exhausted, Code::Unavailable),
             (Backend::Postgres, "53200", Exhausted, Code::Unavailable),
-            (Backend::Postgres, "57014", TimedOut, Code::Unavailable),
+            (Backend::Postgres, "57014", TimedOut, Code::DeadlineExceeded),
+            (Backend::Postgres, "25006", Unreachable, Code::Unavailable),
+            (Backend::Postgres, "25P02", Other, Code::Internal),
+            (Backend::Postgres, "25001", Other, Code::Internal),
             (Backend::Postgres, "08006", Unreachable, Code::Unavailable),
             (Backend::Postgres, "08P01", Unreachable, Code::Unavailable),
             (Backend::Postgres, "57P01", Unreachable, Code::Unavailable),
@@ -530,7 +548,7 @@ mod tests {
             (Backend::Sqlite, "10", Unreachable, Code::Unavailable),
             (Backend::Sqlite, "266", Unreachable, Code::Unavailable),
             (Backend::Sqlite, "14", Unreachable, Code::Unavailable),
-            (Backend::Sqlite, "9", TimedOut, Code::Unavailable),
+            (Backend::Sqlite, "9", TimedOut, Code::DeadlineExceeded),
             (Backend::Sqlite, "2067", Duplicate, Code::AlreadyExists),
             (Backend::Sqlite, "1555", Duplicate, Code::AlreadyExists),
             (

@@ -3,8 +3,12 @@
 //! holding the lock, a stale snapshot, a serialization failure, a real
 //! deadlock, a connection terminated mid-query, ...) and checks the gRPC
 //! status a service answers with it: the code and, where trying again
-//! helps, `google.rpc.RetryInfo`.
+//! helps, `google.rpc.RetryInfo`; and, for the classes a caller could in
+//! principle cause (which a validating service never lets reach the
+//! database, so they point at a server bug), that answering logs the
+//! database's code and words at WARN while the caller sees neither.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use agora_platform::config::Secret;
@@ -37,11 +41,65 @@ fn code_of(err: &sqlx::Error) -> String {
 
 /// What a service would answer for `err`, and the class it was put in.
 fn answer(err: sqlx::Error) -> (DbFailure, String, Status) {
+    let (class, code, status, _) = answer_logged(err);
+    (class, code, status)
+}
+
+/// Log lines written while answering, captured by a subscriber of our own.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// [`answer`], with what answering logged.
+fn answer_logged(err: sqlx::Error) -> (DbFailure, String, Status, String) {
     let class = DbFailure::of(&err);
     let code = code_of(&err);
     // Shown with --nocapture and on failure: which code the driver gave.
     println!("database error {code} -> {class:?}");
-    (class, code, Status::from(Error::from(err)))
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let status = tracing::subscriber::with_default(subscriber, || Status::from(Error::from(err)));
+    let log = String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(PoisonError::into_inner))
+        .into_owned();
+    print!("{log}");
+    (class, code, status, log)
+}
+
+/// Asserts that answering logged a WARN naming the database's `code` and
+/// containing `cause` (the database's own words), which the caller's
+/// status does not contain.
+fn assert_logged_not_sent(status: &Status, log: &str, code: &str, cause: &str, what: &str) {
+    let line = log
+        .lines()
+        .find(|line| line.contains(code))
+        .unwrap_or_else(|| panic!("{what}: no log line names {code}: {log:?}"));
+    assert!(line.contains("WARN"), "{what}: not a warning: {line}");
+    assert!(
+        line.contains(cause),
+        "{what}: the cause is not logged: {line}"
+    );
+    assert!(
+        !status.message().contains(cause),
+        "{what}: the database's words reached the caller: {status:?}"
+    );
 }
 
 /// Asserts `status` is `code` with a `RetryInfo` of a positive delay.
@@ -140,27 +198,38 @@ async fn sqlite_constraint_violations_are_the_callers_not_internal() -> anyhow::
     sqlite_table(&db).await?;
     let mut conn = db.pool().acquire().await?;
     execute(&mut conn, "INSERT INTO t (v) VALUES ('one')").await?;
-    let cases: [(&'static str, &str, Code); 2] = [
+    let cases: [(&'static str, &str, Code, &str); 3] = [
         (
             "INSERT INTO t (v) VALUES ('one')",
             "2067",
             Code::AlreadyExists,
+            "UNIQUE constraint failed",
         ),
         (
             "INSERT INTO t (v, n) VALUES ('two', -1)",
             "275",
             Code::InvalidArgument,
+            "CHECK constraint failed",
+        ),
+        (
+            "INSERT INTO t (v) VALUES (NULL)",
+            "1299",
+            Code::InvalidArgument,
+            "NOT NULL constraint failed",
         ),
     ];
-    for (sql, expected, grpc) in cases {
+    for (sql, expected, grpc, cause) in cases {
         let err = execute(&mut conn, sql).await.expect_err(sql);
-        let (_, code, status) = answer(err);
+        let (_, code, status, log) = answer_logged(err);
         assert_eq!(code, expected, "{sql}");
         assert_eq!(status.code(), grpc, "{sql}: {status:?}");
         assert!(
             !status.message().contains("UNIQUE") && !status.message().contains("t.v"),
             "the database's words stay in the log: {status:?}"
         );
+        // A validating service never lets these reach the database: the
+        // server's log says so, with the code.
+        assert_logged_not_sent(&status, &log, expected, cause, sql);
     }
     Ok(())
 }
@@ -288,7 +357,8 @@ async fn postgres_connection_terminated_mid_query_is_unavailable_with_retry_info
 }
 
 #[tokio::test]
-async fn postgres_lock_not_available_and_statement_timeout_are_unavailable() -> anyhow::Result<()> {
+async fn postgres_lock_not_available_is_unavailable_and_statement_timeout_deadline_exceeded()
+-> anyhow::Result<()> {
     let (_database, db) = open(Backend::Postgres).await?;
     postgres_table(&db).await?;
     let mut holder = db.pool().acquire().await?;
@@ -308,13 +378,68 @@ async fn postgres_lock_not_available_and_statement_timeout_are_unavailable() -> 
     let err = execute(&mut other, "SELECT pg_sleep(30)")
         .await
         .expect_err("the statement times out");
-    let (class, code, status) = answer(err);
+    let (class, code, status, log) = answer_logged(err);
     assert_eq!(code, "57014");
     assert_eq!(class, DbFailure::TimedOut);
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    // The same query would likely time out again: no hint to retry.
+    // Not UNAVAILABLE, which retry policies repeat on their own: the same
+    // query would likely time out again, so no hint to retry either.
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(status.get_details_retry_info().is_none(), "{status:?}");
+    assert_logged_not_sent(&status, &log, "57014", "statement timeout", "57014");
     execute(&mut other, "RESET statement_timeout").await?;
+    Ok(())
+}
+
+/// A write that reaches a standby (the pool still holds connections to the
+/// old primary during a failover) fails with 25006, as a write in a
+/// read-only transaction does: UNAVAILABLE with RetryInfo, since the same
+/// call succeeds once the pool reaches the new primary.
+#[tokio::test]
+async fn postgres_write_to_a_read_only_server_is_unavailable_with_retry_info() -> anyhow::Result<()>
+{
+    let (_database, db) = open(Backend::Postgres).await?;
+    postgres_table(&db).await?;
+    let mut conn = db.pool().acquire().await?;
+    // What a hot standby enforces for every transaction.
+    execute(&mut conn, "SET default_transaction_read_only = on").await?;
+    let err = execute(&mut conn, "UPDATE t SET v = 1 WHERE id = 1")
+        .await
+        .expect_err("the session is read-only");
+    let (class, code, status) = answer(err);
+    assert_eq!(code, "25006");
+    assert_eq!(class, DbFailure::Unreachable);
+    assert_retry(&status, Code::Unavailable, "25006");
+    // Reads still work there.
+    execute(&mut conn, "SELECT v FROM t").await?;
+    execute(&mut conn, "RESET default_transaction_read_only").await?;
+    Ok(())
+}
+
+/// A statement in a transaction that already failed (25P02) means the
+/// service went on after an error: a bug, INTERNAL, cause in the log only.
+#[tokio::test]
+async fn postgres_statement_in_a_failed_transaction_is_internal() -> anyhow::Result<()> {
+    let (_database, db) = open(Backend::Postgres).await?;
+    postgres_table(&db).await?;
+    let mut conn = db.pool().acquire().await?;
+    execute(&mut conn, "BEGIN").await?;
+    execute(&mut conn, "INSERT INTO t (id, v) VALUES (1, 0)")
+        .await
+        .expect_err("a duplicate key");
+    let err = execute(&mut conn, "SELECT v FROM t")
+        .await
+        .expect_err("the transaction is aborted");
+    let (class, code, status, log) = answer_logged(err);
+    assert_eq!(code, "25P02");
+    assert_eq!(class, DbFailure::Other);
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(status.message(), "internal error");
+    let line = log
+        .lines()
+        .find(|l| l.contains("25P02"))
+        .unwrap_or_default();
+    assert!(line.contains("ERROR"), "logged as an error: {log:?}");
+    execute(&mut conn, "ROLLBACK").await?;
     Ok(())
 }
 
@@ -350,13 +475,14 @@ async fn postgres_too_many_connections_is_unavailable_with_retry_info() -> anyho
 async fn postgres_data_and_constraint_errors_are_the_callers_not_internal() -> anyhow::Result<()> {
     let (_database, db) = open(Backend::Postgres).await?;
     postgres_table(&db).await?;
-    let cases: [(&'static str, Option<&'static str>, &str, Code); 5] = [
+    let cases: [(&'static str, Option<&'static str>, &str, Code, &str); 7] = [
         // A string longer than its column.
         (
             "UPDATE t SET label = $1 WHERE id = 1",
             Some("four"),
             "22001",
             Code::InvalidArgument,
+            "value too long",
         ),
         // Text that is not a number.
         (
@@ -364,6 +490,7 @@ async fn postgres_data_and_constraint_errors_are_the_callers_not_internal() -> a
             Some("abc"),
             "22P02",
             Code::InvalidArgument,
+            "invalid input syntax",
         ),
         // A NUL byte, which PostgreSQL text cannot hold.
         (
@@ -371,33 +498,54 @@ async fn postgres_data_and_constraint_errors_are_the_callers_not_internal() -> a
             Some("a\0b"),
             "22021",
             Code::InvalidArgument,
+            "invalid byte sequence",
+        ),
+        (
+            "INSERT INTO t (id, v) VALUES (3, NULL)",
+            None,
+            "23502",
+            Code::InvalidArgument,
+            "not-null constraint",
         ),
         (
             "INSERT INTO t (id, v) VALUES (1, 0)",
             None,
             "23505",
             Code::AlreadyExists,
+            "duplicate key",
         ),
         (
             "INSERT INTO child (id, parent) VALUES (1, 99)",
             None,
             "23503",
             Code::FailedPrecondition,
+            "foreign key constraint",
+        ),
+        (
+            "ALTER TABLE t ADD CONSTRAINT v_small CHECK (v < 10); \
+             UPDATE t SET v = 11 WHERE id = 1",
+            None,
+            "23514",
+            Code::InvalidArgument,
+            "check constraint",
         ),
     ];
-    for (sql, param, expected, grpc) in cases {
-        let mut query = sqlx::query(sql);
-        if let Some(param) = param {
-            query = query.bind(param);
+    for (sql, param, expected, grpc, cause) in cases {
+        let err = match param {
+            Some(param) => sqlx::query(sql).bind(param).execute(db.pool()).await,
+            None => sqlx::raw_sql(sql).execute(db.pool()).await,
         }
-        let err = query.execute(db.pool()).await.expect_err(sql);
-        let (_, code, status) = answer(err);
+        .expect_err(sql);
+        let (_, code, status, log) = answer_logged(err);
         assert_eq!(code, expected, "{sql}");
         assert_eq!(status.code(), grpc, "{sql}: {status:?}");
         assert!(
             status.get_details_retry_info().is_none(),
             "{sql}: retrying does not help: {status:?}"
         );
+        // Services validate first: reaching these is a server bug, logged
+        // with the SQLSTATE and the database's words, which stay there.
+        assert_logged_not_sent(&status, &log, expected, cause, sql);
     }
     Ok(())
 }
