@@ -142,6 +142,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // bound and deregistered before its server drains.
     let registrar = crate::registry::Registrar::connect(&config, &label).await?;
     let mut servers = JoinSet::new();
+    // Request bytes held while read whole (`server.max_buffered_request_bytes`)
+    // are bounded for the process, not per hosted service.
+    let request_budget =
+        agora_platform::limits::RequestBudget::new(config.server.max_buffered_request_bytes);
     for service in services {
         if service == Target::Gateway {
             let discovery = match config.clients.discovery {
@@ -169,6 +173,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .context("no configuration for the service")?;
         let app = Server::new()
             .limits(&config.server)
+            // One budget for the process, however many services it hosts.
+            .request_budget(request_budget.clone())
             .host(hosted)
             .bind(addr)
             .await?;

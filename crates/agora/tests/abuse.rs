@@ -6,11 +6,11 @@
 //! The RPCs come from the contract's descriptor pool and the cases from
 //! their input messages ([`cases`]): empty, plausible and maximal messages;
 //! each string alone at 1 MiB (and one byte over its declared limit, when
-//! the contract declares one); each list with 100,000 elements and just
-//! over 4 MiB; invalid UTF-8, NUL and control characters; numbers at their
+//! the contract declares one); each list with up to 100,000 elements
+//! under the 256 KiB message limit and just over it; invalid UTF-8, NUL and control characters; numbers at their
 //! extremes; every field with the wrong wire type; unknown, invalid and
 //! deeply nested fields; truncated messages; seeded random bodies from 0
-//! bytes to 4 MiB + 1; bad, forged, expired and misaddressed tokens and
+//! bytes to 4 MiB; bad, forged, expired and misaddressed tokens and
 //! `authorization` that is not text; `grpc-timeout` of 0, of years and
 //! malformed; broken gRPC framing; and a subset through the gateway.
 //!
@@ -60,14 +60,14 @@ use crate::exchange::Outcome;
 use crate::tokens::Tokens;
 
 /// Cases in flight at once: enough to overlap the slow ones (a password
-/// hash, a 4 MiB body) on two cores, few enough that the suite measures
+/// hash, a large body) on two cores, few enough that the suite measures
 /// the services' own limits rather than a flood.
 const CONCURRENCY: usize = 16;
 /// The peak resident memory allowed to the whole `serve all` process (six
 /// services and the gateway), in MiB. The users pod alone is capped at
 /// 256 MiB in Kubernetes; the other services idle at a few tens of MiB
-/// together, and 16 concurrent requests of at most 4 MiB each, decoded,
-/// add at most about 16 x 3 x 4 MiB. Unbounded password hashing (19 MiB a
+/// together, and 16 concurrent requests of at most 256 KiB each (larger
+/// ones are refused from their length prefix) add little. Unbounded password hashing (19 MiB a
 /// hash, 16 at once) or a request that makes a service buffer without
 /// bound goes over it.
 const PEAK_RSS_BOUND_MIB: u64 = 384;

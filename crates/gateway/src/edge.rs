@@ -902,43 +902,31 @@ async fn drain(mut body: hyper::body::Incoming, limit: usize) {
 }
 
 /// RESOURCE_EXHAUSTED for a gateway at `max_in_flight`: `ErrorInfo` reason
-/// `OVERLOADED` and a short `RetryInfo`, as the services shed load.
+/// `OVERLOADED` and a short `RetryInfo`, built by the platform's one refusal
+/// builder, exactly as the services shed load.
 fn overloaded() -> tonic::Status {
-    use tonic_types::{ErrorDetails, StatusExt as _};
-    let mut details = ErrorDetails::with_retry_info(Some(OVERLOADED_RETRY_AFTER));
-    details.set_error_info(
-        "OVERLOADED",
-        agora_platform::error::ERROR_DOMAIN,
-        std::collections::HashMap::new(),
-    );
-    tonic::Status::with_error_details(
-        Code::ResourceExhausted,
+    tonic::Status::from(agora_platform::error::Error::overloaded(
         "the gateway is overloaded: try again shortly",
-        details,
-    )
+        agora_platform::error::OVERLOADED,
+        OVERLOADED_RETRY_AFTER,
+    ))
 }
 
-/// When a client refused by load shedding should try again.
-const OVERLOADED_RETRY_AFTER: Duration = Duration::from_millis(100);
+/// When a client refused by load shedding should try again: the services'
+/// delay, so that a client sees one policy whoever refused it.
+const OVERLOADED_RETRY_AFTER: Duration = agora_platform::server::OVERLOADED_RETRY_AFTER;
 
 /// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` (when to try again) and
 /// `ErrorInfo` reason `RATE_LIMITED`.
 fn rate_limited(retry_after: Duration) -> tonic::Status {
-    use tonic_types::{ErrorDetails, StatusExt as _};
-    let mut details = ErrorDetails::with_retry_info(Some(retry_after));
-    details.set_error_info(
-        "RATE_LIMITED",
-        agora_platform::error::ERROR_DOMAIN,
-        std::collections::HashMap::new(),
-    );
-    tonic::Status::with_error_details(
-        Code::ResourceExhausted,
+    tonic::Status::from(agora_platform::error::Error::overloaded(
         format!(
             "too many requests: try again in {} ms",
             retry_after.as_millis().max(1)
         ),
-        details,
-    )
+        "RATE_LIMITED",
+        retry_after,
+    ))
 }
 
 fn refuse_compression(headers: &HeaderMap, name: &str) -> Result<(), tonic::Status> {

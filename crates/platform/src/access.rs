@@ -272,6 +272,27 @@ fn has_no_side_effects(method: &MethodDescriptor) -> bool {
         == Some(no_side_effects)
 }
 
+/// Compiles `source` (as `test/v1/test.proto`, beside the real contract's
+/// `proto/` folder, for the `agora.common.v1` imports) into an encoded
+/// descriptor set: how the contract-reading tables are tested on contracts
+/// made to break them.
+#[cfg(test)]
+pub(crate) fn test_descriptor_set(source: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("test/v1/test.proto");
+    std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&file, source).expect("write");
+    let contract = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let mut compiler = protox::Compiler::new([dir.path(), contract.as_path()]).expect("compiler");
+    compiler
+        .include_imports(true)
+        .open_file("test/v1/test.proto")
+        .expect("compiles");
+    // Encoded by protox: prost's own option types would drop the custom
+    // options.
+    compiler.encode_file_descriptor_set()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,25 +371,7 @@ mod tests {
         assert!(!table.has_service("grpc.health.v1.Health"));
     }
 
-    /// Compiles `source` (as `test/v1/test.proto`, beside the real
-    /// contract's `proto/` folder for the access import) into an encoded
-    /// descriptor set.
-    fn descriptor_set(source: &str) -> Vec<u8> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("test/v1/test.proto");
-        std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
-        std::fs::write(&file, source).expect("write");
-        let contract = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-        let mut compiler =
-            protox::Compiler::new([dir.path(), contract.as_path()]).expect("compiler");
-        compiler
-            .include_imports(true)
-            .open_file("test/v1/test.proto")
-            .expect("compiles");
-        // Encoded by protox: prost's own `MethodOptions` would drop the
-        // custom option.
-        compiler.encode_file_descriptor_set()
-    }
+    use super::test_descriptor_set as descriptor_set;
 
     #[test]
     fn a_descriptor_with_undeclared_rpcs_is_refused_naming_each() {

@@ -127,8 +127,28 @@ pub struct ServerConfig {
     /// Seconds a keepalive ping may go unanswered (and between TCP
     /// keepalive probes). At least 1.
     pub keepalive_timeout_secs: u64,
-    /// The largest request message, in bytes (decoded size on the wire).
+    /// The largest request message, in bytes (its size on the wire, without
+    /// the 5-byte gRPC frame header); a larger one is refused from its
+    /// length prefix with RESOURCE_EXHAUSTED (`MESSAGE_TOO_LARGE`). Each
+    /// call's message is held whole before its handler runs, so this times
+    /// the calls in flight is what requests can cost in memory (bounded
+    /// overall by `max_buffered_request_bytes`). The default, 256 KiB, is
+    /// over ten times the largest legitimate request (`CreateProduct` with
+    /// a 20 KB description, about 22 KB).
     pub max_request_bytes: usize,
+    /// Request bytes all calls together may hold buffered at once (each
+    /// call's message is read whole before its handler runs), in bytes: a
+    /// message is admitted once its length prefix is in and its length is
+    /// still free, else refused at once with RESOURCE_EXHAUSTED (`OVERLOADED`)
+    /// and `google.rpc.RetryInfo`, never waited for. Its share is given back
+    /// when the handler has answered. At least `max_request_bytes` + 5, so
+    /// that a message of the largest size can be admitted at all.
+    pub max_buffered_request_bytes: usize,
+    /// Milliseconds a request message may take to arrive whole once the
+    /// call's headers are in, whatever deadline the caller states: a caller
+    /// that stalls its body is answered DEADLINE_EXCEEDED and its slot and
+    /// buffered bytes are freed. 0: no limit but the caller's deadline.
+    pub body_read_timeout_ms: u64,
     /// The largest response message a server sends, in bytes: a larger one
     /// fails the call (OUT_OF_RANGE, tonic's code) instead of being sent.
     pub max_response_bytes: usize,
@@ -136,6 +156,17 @@ pub struct ServerConfig {
     /// past it the handler is dropped and the caller gets
     /// DEADLINE_EXCEEDED. Streams are not bounded by it. 0: no default.
     pub default_timeout_ms: u64,
+    /// The longest deadline a caller may state, in milliseconds: a longer
+    /// `grpc-timeout` (a deadline of years) is cut to it, so that no caller
+    /// holds a handler longer. A stream's deadline bounds only its setup
+    /// (until its answer starts), as before; its lifetime is bounded by its
+    /// own limits (`watch.max_lifetime_secs`). 0: no cap.
+    pub max_timeout_ms: u64,
+    /// Connections the server keeps open at once, all clients together (at
+    /// least 1): the next one is accepted only once one closes, and waits
+    /// in the kernel's listen backlog until then, so that connections
+    /// cannot exhaust file descriptors or the memory each one costs.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -145,10 +176,33 @@ impl Default for ServerConfig {
             max_in_flight_per_service: 512,
             keepalive_interval_secs: 30,
             keepalive_timeout_secs: 10,
-            max_request_bytes: 4 * 1024 * 1024,
+            max_request_bytes: 256 * 1024,
+            max_buffered_request_bytes: 32 * 1024 * 1024,
+            body_read_timeout_ms: 10_000,
             max_response_bytes: 16 * 1024 * 1024,
             default_timeout_ms: 30_000,
+            max_timeout_ms: 300_000,
+            max_connections: 4_096,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Refuses settings under which the server could not serve as
+    /// documented: checked when a server is bound, so that a process never
+    /// starts with them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        // A message is accounted with its 5-byte gRPC frame header.
+        let largest = self.max_request_bytes.saturating_add(5);
+        if self.max_buffered_request_bytes < largest {
+            return Err(ConfigError(format!(
+                "server.max_buffered_request_bytes ({}) must be at least \
+                 server.max_request_bytes + 5 ({largest}): a message of the \
+                 largest size could never be admitted",
+                self.max_buffered_request_bytes
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -202,10 +256,11 @@ pub struct WatchConfig {
     /// Seconds a stream stays open at most (at least 1); it then ends with
     /// OK and the client watches again if it still cares.
     pub max_lifetime_secs: u64,
-    /// Milliseconds between two re-reads of the watched orders (at least
-    /// 10; one query per 500 watched orders, however many streams), which
-    /// catch changes made by other replicas. This replica's own changes
-    /// arrive at once.
+    /// Milliseconds between two checks of the watched orders (at least
+    /// 10; one light query of status and `updated_at` per 500 watched
+    /// orders, however many streams, and a full read of only the orders
+    /// that changed), which catch changes made by other replicas. This
+    /// replica's own changes arrive at once.
     pub poll_interval_ms: u64,
 }
 
@@ -247,7 +302,10 @@ pub struct GatewayConfig {
     /// are forgotten first, so memory stays bounded whatever the traffic.
     pub rate_limit_max_clients: usize,
     /// The largest request body or message, in bytes (grpc-web, Connect,
-    /// and every gRPC message frame).
+    /// and every gRPC message frame). The default, 256 KiB, is the
+    /// services' own `server.max_request_bytes`: the gateway does not hold
+    /// what they would refuse anyway (a Connect JSON body of the largest
+    /// legitimate request is about 30 KB).
     pub max_request_bytes: usize,
     /// The largest response message the gateway converts (Connect JSON), in
     /// bytes.
@@ -305,7 +363,7 @@ impl Default for GatewayConfig {
             rate_limit_per_sec: 100,
             rate_limit_burst: 200,
             rate_limit_max_clients: 100_000,
-            max_request_bytes: 4 * 1024 * 1024,
+            max_request_bytes: 256 * 1024,
             max_response_bytes: 16 * 1024 * 1024,
             max_buffered_request_bytes: 64 * 1024 * 1024,
             max_connections: 10_000,
@@ -1008,5 +1066,29 @@ mod tests {
             assert!(config.payments.signing_key_pem.is_some());
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_request_byte_budget_must_admit_the_largest_message() {
+        let defaults = ServerConfig::default();
+        defaults.validate().expect("the defaults are valid");
+        // Exactly one largest message (with its frame header) fits.
+        let tight = ServerConfig {
+            max_request_bytes: 1_000,
+            max_buffered_request_bytes: 1_005,
+            ..ServerConfig::default()
+        };
+        tight.validate().expect("room for one message");
+        let err = ServerConfig {
+            max_buffered_request_bytes: 1_004,
+            ..tight
+        }
+        .validate()
+        .expect_err("no message of the largest size could be admitted");
+        assert!(
+            err.to_string()
+                .contains("server.max_buffered_request_bytes"),
+            "{err}"
+        );
     }
 }

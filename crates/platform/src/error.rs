@@ -36,6 +36,11 @@ pub enum ErrorKind {
     Unavailable,
     /// A quota or rate limit was hit.
     ResourceExhausted,
+    /// The work ran past a time limit of the server's own (a database
+    /// statement timeout): sending the same call again at once would most
+    /// likely run into it again, so unlike UNAVAILABLE it carries no retry
+    /// hint and standard retry policies do not repeat it.
+    DeadlineExceeded,
     /// A bug or an unexpected failure; details are in the server log only.
     Internal,
 }
@@ -53,6 +58,7 @@ impl ErrorKind {
             Self::PermissionDenied => Code::PermissionDenied,
             Self::Unavailable => Code::Unavailable,
             Self::ResourceExhausted => Code::ResourceExhausted,
+            Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Internal => Code::Internal,
         }
     }
@@ -77,6 +83,12 @@ pub struct Error {
 
 /// The `google.rpc.ErrorInfo` domain of every Agora error reason.
 pub const ERROR_DOMAIN: &str = "agora.dev";
+
+/// The `ErrorInfo` reason of a call refused because the server (or the
+/// gateway) is at capacity right now: calls in flight, request bytes
+/// buffered. Nothing is wrong with the call; sent again a moment later
+/// it may well pass ([`Error::overloaded`]).
+pub const OVERLOADED: &str = "OVERLOADED";
 
 /// The `ErrorInfo` reason of a status, when it carries one from
 /// [`ERROR_DOMAIN`]: how a caller tells `CARD_DECLINED` from
@@ -140,6 +152,23 @@ impl Error {
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after_ms
             .map(|millis| Duration::from_millis(u64::from(millis.get())))
+    }
+
+    /// RESOURCE_EXHAUSTED because a bounded resource of the server is
+    /// saturated (calls in flight, buffered bytes, hashing slots, open
+    /// streams): the one shape of every such refusal, with `reason` as its
+    /// `google.rpc.ErrorInfo` ([`OVERLOADED`] for plain load shedding, or
+    /// something more specific) and `retry_after` as its
+    /// `google.rpc.RetryInfo`, so that clients back off instead of hammering.
+    /// The refusal is never queued for: the caller decides when to retry.
+    pub fn overloaded(
+        message: impl Into<String>,
+        reason: impl Into<Cow<'static, str>>,
+        retry_after: Duration,
+    ) -> Self {
+        Self::new(ErrorKind::ResourceExhausted, message)
+            .with_reason(reason)
+            .with_retry_after(retry_after)
     }
 
     /// INVALID_ARGUMENT naming one bad field.
@@ -219,25 +248,69 @@ impl std::error::Error for Error {
     }
 }
 
+/// Logs what the server must hear about an error it answers with: every
+/// INTERNAL (ERROR), UNAVAILABLE and DEADLINE_EXCEEDED (a statement timeout;
+/// WARN), and at WARN every INVALID_ARGUMENT, FAILED_PRECONDITION and
+/// ALREADY_EXISTS that has a cause attached. Those three are the caller's
+/// business when a service decides them itself (it attaches no cause); with
+/// a cause they come from below, mostly the database (a value its column
+/// refused, a missing foreign key, an unexpected duplicate), and since
+/// services validate before any database work, that is almost always a
+/// server bug that would otherwise vanish in a client's error. The log
+/// names the SQLSTATE or SQLite code when the cause is a database error;
+/// the caller never sees the cause.
+fn log_answered(err: &Error, code: Code) {
+    let db_code = database_code(err);
+    let db_code = db_code.as_deref();
+    match err.kind {
+        ErrorKind::Internal => {
+            tracing::error!(error = %err, db_code, "internal error");
+        }
+        ErrorKind::Unavailable => {
+            tracing::warn!(error = %err, db_code, "dependency unavailable");
+        }
+        ErrorKind::DeadlineExceeded => {
+            // A statement timeout: the query plan or the load to look at.
+            tracing::warn!(error = %err, db_code, "ran past a server-side time limit");
+        }
+        ErrorKind::InvalidArgument | ErrorKind::FailedPrecondition | ErrorKind::AlreadyExists
+            if err.source.is_some() =>
+        {
+            tracing::warn!(
+                code = ?code,
+                error = %err,
+                db_code,
+                "answered with a cause from below: likely a server bug"
+            );
+        }
+        _ => {}
+    }
+}
+
+/// The SQLSTATE (PostgreSQL) or extended result code (SQLite) of `err`'s
+/// cause, when that is a database error.
+fn database_code(err: &Error) -> Option<String> {
+    let source = err.source.as_deref()?;
+    let database = source.downcast_ref::<sqlx::Error>()?.as_database_error()?;
+    database.code().map(std::borrow::Cow::into_owned)
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let code = err.kind.code();
         let retry_after = err.retry_after();
+        log_answered(&err, code);
         match err.kind {
             ErrorKind::Internal => {
                 // The cause may name tables, hosts or keys: log it, don't send it.
-                tracing::error!(error = %err, "internal error");
                 Status::internal("internal error")
             }
-            ErrorKind::Unavailable => {
-                tracing::warn!(error = %err, "dependency unavailable");
-                with_details(
-                    Status::unavailable(&err.message),
-                    err.reason,
-                    err.metadata,
-                    retry_after,
-                )
-            }
+            ErrorKind::Unavailable => with_details(
+                Status::unavailable(&err.message),
+                err.reason,
+                err.metadata,
+                retry_after,
+            ),
             ErrorKind::InvalidArgument if !err.violations.is_empty() => {
                 let violations = err
                     .violations
@@ -450,6 +523,7 @@ mod tests {
             (ErrorKind::PermissionDenied, Code::PermissionDenied),
             (ErrorKind::Unavailable, Code::Unavailable),
             (ErrorKind::ResourceExhausted, Code::ResourceExhausted),
+            (ErrorKind::DeadlineExceeded, Code::DeadlineExceeded),
             (ErrorKind::Internal, Code::Internal),
         ];
         for (kind, code) in table {

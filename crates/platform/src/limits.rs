@@ -28,7 +28,14 @@
 //! request message whole (never more than `server.max_request_bytes` plus
 //! its 5-byte frame header, refused with RESOURCE_EXHAUSTED on the length
 //! prefix alone when larger), checks it, and hands the same bytes to the
-//! handler.
+//! handler. What all calls together hold buffered is bounded too: a
+//! message is read only once its length is granted by the server's
+//! [`RequestBudget`] (`server.max_buffered_request_bytes`), else refused at
+//! once with RESOURCE_EXHAUSTED (`OVERLOADED`) and `RetryInfo`; nothing is
+//! allocated for it before. And the message must arrive whole within
+//! `server.body_read_timeout_ms` of the call's headers, whatever deadline
+//! the caller states, else DEADLINE_EXCEEDED: a caller that stalls its body
+//! holds neither a slot nor buffered bytes for long.
 //!
 //! Limits are outer bounds: services still apply their own rules within
 //! them (a product name is at most 200 characters, an id is a UUID).
@@ -43,6 +50,7 @@ use std::fmt::Write as _;
 use std::pin::pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use futures::future::BoxFuture;
@@ -50,7 +58,9 @@ use http_body_util::BodyExt as _;
 use prost_reflect::{
     DescriptorPool, ExtensionDescriptor, FieldDescriptor, Kind, MessageDescriptor,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::config::ServerConfig;
 use crate::error::{Error, ErrorKind, Violations};
 
 pub use crate::error::MAX_VIOLATIONS;
@@ -752,6 +762,13 @@ fn skip_group(number: u32, buf: &mut &[u8], depth: usize) -> Result<(), Malforme
 /// hosted here (health, reflection, unknown) and client-streaming RPCs (the
 /// contract has none) pass untouched.
 ///
+/// Memory and time: the message is read only once its length is granted by
+/// the layer's [`RequestBudget`] (else RESOURCE_EXHAUSTED, `OVERLOADED`,
+/// with `RetryInfo`), and its bytes count against the budget until the
+/// handler has answered (tonic has decoded them by then). The message must
+/// arrive whole within the body read timeout of the call's headers, else
+/// DEADLINE_EXCEEDED; either way the bytes are given back at once.
+///
 /// Compression: the servers accept none (tonic is built without it), so a
 /// request with a `grpc-encoding` other than `identity` is UNIMPLEMENTED,
 /// and a message flagged compressed without one is INVALID_ARGUMENT (the
@@ -762,31 +779,121 @@ pub struct RequestLimitsLayer {
     policy: Arc<LimitsPolicy>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct LimitsPolicy {
     table: LimitsTable,
     /// Full names of the services hosted here.
     hosted: HashSet<String>,
     /// The largest request message, in bytes (without the frame header).
     max_message_bytes: usize,
+    /// Request bytes all calls together may hold buffered.
+    budget: RequestBudget,
+    /// How long the message may take to arrive once the headers are in.
+    read_timeout: Option<Duration>,
 }
 
 impl RequestLimitsLayer {
     /// Enforces `table` on the RPCs of `hosted` (full gRPC service names),
     /// with request messages of at most `max_message_bytes`
-    /// (`server.max_request_bytes`).
+    /// (`server.max_request_bytes`), a budget of its own of the default
+    /// `server.max_buffered_request_bytes` and the default body read
+    /// timeout (see [`Self::with_budget`], [`Self::with_read_timeout`]).
     pub fn new<'a>(
         table: LimitsTable,
         hosted: impl IntoIterator<Item = &'a str>,
         max_message_bytes: usize,
     ) -> Self {
+        let defaults = ServerConfig::default();
         Self {
             policy: Arc::new(LimitsPolicy {
                 table,
                 hosted: hosted.into_iter().map(str::to_owned).collect(),
                 max_message_bytes,
+                budget: RequestBudget::new(defaults.max_buffered_request_bytes),
+                read_timeout: read_timeout(defaults.body_read_timeout_ms),
             }),
         }
+    }
+
+    /// Counts buffered request messages against `budget`, which may be
+    /// shared with other servers of the process.
+    pub fn with_budget(mut self, budget: RequestBudget) -> Self {
+        Arc::make_mut(&mut self.policy).budget = budget;
+        self
+    }
+
+    /// Answers DEADLINE_EXCEEDED when a request message has not arrived
+    /// whole within `timeout` of the call's headers; `None`: only the
+    /// caller's deadline bounds the read.
+    pub fn with_read_timeout(mut self, timeout: Option<Duration>) -> Self {
+        Arc::make_mut(&mut self.policy).read_timeout = timeout;
+        self
+    }
+}
+
+/// `server.body_read_timeout_ms` as a timeout: 0 is none.
+pub fn read_timeout(millis: u64) -> Option<Duration> {
+    (millis > 0).then(|| Duration::from_millis(millis))
+}
+
+/// Request bytes that calls may hold buffered at once, all together
+/// (`server.max_buffered_request_bytes`): a message is read whole before
+/// its handler runs, so without this bound the calls in flight times the
+/// largest message could exceed a pod's memory. A call takes its message's
+/// length (header included) once its length prefix is in, without ever
+/// waiting: when that much is not free the call is refused at once with
+/// RESOURCE_EXHAUSTED (`OVERLOADED`) and `RetryInfo`. Cheap to clone:
+/// clones share the bytes, so that the servers of one process (`agora
+/// serve all`) can share one budget ([`crate::server::Server::request_budget`]).
+#[derive(Clone, Debug)]
+pub struct RequestBudget {
+    bytes: Arc<Semaphore>,
+    size: usize,
+}
+
+impl RequestBudget {
+    /// A budget of `bytes` (capped at what a semaphore can count).
+    pub fn new(bytes: usize) -> Self {
+        let size = bytes.min(Semaphore::MAX_PERMITS);
+        Self {
+            bytes: Arc::new(Semaphore::new(size)),
+            size,
+        }
+    }
+
+    /// The budget's size, in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Bytes free right now.
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
+    /// `bytes` of the budget, held until the permit is dropped; refused at
+    /// once when they are not free.
+    fn take(&self, bytes: usize) -> Result<OwnedSemaphorePermit, tonic::Status> {
+        u32::try_from(bytes)
+            .ok()
+            .and_then(|bytes| Arc::clone(&self.bytes).try_acquire_many_owned(bytes).ok())
+            .ok_or_else(|| {
+                tracing::debug!(
+                    bytes,
+                    budget = self.size,
+                    free = self.available(),
+                    "request bytes over the buffer budget: call refused"
+                );
+                tonic::Status::from(Error::overloaded(
+                    format!(
+                        "the server holds as many request bytes as it may ({}): \
+                         try again shortly",
+                        self.size
+                    ),
+                    crate::error::OVERLOADED,
+                    crate::server::OVERLOADED_RETRY_AFTER,
+                ))
+            })
     }
 }
 
@@ -815,13 +922,14 @@ impl LimitsPolicy {
     }
 
     /// The request's one message, whole and within its limits, as the gRPC
-    /// frame it arrived in; or the status to answer with.
+    /// frame it arrived in, with its share of the budget; or the status to
+    /// answer with.
     async fn admit<B>(
         &self,
         input: usize,
         headers: &http::HeaderMap,
         body: B,
-    ) -> Result<Bytes, tonic::Status>
+    ) -> Result<(Bytes, OwnedSemaphorePermit), tonic::Status>
     where
         B: http_body::Body<Data = Bytes>,
     {
@@ -839,18 +947,49 @@ impl LimitsPolicy {
             );
             return Err(status);
         }
-        let frame = read_one_frame(body, self.max_message_bytes).await?;
+        let read = read_one_frame(body, self.max_message_bytes, &self.budget);
+        // Dropping the read (on timeout) drops the bytes and their share of
+        // the budget with it.
+        let (frame, granted) = match self.read_timeout {
+            None => read.await?,
+            Some(limit) => tokio::time::timeout(limit, read)
+                .await
+                .map_err(|_elapsed| body_too_slow(limit))??,
+        };
         self.table
             .check_index(input, frame.get(FRAME_HEADER..).unwrap_or_default())
             .map_err(tonic::Status::from)?;
-        Ok(frame)
+        Ok((frame, granted))
     }
+}
+
+/// Put in the extensions of the answer to a call whose request message did
+/// not arrive in time ([`RequestLimitsLayer`]): its DEADLINE_EXCEEDED is
+/// the caller's doing, so the server logs it as a client's refusal, at
+/// debug, not as a failure of its own.
+#[derive(Clone, Copy, Debug)]
+pub struct CallerStalled;
+
+/// DEADLINE_EXCEEDED for a request message that did not arrive whole in time.
+fn body_too_slow(limit: Duration) -> tonic::Status {
+    tracing::debug!(?limit, "request body too slow: call refused");
+    tonic::Status::deadline_exceeded(format!(
+        "the request body was too slow: its message must arrive whole within {} ms of the \
+         call's headers",
+        limit.as_millis()
+    ))
 }
 
 /// Reads the body of a unary-request call: exactly one uncompressed gRPC
 /// frame of at most `max_message_bytes`, never buffering more than that
-/// plus the header.
-async fn read_one_frame<B>(body: B, max_message_bytes: usize) -> Result<Bytes, tonic::Status>
+/// plus the header. The frame's length is taken from `budget` as soon as
+/// its header is in, before anything is allocated for it; the share comes
+/// back with the frame.
+async fn read_one_frame<B>(
+    body: B,
+    max_message_bytes: usize,
+    budget: &RequestBudget,
+) -> Result<(Bytes, OwnedSemaphorePermit), tonic::Status>
 where
     B: http_body::Body<Data = Bytes>,
 {
@@ -864,9 +1003,11 @@ where
         )
     };
     let mut body = pin!(body);
-    let mut frame = BytesMut::new();
-    // The whole frame's length, once its header is in.
-    let mut expected: Option<usize> = None;
+    // The header, on the stack until the frame's length is granted.
+    let mut header = [0u8; FRAME_HEADER];
+    let mut header_len = 0;
+    // The frame being read, its whole length and its share of the budget.
+    let mut frame: Option<(BytesMut, usize, OwnedSemaphorePermit)> = None;
     while let Some(next) = body.frame().await {
         let next = next.map_err(|_| tonic::Status::cancelled("the request body broke off"))?;
         let Ok(mut data) = next.into_data() else {
@@ -874,26 +1015,34 @@ where
             continue;
         };
         while data.has_remaining() {
-            let wanted = match expected {
-                None => FRAME_HEADER - frame.len(),
-                Some(total) if frame.len() == total => {
+            match &mut frame {
+                None => {
+                    let n = (FRAME_HEADER - header_len).min(data.remaining());
+                    header[header_len..header_len + n].copy_from_slice(&data[..n]);
+                    data.advance(n);
+                    header_len += n;
+                    if header_len == FRAME_HEADER {
+                        let total = frame_length(&header, max_message_bytes)?;
+                        let granted = budget.take(total)?;
+                        let mut buffer = BytesMut::with_capacity(total);
+                        buffer.extend_from_slice(&header);
+                        frame = Some((buffer, total, granted));
+                    }
+                }
+                Some((buffer, total, _)) if buffer.len() == *total => {
                     return Err(malformed("a unary request carries exactly one message"));
                 }
-                Some(total) => total - frame.len(),
-            };
-            let n = wanted.min(data.remaining());
-            frame.extend_from_slice(&data[..n]);
-            data.advance(n);
-            if expected.is_none() && frame.len() == FRAME_HEADER {
-                let total = frame_length(&frame, max_message_bytes)?;
-                frame.reserve(total - FRAME_HEADER);
-                expected = Some(total);
+                Some((buffer, total, _)) => {
+                    let n = (*total - buffer.len()).min(data.remaining());
+                    buffer.extend_from_slice(&data[..n]);
+                    data.advance(n);
+                }
             }
         }
     }
-    match expected {
-        None if frame.is_empty() => Err(malformed("the request has no message")),
-        Some(total) if frame.len() == total => Ok(frame.freeze()),
+    match frame {
+        None if header_len == 0 => Err(malformed("the request has no message")),
+        Some((buffer, total, granted)) if buffer.len() == total => Ok((buffer.freeze(), granted)),
         _ => Err(malformed("the request message is cut short")),
     }
 }
@@ -990,12 +1139,25 @@ where
         futures::future::Either::Right(Box::pin(async move {
             let (parts, body) = request.into_parts();
             match policy.admit(input, &parts.headers, body).await {
-                Ok(frame) => {
+                Ok((frame, granted)) => {
                     let body = tonic::body::Body::new(http_body_util::Full::new(frame));
-                    inner.call(http::Request::from_parts(parts, body)).await
+                    let answered = inner.call(http::Request::from_parts(parts, body)).await;
+                    // The handler has answered (a stream: started), so tonic
+                    // has decoded the message and dropped its bytes: give
+                    // them back to the budget.
+                    drop(granted);
+                    answered
                 }
                 // A trailers-only gRPC response: the status is in the headers.
-                Err(refusal) => Ok(refusal.into_http()),
+                Err(refusal) => {
+                    // Only a body too slow is DEADLINE_EXCEEDED here.
+                    let stalled = refusal.code() == tonic::Code::DeadlineExceeded;
+                    let mut answer = refusal.into_http();
+                    if stalled {
+                        answer.extensions_mut().insert(CallerStalled);
+                    }
+                    Ok(answer)
+                }
             }
         }))
     }
@@ -1108,23 +1270,7 @@ mod tests {
         );
     }
 
-    /// Compiles `source` (as `test/v1/test.proto`, beside the contract's
-    /// `proto/` folder for the limits import) into an encoded descriptor set.
-    fn descriptor_set(source: &str) -> Vec<u8> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("test/v1/test.proto");
-        std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
-        std::fs::write(&file, source).expect("write");
-        let contract = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-        let mut compiler =
-            protox::Compiler::new([dir.path(), contract.as_path()]).expect("compiler");
-        compiler
-            .include_imports(true)
-            .open_file("test/v1/test.proto")
-            .expect("compiles");
-        // Encoded by protox: prost's own `FieldOptions` would drop the option.
-        compiler.encode_file_descriptor_set()
-    }
+    use crate::access::test_descriptor_set as descriptor_set;
 
     const PROBE: &str = r#"
         syntax = "proto3";

@@ -20,9 +20,9 @@
 //! services it hosts. Before any handler runs, the caller's token is
 //! verified and checked against the access level the contract declares for
 //! the RPC ([`AccessLayer`], [`crate::access`]). Each handler runs within
-//! the caller's `grpc-timeout`, or the server's default for a unary call
-//! that states none ([`DeadlineLayer`], [`crate::deadline`]), which bounds
-//! the calls it makes in turn.
+//! the caller's `grpc-timeout` (cut to the server's maximum), or the
+//! server's default for a unary call that states none ([`DeadlineLayer`],
+//! [`crate::deadline`]), which bounds the calls it makes in turn.
 //! [`Application::run_until_stopped`] turns health to NOT_SERVING on
 //! shutdown, stops accepting, and lets in-flight calls finish for up to
 //! [`Server::drain_timeout`].
@@ -31,19 +31,29 @@
 //!
 //! [`Server::limits`] takes `config.server` ([`ServerConfig`]), so that no
 //! caller can take a process down:
+//! - connections: at most `max_connections` open at once; the next is
+//!   accepted only when one closes and waits in the kernel's backlog until
+//!   then ([`ConnectionCap`]);
 //! - HTTP/2: at most `max_concurrent_streams` streams per connection (a
 //!   client queues the rest), keepalive pings every
 //!   `keepalive_interval_secs` and TCP keepalive, so dead peers are dropped;
 //! - load shedding ([`LoadShedLayer`]): each hosted service runs at most
-//!   `max_in_flight_per_service` calls at once (a stream counts until its
-//!   answer starts: open streams are bounded by their own caps, `watch.*`,
-//!   and never starve unary calls); one more is refused at once with RESOURCE_EXHAUSTED, reason
-//!   `OVERLOADED` and `google.rpc.RetryInfo`, never queued. Health and
-//!   reflection are never shed, so probes answer under load;
-//! - a default deadline of `default_timeout_ms` for unary calls that state
-//!   none: past it the handler is dropped and the caller gets
-//!   DEADLINE_EXCEEDED ([`DeadlineLayer`]). Streams are bounded by their
-//!   own limits (`watch.*`), not by it;
+//!   `max_in_flight_per_service` calls at once (a stream counts only until
+//!   its answer starts, then gives its slot back: open streams are bounded
+//!   by their own caps, `watch.*`, and never starve unary calls); one more
+//!   is refused at once with RESOURCE_EXHAUSTED, reason `OVERLOADED` and
+//!   `google.rpc.RetryInfo`, never queued. Health and reflection are never
+//!   shed, so probes answer under load;
+//! - deadlines ([`DeadlineLayer`]): a default of `default_timeout_ms` for
+//!   unary calls that state none, and no stated deadline longer than
+//!   `max_timeout_ms`: past it the handler is dropped and the caller gets
+//!   DEADLINE_EXCEEDED. For a stream they bound only its setup; its
+//!   lifetime is bounded by its own limits (`watch.*`);
+//! - request messages ([`RequestLimitsLayer`]): each read whole, at most
+//!   `max_request_bytes`, within `body_read_timeout_ms` of the call's
+//!   headers (else DEADLINE_EXCEEDED, whatever the caller's deadline), and
+//!   all of them together at most `max_buffered_request_bytes` (else
+//!   RESOURCE_EXHAUSTED, `OVERLOADED`, with `RetryInfo`);
 //! - message sizes: [`message_limits!`](crate::message_limits) applies
 //!   `max_response_bytes` (and `max_request_bytes`) to each generated
 //!   server, where the service builds it.
@@ -73,7 +83,7 @@ use crate::auth::{Caller, TokenVerifier, VerifiedCaller};
 use crate::config::ServerConfig;
 use crate::db::Db;
 use crate::error::{Error, ErrorKind};
-use crate::limits::RequestLimitsLayer;
+use crate::limits::{RequestBudget, RequestLimitsLayer};
 
 /// The name of the standard health service, as listed by reflection.
 pub const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
@@ -212,6 +222,9 @@ pub struct Server {
     drain_timeout: Duration,
     /// Streams per connection, keepalive, load shedding, default deadline.
     limits: ServerConfig,
+    /// Request bytes buffered at once, when shared with other servers;
+    /// `None`: a budget of this server's own, of `limits`' size.
+    request_budget: Option<RequestBudget>,
 }
 
 impl Default for Server {
@@ -229,15 +242,26 @@ impl Server {
             health_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
             limits: ServerConfig::default(),
+            request_budget: None,
         }
     }
 
-    /// The transport limits of `config.server`: streams per connection,
-    /// HTTP/2 and TCP keepalive, calls in flight per hosted service, the
-    /// default deadline of unary calls (see the module docs). Message sizes
-    /// are set on each generated server ([`crate::message_limits!`]).
+    /// The transport limits of `config.server`: connections, streams per
+    /// connection, HTTP/2 and TCP keepalive, calls in flight per hosted
+    /// service, deadlines, request bodies (see the module docs). Message
+    /// sizes are set on each generated server ([`crate::message_limits!`]).
     pub fn limits(mut self, limits: &ServerConfig) -> Self {
         self.limits = limits.clone();
+        self
+    }
+
+    /// Counts buffered request messages against `budget` instead of a
+    /// budget of this server's own (`server.max_buffered_request_bytes`):
+    /// give the servers of one process (several services on their own
+    /// ports, as `agora serve all` runs them) one budget, so that the bound
+    /// holds for the process, not for each server.
+    pub fn request_budget(mut self, budget: RequestBudget) -> Self {
+        self.request_budget = Some(budget);
         self
     }
 
@@ -264,6 +288,7 @@ impl Server {
     /// Fails when the contract leaves an RPC's access undeclared: no server
     /// runs without every rule.
     pub async fn bind(self, addr: SocketAddr) -> anyhow::Result<Application> {
+        self.limits.validate()?;
         let table = AccessTable::contract()
             .map_err(|err| anyhow::anyhow!("the contract's access table: {err}"))?;
         let listener = TcpListener::bind(addr)
@@ -334,13 +359,24 @@ impl Server {
                 table.clone(),
                 (self.limits.default_timeout_ms > 0)
                     .then(|| Duration::from_millis(self.limits.default_timeout_ms)),
+            )
+            .with_max(
+                (self.limits.max_timeout_ms > 0)
+                    .then(|| Duration::from_millis(self.limits.max_timeout_ms)),
             ),
             access: AccessLayer::new(table.clone(), verifiers),
             request_limits: RequestLimitsLayer::contract(
                 names.iter().copied(),
                 self.limits.max_request_bytes,
             )
-            .map_err(|err| anyhow::anyhow!("the contract's request limits: {err}"))?,
+            .map_err(|err| anyhow::anyhow!("the contract's request limits: {err}"))?
+            .with_budget(
+                self.request_budget
+                    .unwrap_or_else(|| RequestBudget::new(self.limits.max_buffered_request_bytes)),
+            )
+            .with_read_timeout(crate::limits::read_timeout(
+                self.limits.body_read_timeout_ms,
+            )),
             health: HealthMonitor {
                 reporter: health_reporter,
                 services: monitored,
@@ -455,6 +491,8 @@ impl Application {
             // a word (a pod gone, a NAT entry forgotten) even while idle.
             .with_keepalive(Some(transport.keepalive_interval))
             .with_keepalive_interval(Some(transport.keepalive_timeout));
+        // At most `max_connections` open: the next accept waits for a close.
+        let incoming = ConnectionCap::new(transport.max_connections).incoming(incoming);
         let serve = tonic::transport::Server::builder()
             // A connection opens at most this many streams at once; the
             // client queues the rest (SETTINGS_MAX_CONCURRENT_STREAMS).
@@ -467,18 +505,21 @@ impl Application {
             .layer(RpcTraceLayer)
             // Next: load shedding, before any work is done for the call (no
             // token verified, nothing queued), inside the span so that
-            // refusals are traced; the permit lives until the response ends.
+            // refusals are traced; a unary call's permit lives until its
+            // response ends, a stream's until its answer starts.
             .layer(shed)
-            // Next: the handler runs within the caller's `grpc-timeout` (or
-            // the unary default), so the calls it makes are bounded by what
-            // the caller has left, and it is dropped when that runs out.
+            // Next: the handler runs within the caller's `grpc-timeout` (cut
+            // to the maximum, or the unary default), so the calls it makes
+            // are bounded by what the caller has left, and it is dropped
+            // when that runs out.
             .layer(deadline)
             // Next: who may call this RPC, as the contract declares. Inside
             // the span, so refusals are traced.
             .layer(access)
             // Innermost, just before the handler: the request message, read
-            // whole (at most `max_request_bytes`) once the caller is known to
-            // be allowed, within the contract's length limits.
+            // whole (at most `max_request_bytes`, within the byte budget and
+            // the body read timeout) once the caller is known to be
+            // allowed, within the contract's length limits.
             .layer(request_limits)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
@@ -601,6 +642,7 @@ fn status(serving: bool) -> ServingStatus {
 /// The HTTP/2 and TCP settings of every connection, from [`ServerConfig`].
 #[derive(Clone, Copy, Debug)]
 struct Transport {
+    max_connections: usize,
     max_concurrent_streams: u32,
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
@@ -609,11 +651,120 @@ struct Transport {
 impl Transport {
     fn from_config(config: &ServerConfig) -> Self {
         Self {
+            // Zero would accept nothing: at least one connection.
+            max_connections: config.max_connections.max(1),
             // Zero would refuse every call: at least one stream.
             max_concurrent_streams: config.max_concurrent_streams.max(1),
             keepalive_interval: Duration::from_secs(config.keepalive_interval_secs.max(1)),
             keepalive_timeout: Duration::from_secs(config.keepalive_timeout_secs.max(1)),
         }
+    }
+}
+
+/// At most `limit` connections open at once (`server.max_connections`):
+/// each accepted connection holds a slot until it closes, and the next
+/// connection is accepted only once a slot is free, so at the cap new
+/// clients wait in the kernel's listen backlog (and time out there, as
+/// their own deadlines say) instead of taking file descriptors and memory
+/// from the connections being served. Cheap to clone: clones share the
+/// slots.
+#[derive(Clone, Debug)]
+pub struct ConnectionCap {
+    open: Arc<Semaphore>,
+}
+
+impl ConnectionCap {
+    /// At most `limit` connections (at least 1).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            open: Arc::new(Semaphore::new(limit.clamp(1, Semaphore::MAX_PERMITS))),
+        }
+    }
+
+    /// The connections of `incoming` (a `TcpIncoming`, whose socket options
+    /// they keep), each holding a slot until it is dropped (closed); the
+    /// next is taken from `incoming` (accepted) only once a slot is free.
+    /// A failed accept gives its slot back at once.
+    pub fn incoming<S, IO, E>(
+        &self,
+        incoming: S,
+    ) -> impl futures::Stream<Item = Result<CappedConn<IO>, E>> + Send + 'static
+    where
+        S: futures::Stream<Item = Result<IO, E>> + Unpin + Send + 'static,
+        IO: Send + 'static,
+        E: Send + 'static,
+    {
+        use futures::StreamExt as _;
+        futures::stream::unfold(
+            (incoming, Arc::clone(&self.open)),
+            |(mut incoming, open)| async move {
+                // The semaphore is never closed; were it, accepting would stop.
+                let slot = Arc::clone(&open).acquire_owned().await.ok()?;
+                let accepted = incoming.next().await?;
+                let conn = accepted.map(|io| CappedConn { io, _slot: slot });
+                Some((conn, (incoming, open)))
+            },
+        )
+    }
+}
+
+/// A connection counted by a [`ConnectionCap`]: the IO it wraps (its
+/// TCP_NODELAY and keepalive settings untouched, its remote address still
+/// reported to tonic through [`Connected`](tonic::transport::server::Connected)),
+/// and its slot, given back when the connection is dropped.
+#[derive(Debug)]
+pub struct CappedConn<IO> {
+    io: IO,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CappedConn<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CappedConn<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected
+    for CappedConn<IO>
+{
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
     }
 }
 
@@ -639,12 +790,14 @@ macro_rules! message_limits {
     }};
 }
 
-/// Bounds every call by its deadline: the caller's `grpc-timeout`, or, for
-/// a unary RPC of the contract whose caller states none, the server's
-/// default. The handler runs inside [`crate::deadline::scope`] of it (so
-/// the calls it makes get what is left) and is dropped when it passes: the
-/// caller gets DEADLINE_EXCEEDED and the work stops. A call whose deadline
-/// has already passed on arrival is refused without running.
+/// Bounds every call by its deadline: the caller's `grpc-timeout`, cut to
+/// the server's maximum (`server.max_timeout_ms`: a deadline of years
+/// holds a handler no longer than that), or, for a unary RPC of the
+/// contract whose caller states none, the server's default. The handler
+/// runs inside [`crate::deadline::scope`] of it (so the calls it makes get
+/// what is left) and is dropped when it passes: the caller gets
+/// DEADLINE_EXCEEDED and the work stops. A call whose deadline has already
+/// passed on arrival is refused without running.
 ///
 /// The deadline bounds the time until the response starts: all of a unary
 /// call, only the setup of a server stream. Streams get no default: they
@@ -655,6 +808,8 @@ pub struct DeadlineLayer {
     table: AccessTable,
     /// The deadline of a unary call that states none; `None`: no default.
     default_unary: Option<Duration>,
+    /// The longest deadline a caller may state; `None`: no cap.
+    max: Option<Duration>,
 }
 
 /// How much earlier than the caller's deadline a handler is stopped.
@@ -679,7 +834,15 @@ impl DeadlineLayer {
         Self {
             table,
             default_unary,
+            max: None,
         }
+    }
+
+    /// Cuts every stated deadline to `max` (`None`: no cap); a default
+    /// longer than it is cut too.
+    pub fn with_max(mut self, max: Option<Duration>) -> Self {
+        self.max = max;
+        self
     }
 
     /// When the call must be answered, if ever.
@@ -689,13 +852,17 @@ impl DeadlineLayer {
             .get::<Arrival>()
             .map_or_else(tokio::time::Instant::now, |arrival| arrival.0);
         let timeout = match crate::deadline::grpc_timeout(request.headers()) {
+            // Longer than the server allows: cut. Tonic's own timer runs on
+            // the caller's (longer) deadline, so no head start is needed.
+            Some(stated) if self.max.is_some_and(|max| stated > max) => self.max?,
             Some(stated) => stated.saturating_sub(DEADLINE_HEAD_START),
             None => {
                 let unary = self
                     .table
                     .get(request.uri().path())
                     .is_some_and(|method| !method.client_streaming && !method.server_streaming);
-                self.default_unary.filter(|_| unary)?
+                let default = self.default_unary.filter(|_| unary)?;
+                self.max.map_or(default, |max| default.min(max))
             }
         };
         // Overflow (a timeout of years): as good as no deadline.
@@ -769,8 +936,9 @@ fn deadline_exceeded() -> tonic::Status {
 }
 
 /// Load shedding: each hosted service answers at most `limit` calls at once
-/// (streams count for as long as they are open, as a call holds its permit
-/// until its response body ends). One call more is refused at once,
+/// (a unary call holds its permit until its response body ends; a stream
+/// only until its answer starts, then gives it back: how many streams stay
+/// open is bounded by their own caps, `watch.*`). One call more is refused at once,
 /// trailers-only, with RESOURCE_EXHAUSTED, `ErrorInfo` reason `OVERLOADED`
 /// and a short `google.rpc.RetryInfo`: never queued, so an overloaded
 /// service answers in microseconds and its latency stays that of the calls
@@ -886,16 +1054,16 @@ where
 
 /// RESOURCE_EXHAUSTED for a call to `service` beyond its in-flight limit.
 fn overloaded(service: &str) -> Error {
-    Error::new(
-        ErrorKind::ResourceExhausted,
+    Error::overloaded(
         format!("{service} is overloaded: try again shortly"),
+        crate::error::OVERLOADED,
+        OVERLOADED_RETRY_AFTER,
     )
-    .with_reason("OVERLOADED")
-    .with_retry_after(OVERLOADED_RETRY_AFTER)
 }
 
-/// A response body holding its call's load-shedding permit: released when
-/// the body ends (its trailers pass) or is dropped (the client went away).
+/// A response body holding its call's load-shedding permit (a unary call's;
+/// a stream's was given back when its answer started): released when the
+/// body ends (its trailers pass) or is dropped (the client went away).
 pub struct PermitBody<B> {
     inner: B,
     permit: Option<OwnedSemaphorePermit>,
@@ -1116,6 +1284,10 @@ where
                     span: call_span,
                     started,
                     finished: false,
+                    caller_stalled: response
+                        .extensions()
+                        .get::<crate::limits::CallerStalled>()
+                        .is_some(),
                 };
                 // An error is sent as a trailers-only response: its status is
                 // in the headers and the call is over. Otherwise the status
@@ -1139,6 +1311,9 @@ pub struct TracedBody<B> {
     span: tracing::Span,
     started: Instant,
     finished: bool,
+    /// The caller did not send its request in time: its DEADLINE_EXCEEDED
+    /// is the caller's doing, not the server's.
+    caller_stalled: bool,
 }
 
 impl<B> TracedBody<B> {
@@ -1151,6 +1326,13 @@ impl<B> TracedBody<B> {
         let elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         match tonic::Code::from_i32(code) {
             tonic::Code::Ok => tracing::debug!(elapsed_ms, "rpc finished"),
+            // Refusals for capacity (load shedding, busy work, byte budget)
+            // and bodies stalled by their callers come in floods exactly
+            // when the server is busiest or abused: a line each at INFO or
+            // WARN would add logging to the overload. Debug only.
+            code if code == tonic::Code::ResourceExhausted || self.caller_stalled => {
+                tracing::debug!(?code, elapsed_ms, "rpc rejected");
+            }
             code if is_server_fault(code) => {
                 self.span.record("otel.status_code", "ERROR");
                 tracing::warn!(?code, elapsed_ms, "rpc failed");
@@ -1351,6 +1533,44 @@ mod tests {
         )
         .await;
         assert_ne!(left.as_deref(), Some("none"));
+    }
+
+    #[tokio::test]
+    async fn stated_deadlines_and_the_default_are_cut_to_the_maximum() {
+        let layer = layer_with_default(Some(Duration::from_secs(30)))
+            .with_max(Some(Duration::from_secs(10)));
+        let unary = "/agora.orders.v1.OrderService/GetOrder";
+        let stream = "/agora.orders.v1.OrderService/WatchOrder";
+        let left_ms =
+            |left: Option<String>| -> u64 { left.expect("a deadline").parse().expect("millis") };
+        // Years (the longest grpc-timeout there is), for a unary call and a
+        // stream's setup alike: cut to ten seconds.
+        for path in [unary, stream] {
+            let left = left_ms(deadline_seen(&layer, path, Some("99999999H")).await.0);
+            assert!(left > 9_000 && left <= 10_000, "{path}: {left}");
+        }
+        // Shorter than the maximum: the caller's own.
+        let left = left_ms(deadline_seen(&layer, unary, Some("5S")).await.0);
+        assert!(left > 4_000 && left <= 5_000, "{left}");
+        // A default longer than the maximum: cut too.
+        let left = left_ms(deadline_seen(&layer, unary, None).await.0);
+        assert!(left > 9_000 && left <= 10_000, "{left}");
+        // Without a cap, years stay years (as good as none).
+        let (left, _) = deadline_seen(&layer_with_default(None), unary, Some("99999999H")).await;
+        assert!(left_ms(left) > 10_000);
+    }
+
+    #[test]
+    fn load_shedding_refuses_with_overloaded_and_retry_info() {
+        use tonic_types::StatusExt as _;
+        let status = tonic::Status::from(overloaded("agora.users.v1.UserService"));
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            crate::error::reason_of(&status).as_deref(),
+            Some(crate::error::OVERLOADED)
+        );
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(OVERLOADED_RETRY_AFTER));
     }
 
     #[tokio::test]

@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::deadline;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 
 /// The reason of a refusal when none is set with [`WorkLimiter::with_reason`].
 pub const DEFAULT_BUSY_REASON: &str = "SERVER_BUSY";
@@ -157,12 +157,11 @@ impl WorkLimiter {
 
     fn busy(&self, why: &'static str) -> Error {
         tracing::debug!(work = %self.what, permits = self.size, why, "bounded work refused");
-        Error::new(
-            ErrorKind::ResourceExhausted,
+        Error::overloaded(
             format!("{} is busy: try again shortly", self.what),
+            self.reason.clone(),
+            self.retry_after,
         )
-        .with_reason(self.reason.clone())
-        .with_retry_after(self.retry_after)
     }
 }
 
@@ -266,6 +265,7 @@ fn parse_meminfo_total(meminfo: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
     use tonic::{Code, Status};
     use tonic_types::StatusExt;
 

@@ -5,7 +5,8 @@
 //!
 //! Well-formed calls go through tonic's client; broken frames, compressed
 //! flags and a body that never ends go through hyper's bare HTTP/2 client,
-//! as no well-behaved client would send them.
+//! as no well-behaved client would send them. The same bare client stalls
+//! bodies, to show the body read timeout and the budget of buffered bytes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -153,16 +154,22 @@ impl Drop for Harness {
 /// One server hosting the inventory double (with real access checks) on
 /// port 0, with `server.max_request_bytes` = [`MAX_REQUEST_BYTES`].
 async fn start() -> anyhow::Result<Harness> {
+    start_with(ServerConfig {
+        max_request_bytes: MAX_REQUEST_BYTES,
+        ..ServerConfig::default()
+    })
+    .await
+}
+
+/// [`start`] with the transport limits `limits`.
+async fn start_with(limits: ServerConfig) -> anyhow::Result<Harness> {
     let (_, user_public) = generate_keypair_pem()?;
     let (orders_private, orders_public) = generate_keypair_pem()?;
     let verifier = TokenVerifier::from_pem(user_public.as_bytes(), ISSUER, "inventory")?
         .with_service_key("orders", orders_public.as_bytes())?;
     let calls = Arc::new(AtomicUsize::new(0));
     let app = Server::new()
-        .limits(&ServerConfig {
-            max_request_bytes: MAX_REQUEST_BYTES,
-            ..ServerConfig::default()
-        })
+        .limits(&limits)
         .host(
             HostedService::new(
                 pb::SERVICE_NAME,
@@ -398,6 +405,174 @@ async fn an_oversized_message_is_resource_exhausted() -> anyhow::Result<()> {
     assert_eq!(answer.code, Some(Code::ResourceExhausted), "{answer:?}");
     drop(sender);
     assert_eq!(h.calls(), 0);
+    Ok(())
+}
+
+/// A request body under the test's control: `first` is sent at once, then
+/// the body stays open, sending nothing, until the sender is dropped.
+type FrameSender =
+    tokio::sync::mpsc::Sender<Result<http_body::Frame<Bytes>, std::convert::Infallible>>;
+type HeldBody = StreamBody<
+    tokio_stream::wrappers::ReceiverStream<
+        Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+    >,
+>;
+
+async fn held_body(first: &[u8]) -> anyhow::Result<(FrameSender, HeldBody)> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    if !first.is_empty() {
+        sender
+            .send(Ok(http_body::Frame::data(Bytes::copy_from_slice(first))))
+            .await?;
+    }
+    Ok((
+        sender,
+        StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(receiver)),
+    ))
+}
+
+/// The 5-byte header of a frame announcing a message of `length` bytes.
+fn frame_header(length: u32) -> Vec<u8> {
+    let mut header = vec![0u8];
+    header.extend_from_slice(&length.to_be_bytes());
+    header
+}
+
+/// A raw call's answer as a status, its details decoded.
+fn status_of(answer: &Answer) -> Status {
+    use base64::Engine as _;
+    let details = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(answer.details.as_ref())
+        .unwrap_or_default();
+    Status::with_details(
+        answer.code.unwrap_or(Code::Unknown),
+        answer.message.clone(),
+        Bytes::from(details),
+    )
+}
+
+#[tokio::test]
+async fn a_body_that_never_comes_is_deadline_exceeded_and_frees_its_slot() -> anyhow::Result<()> {
+    // One call at a time: a stalled call that kept its slot would get the
+    // next one shed with OVERLOADED instead of timed out.
+    let h = start_with(ServerConfig {
+        max_request_bytes: MAX_REQUEST_BYTES,
+        max_in_flight_per_service: 1,
+        body_read_timeout_ms: 200,
+        ..ServerConfig::default()
+    })
+    .await?;
+    let path = "/agora.inventory.v1.InventoryService/GetStock";
+    // The caller's own deadline is generous (100 s): the server's body
+    // read timeout, not the caller, decides.
+    let generous: &[(&str, &str)] = &[("grpc-timeout", "100S")];
+    for (what, first) in [
+        (
+            "a header announcing 100 bytes, then nothing",
+            frame_header(100),
+        ),
+        ("half a header, then nothing", vec![0, 0]),
+        ("no data at all", Vec::new()),
+    ] {
+        let (sender, body) = held_body(&first).await?;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            raw_call(h.addr, path, generous, body),
+        )
+        .await??;
+        assert_eq!(
+            answer.code,
+            Some(Code::DeadlineExceeded),
+            "{what}: {answer:?}"
+        );
+        assert!(answer.message.contains("too slow"), "{what}: {answer:?}");
+        drop(sender);
+    }
+    assert_eq!(h.calls(), 0);
+
+    // The slot is free: a whole request is served at once.
+    h.client()
+        .get_stock(pb::GetStockRequest {
+            product_id: "p1".into(),
+        })
+        .await?;
+    assert_eq!(h.calls(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn request_bytes_over_the_budget_are_refused_at_once_and_given_back() -> anyhow::Result<()> {
+    // Room for one message of 800 bytes (805 with its header), not two.
+    let h = start_with(ServerConfig {
+        max_request_bytes: 1_000,
+        max_buffered_request_bytes: 1_500,
+        ..ServerConfig::default()
+    })
+    .await?;
+    let path = "/agora.inventory.v1.InventoryService/GetStock";
+
+    // Three calls announce 800 bytes each and stall: one is granted its
+    // bytes and waits for them; the two others are refused at once.
+    let (answers_tx, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    let mut senders = Vec::new();
+    for _ in 0..3 {
+        let (sender, body) = held_body(&frame_header(800)).await?;
+        senders.push(sender);
+        let answers_tx = answers_tx.clone();
+        let addr = h.addr;
+        tokio::spawn(async move {
+            let _ = answers_tx.send(raw_call(addr, path, &[], body).await);
+        });
+    }
+    for _ in 0..2 {
+        let answer = tokio::time::timeout(Duration::from_secs(10), answers.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("a caller task failed"))??;
+        let status = status_of(&answer);
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert_eq!(
+            reason_of(&status).as_deref(),
+            Some("OVERLOADED"),
+            "{status:?}"
+        );
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert!(
+            retry
+                .retry_delay
+                .is_some_and(|delay| delay > Duration::ZERO)
+        );
+    }
+    assert!(
+        answers.try_recv().is_err(),
+        "the call within the budget was answered before its body came"
+    );
+
+    // The granted one's body breaks off: cut short, and its bytes are
+    // given back, so that a whole message of the same size is served.
+    drop(senders);
+    let answer = tokio::time::timeout(Duration::from_secs(10), answers.recv())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("a caller task failed"))??;
+    assert_eq!(answer.code, Some(Code::InvalidArgument), "{answer:?}");
+    assert!(answer.message.contains("cut short"), "{answer:?}");
+
+    let mut message = pb::GetStockRequest {
+        product_id: "p1".into(),
+    }
+    .encode_to_vec();
+    message.extend(len_field(1000, &[b'x'; 780]));
+    for _ in 0..3 {
+        // One after the other, each within the budget once the last is done.
+        let answer = raw_call(
+            h.addr,
+            path,
+            &[],
+            Full::new(Bytes::from(frame(0, &message))),
+        )
+        .await?;
+        assert_eq!(answer.code, Some(Code::Ok), "{answer:?}");
+    }
+    assert_eq!(h.calls(), 3);
     Ok(())
 }
 
@@ -638,13 +813,5 @@ fn percent_decode(encoded: &[u8]) -> String {
 /// The status of a raw call, with its details decoded.
 async fn raw_status(addr: SocketAddr, path: &str, body: Vec<u8>) -> anyhow::Result<Status> {
     let answer = raw_call(addr, path, &[], Full::new(Bytes::from(body))).await?;
-    use base64::Engine as _;
-    let details = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(answer.details.as_ref())
-        .unwrap_or_default();
-    Ok(Status::with_details(
-        answer.code.unwrap_or(Code::Unknown),
-        answer.message,
-        Bytes::from(details),
-    ))
+    Ok(status_of(&answer))
 }

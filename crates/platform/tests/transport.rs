@@ -1,8 +1,9 @@
 //! The server's transport limits over real gRPC on loopback: load shedding
 //! per hosted service (health still answers, other services are not
 //! affected), the default deadline of unary calls (streams are not cut by
-//! it), the streams one connection may open at once, the response size
-//! limit.
+//! it), the cap on stated deadlines, the streams one connection may open
+//! at once, the connections the server keeps open at once, the response
+//! size limit.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -70,9 +71,9 @@ impl NotificationService for BlockingNotifications {
 
 type WatchSender = mpsc::Sender<Result<orders::WatchOrderResponse, Status>>;
 
-/// `GetOrder` answers at once; `WatchOrder` sends one message at once and
-/// hands the test the sender of the rest (the stream ends when the test
-/// drops it).
+/// `GetOrder` answers at once, with the caller's address as the server saw
+/// it in `x-remote-addr`; `WatchOrder` sends one message at once and hands
+/// the test the sender of the rest (the stream ends when the test drops it).
 struct StreamingOrders {
     watches: mpsc::UnboundedSender<WatchSender>,
 }
@@ -97,9 +98,14 @@ impl OrderService for StreamingOrders {
         &self,
         request: Request<orders::GetOrderRequest>,
     ) -> Result<Response<orders::GetOrderResponse>, Status> {
-        Ok(Response::new(orders::GetOrderResponse {
+        let remote = request.remote_addr();
+        let mut response = Response::new(orders::GetOrderResponse {
             order: Some(order(&request.into_inner().id)),
-        }))
+        });
+        if let Some(value) = remote.and_then(|addr| addr.to_string().parse().ok()) {
+            response.metadata_mut().insert("x-remote-addr", value);
+        }
+        Ok(response)
     }
 
     async fn list_orders(
@@ -456,6 +462,119 @@ async fn a_handler_is_dropped_when_the_callers_deadline_passes() -> anyhow::Resu
     expect_messages(&mut running.started, 1).await?;
     // Far below the server's 30 s default: the caller's deadline stopped it.
     expect_messages(&mut running.stopped, 1).await?;
+    running.stop().await
+}
+
+#[tokio::test]
+async fn a_stated_deadline_of_years_is_cut_to_the_maximum() -> anyhow::Result<()> {
+    let mut running = start(ServerConfig {
+        max_in_flight_per_service: 1,
+        max_timeout_ms: 200,
+        ..ServerConfig::default()
+    })
+    .await?;
+    let years = Duration::from_secs(10 * 365 * 24 * 3_600);
+    let mut client = running.notifications()?;
+    for _ in 0..2 {
+        let mut request = Request::new(pb::ListNotificationsRequest::default());
+        request.set_timeout(years);
+        let status = within(client.list_notifications(request))
+            .await?
+            .expect_err("the handler never answers");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        // Dropped at the maximum, its permit released: the next call is
+        // admitted (and cut in turn), not shed.
+        expect_messages(&mut running.started, 1).await?;
+        expect_messages(&mut running.stopped, 1).await?;
+    }
+
+    // A stream's deadline bounds only its setup: open with a deadline of
+    // years, it still delivers well past the maximum.
+    let mut request = Request::new(orders::WatchOrderRequest { id: "o1".into() });
+    request.set_timeout(years);
+    let mut stream = running.orders()?.watch_order(request).await?.into_inner();
+    stream.next().await.expect("a first message")?;
+    let sender = expect_messages(&mut running.watches, 1)
+        .await?
+        .pop()
+        .expect("one sender");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    sender
+        .send(Ok(orders::WatchOrderResponse {
+            order: Some(order("o1-later")),
+        }))
+        .await?;
+    let later = stream.next().await.expect("a later message")?;
+    assert_eq!(later.order.map(|o| o.id).as_deref(), Some("o1-later"));
+    drop(sender);
+    assert!(stream.next().await.is_none(), "the stream ended");
+    running.stop().await
+}
+
+#[tokio::test]
+async fn at_most_max_connections_are_open_and_the_next_waits_for_a_close() -> anyhow::Result<()> {
+    let running = start(ServerConfig {
+        max_connections: 1,
+        ..ServerConfig::default()
+    })
+    .await?;
+    // Connection A, a bare TCP socket the test closes at will, is accepted:
+    // the server's one connection. Proof: the server speaks first on an
+    // HTTP/2 connection it serves, with its SETTINGS frame.
+    let mut connection_a = tokio::net::TcpStream::connect(running.addr).await?;
+    let mut settings = [0u8; 9];
+    within(tokio::io::AsyncReadExt::read_exact(
+        &mut connection_a,
+        &mut settings,
+    ))
+    .await??;
+    assert_eq!(settings[3], 0x4, "a SETTINGS frame: {settings:?}");
+
+    // Client B connects (the kernel's backlog takes it) and calls.
+    let events = Arc::new(std::sync::Mutex::new(Vec::<&str>::new()));
+    let mut client_b = running.orders()?;
+    let call_b = tokio::spawn({
+        let events = Arc::clone(&events);
+        async move {
+            let answer = client_b
+                .get_order(orders::GetOrderRequest { id: "b".into() })
+                .await;
+            events.lock().expect("events").push("B answered");
+            answer
+        }
+    });
+    // Ample time for B to be served if the cap let it in.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !call_b.is_finished(),
+        "a second connection was served while the first was open"
+    );
+
+    // A closes: B is accepted and answered, after that.
+    events.lock().expect("events").push("A closed");
+    drop(connection_a);
+    let answer = within(call_b).await???;
+    assert_eq!(
+        *events.lock().expect("events"),
+        ["A closed", "B answered"],
+        "B was answered before A closed"
+    );
+    // The capped connection still reports its peer to handlers.
+    let remote = answer
+        .metadata()
+        .get("x-remote-addr")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    assert!(
+        remote
+            .as_deref()
+            .is_some_and(|addr| addr.starts_with("127.0.0.1:")),
+        "{remote:?}"
+    );
+    assert_eq!(
+        answer.into_inner().order.map(|o| o.id).as_deref(),
+        Some("b")
+    );
     running.stop().await
 }
 

@@ -36,9 +36,6 @@ pub const BYTES_PER_HASH: u64 = argon2::Params::DEFAULT_M_COST as u64 * 1024;
 /// The `ErrorInfo` reason when no hashing slot is free in time.
 pub const BUSY_REASON: &str = "PASSWORD_HASHING_BUSY";
 
-/// The `RetryInfo` delay of a refusal: a few hashes' time.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
-
 /// Hashes and verifies passwords under a [`WorkLimiter`]; refuses
 /// over-long passwords. Cheap to clone: clones share the limiter.
 #[derive(Clone, Debug)]
@@ -76,8 +73,9 @@ impl Passwords {
             config.max_waiting,
             Duration::from_millis(config.max_wait_ms),
         )
-        .with_reason(BUSY_REASON)
-        .with_retry_after(RETRY_AFTER);
+        // The limiter's default `RetryInfo` delay (`work::DEFAULT_RETRY_AFTER`,
+        // one second) is a few hashes' time: kept.
+        .with_reason(BUSY_REASON);
         tracing::info!(
             hashes_at_once = limiter.permits(),
             auto,

@@ -25,9 +25,9 @@ use super::tokens::Tokens;
 use super::wire;
 
 /// The largest message a service accepts (`server.max_request_bytes`'s
-/// default, tonic's too): "huge list" cases stay just under it, and one
-/// case per list goes just over it.
-pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// default, 256 KiB; a test keeps them equal): "huge list" cases stay just
+/// under it, and one case per list goes just over it.
+pub const MAX_MESSAGE: usize = 256 * 1024;
 /// A string "alone at 1 MiB".
 const ONE_MIB: usize = 1024 * 1024;
 /// Elements of a "huge list" (fewer if that would not fit in
@@ -694,20 +694,23 @@ pub fn cases_for(index: usize, rpc: &Rpc, ctx: &Context<'_>) -> anyhow::Result<V
         base_bytes[..base_bytes.len().saturating_sub(1)].to_vec(),
     );
     // Field 1 (whatever its type) repeated until the message is nearly
-    // 4 MiB: decoders keep the last value (or, for a list, every one).
+    // the message limit: decoders keep the last value (or, for a list, every one).
     let mut repeated = Vec::new();
     while repeated.len() < MAX_MESSAGE - 64 * 1024 {
         repeated.extend(wire::len_field(1, b"again and again"));
     }
-    body("field-1-repeated-to-4MiB".into(), repeated);
+    body("field-1-repeated-to-the-limit".into(), repeated);
 
     for size in RANDOM_SIZES {
         let name = format!("random-{size}B");
         let bytes = random_bytes(&rpc.path, &name, size);
         body(name, bytes);
     }
-    let name = "random-4MiB+1";
+    let name = "random-limit+1";
     body(name.into(), random_bytes(&rpc.path, name, MAX_MESSAGE + 1));
+    // Far over the limit: refused from the length prefix alone.
+    let name = "random-4MiB";
+    body(name.into(), random_bytes(&rpc.path, name, 4 * ONE_MIB));
 
     metadata_cases(index, rpc, ctx, &base_bytes, &mut cases)?;
     deadline_cases(index, &base_bytes, &auth, &mut cases);
@@ -999,7 +1002,7 @@ fn gateway_cases(
         ),
         (
             "gateway:random-4MiB+1",
-            random_bytes(&rpc.path, "gateway:random-4MiB+1", MAX_MESSAGE + 1),
+            random_bytes(&rpc.path, "gateway:random-limit+1", MAX_MESSAGE + 1),
             right.clone(),
         ),
     ];
@@ -1014,6 +1017,14 @@ fn gateway_cases(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_message_is_the_servers_default() {
+        assert_eq!(
+            MAX_MESSAGE,
+            agora_platform::config::ServerConfig::default().max_request_bytes
+        );
+    }
 
     #[test]
     fn every_rpc_of_the_six_services_is_found() -> anyhow::Result<()> {
