@@ -29,7 +29,7 @@ BEGIN
     BEGIN
         CREATE EXTENSION IF NOT EXISTS pg_trgm;
     EXCEPTION
-        WHEN insufficient_privilege OR undefined_file THEN
+        WHEN insufficient_privilege OR undefined_file OR feature_not_supported THEN
             RAISE NOTICE 'pg_trgm not created (%): product search runs without its trigram index',
                 SQLERRM;
     END;
