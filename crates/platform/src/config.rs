@@ -165,8 +165,14 @@ pub struct ServerConfig {
     /// Connections the server keeps open at once, all clients together (at
     /// least 1): the next one is accepted only once one closes, and waits
     /// in the kernel's listen backlog until then, so that connections
-    /// cannot exhaust file descriptors or the memory each one costs.
+    /// cannot exhaust file descriptors or the memory each one costs. A
+    /// connection that sends nothing for 10 s after connecting is closed.
     pub max_connections: usize,
+    /// Seconds a connection lives at most: then the server sends GOAWAY,
+    /// calls in flight get 30 s to finish, and the client reconnects (as
+    /// gRPC clients do). A peer answering keepalive pings cannot hold a
+    /// connection slot forever. Longer than `watch.max_lifetime_secs`.
+    pub max_connection_age_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -183,6 +189,7 @@ impl Default for ServerConfig {
             default_timeout_ms: 30_000,
             max_timeout_ms: 300_000,
             max_connections: 4_096,
+            max_connection_age_secs: 3_600,
         }
     }
 }

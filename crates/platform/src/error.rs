@@ -143,7 +143,10 @@ impl Error {
     /// INTERNAL, whose details stay in the log). The delay is kept in whole
     /// milliseconds, at least one.
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
-        let millis = u32::try_from(delay.as_millis()).unwrap_or(u32::MAX);
+        // Rounded up: a client told 7 ms for a token due in 7.9 would come
+        // back too early.
+        let millis = delay.as_nanos().div_ceil(1_000_000);
+        let millis = u32::try_from(millis).unwrap_or(u32::MAX);
         self.retry_after_ms = NonZeroU32::new(millis.max(1));
         self
     }

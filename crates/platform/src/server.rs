@@ -341,9 +341,19 @@ impl Server {
             .await;
 
         let reflection = || reflection_builder(names.iter().copied());
-        routes.add_service(health_service);
-        routes.add_service(reflection().build_v1()?);
-        routes.add_service(reflection().build_v1alpha()?);
+        // The platform's own services get small request limits: they are
+        // not behind the request-limits layer, and their requests are tiny.
+        routes.add_service(health_service.max_decoding_message_size(HEALTH_MAX_REQUEST_BYTES));
+        routes.add_service(
+            reflection()
+                .build_v1()?
+                .max_decoding_message_size(REFLECTION_MAX_REQUEST_BYTES),
+        );
+        routes.add_service(
+            reflection()
+                .build_v1alpha()?
+                .max_decoding_message_size(REFLECTION_MAX_REQUEST_BYTES),
+        );
 
         Ok(Application {
             listener,
@@ -501,6 +511,12 @@ impl Application {
             // closed, with its calls, instead of holding them forever.
             .http2_keepalive_interval(Some(transport.keepalive_interval))
             .http2_keepalive_timeout(Some(transport.keepalive_timeout))
+            // A peer that answers pings could keep a connection (and its
+            // `max_connections` slot) forever: connections are closed after
+            // this age, gracefully (GOAWAY, calls in flight get the grace),
+            // and clients reconnect, as gRPC clients do.
+            .max_connection_age(transport.max_connection_age)
+            .max_connection_age_grace(CONNECTION_AGE_GRACE)
             // Outermost: one span per RPC, so everything below is inside it.
             .layer(RpcTraceLayer)
             // Next: load shedding, before any work is done for the call (no
@@ -646,7 +662,12 @@ struct Transport {
     max_concurrent_streams: u32,
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
+    max_connection_age: Duration,
 }
+
+/// How long calls in flight on a connection past its maximum age may go on
+/// after the GOAWAY: a unary call's default deadline.
+const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 
 impl Transport {
     fn from_config(config: &ServerConfig) -> Self {
@@ -657,9 +678,28 @@ impl Transport {
             max_concurrent_streams: config.max_concurrent_streams.max(1),
             keepalive_interval: Duration::from_secs(config.keepalive_interval_secs.max(1)),
             keepalive_timeout: Duration::from_secs(config.keepalive_timeout_secs.max(1)),
+            max_connection_age: Duration::from_secs(config.max_connection_age_secs.max(1)),
         }
     }
 }
+
+/// The streaming RPCs a server hosts besides the contract's: they get no
+/// default deadline (every other call does).
+const PLATFORM_STREAMS: [&str; 3] = [
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// How long a new connection may stay silent: a peer that has not sent a
+/// byte by then (no HTTP/2 preface; hyper's handshake has no timer of its
+/// own) is closed, so bare sockets cannot sit on `max_connections` slots.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest request message of the platform's own services: a health check
+/// names one service, a reflection request one symbol or file.
+const HEALTH_MAX_REQUEST_BYTES: usize = 4 * 1024;
+const REFLECTION_MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// At most `limit` connections open at once (`server.max_connections`):
 /// each accepted connection holds a slot until it closes, and the next
@@ -701,7 +741,11 @@ impl ConnectionCap {
                 // The semaphore is never closed; were it, accepting would stop.
                 let slot = Arc::clone(&open).acquire_owned().await.ok()?;
                 let accepted = incoming.next().await?;
-                let conn = accepted.map(|io| CappedConn { io, _slot: slot });
+                let conn = accepted.map(|io| CappedConn {
+                    io,
+                    _slot: slot,
+                    silent_until: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_TIMEOUT))),
+                });
                 Some((conn, (incoming, open)))
             },
         )
@@ -716,6 +760,9 @@ impl ConnectionCap {
 pub struct CappedConn<IO> {
     io: IO,
     _slot: OwnedSemaphorePermit,
+    /// Until the peer's first byte: when it must have come
+    /// ([`FIRST_BYTES_TIMEOUT`]).
+    silent_until: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CappedConn<IO> {
@@ -724,7 +771,22 @@ impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CappedConn<IO> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some(silent_until) = this.silent_until.as_mut() {
+            match &polled {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => this.silent_until = None,
+                Poll::Pending if silent_until.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the peer sent nothing after connecting",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        polled
     }
 }
 
@@ -857,10 +919,14 @@ impl DeadlineLayer {
             Some(stated) if self.max.is_some_and(|max| stated > max) => self.max?,
             Some(stated) => stated.saturating_sub(DEADLINE_HEAD_START),
             None => {
-                let unary = self
-                    .table
-                    .get(request.uri().path())
-                    .is_some_and(|method| !method.client_streaming && !method.server_streaming);
+                let path = request.uri().path();
+                // Every unary call, the platform's own too (a `Health/Check`
+                // whose body stalls must not wait forever); streams have
+                // their own bounds.
+                let unary = match self.table.get(path) {
+                    Some(method) => !method.client_streaming && !method.server_streaming,
+                    None => !PLATFORM_STREAMS.contains(&path),
+                };
                 let default = self.default_unary.filter(|_| unary)?;
                 self.max.map_or(default, |max| default.min(max))
             }
@@ -1514,12 +1580,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn streams_and_paths_outside_the_contract_get_no_default() {
+    async fn streams_get_no_default() {
         let layer = layer_with_default(Some(Duration::from_millis(1)));
         for path in [
             "/agora.orders.v1.OrderService/WatchOrder",
             "/grpc.health.v1.Health/Watch",
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         ] {
             let (left, status) = deadline_seen(&layer, path, None).await;
             assert_eq!(left.as_deref(), Some("none"), "{path}");

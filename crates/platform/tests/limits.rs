@@ -458,7 +458,7 @@ async fn a_body_that_never_comes_is_deadline_exceeded_and_frees_its_slot() -> an
     let h = start_with(ServerConfig {
         max_request_bytes: MAX_REQUEST_BYTES,
         max_in_flight_per_service: 1,
-        body_read_timeout_ms: 200,
+        body_read_timeout_ms: 1_000,
         ..ServerConfig::default()
     })
     .await?;

@@ -469,7 +469,9 @@ async fn a_handler_is_dropped_when_the_callers_deadline_passes() -> anyhow::Resu
 async fn a_stated_deadline_of_years_is_cut_to_the_maximum() -> anyhow::Result<()> {
     let mut running = start(ServerConfig {
         max_in_flight_per_service: 1,
-        max_timeout_ms: 200,
+        // Long enough for a busy CI machine to start the handler and set up
+        // the stream within it.
+        max_timeout_ms: 1_500,
         ..ServerConfig::default()
     })
     .await?;
@@ -498,7 +500,7 @@ async fn a_stated_deadline_of_years_is_cut_to_the_maximum() -> anyhow::Result<()
         .await?
         .pop()
         .expect("one sender");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     sender
         .send(Ok(orders::WatchOrderResponse {
             order: Some(order("o1-later")),
@@ -508,6 +510,31 @@ async fn a_stated_deadline_of_years_is_cut_to_the_maximum() -> anyhow::Result<()
     assert_eq!(later.order.map(|o| o.id).as_deref(), Some("o1-later"));
     drop(sender);
     assert!(stream.next().await.is_none(), "the stream ended");
+    running.stop().await
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_and_frees_its_slot() -> anyhow::Result<()> {
+    let running = start(ServerConfig {
+        max_connections: 1,
+        ..ServerConfig::default()
+    })
+    .await?;
+    // A bare socket takes the one slot and never sends the HTTP/2 preface.
+    let mut silent = tokio::net::TcpStream::connect(running.addr).await?;
+    // The server closes it (it reads the SETTINGS frame, then the end), and
+    // the slot serves the next client.
+    let closed = tokio::time::timeout(
+        agora_platform::server::FIRST_BYTES_TIMEOUT + Duration::from_secs(10),
+        async {
+            let mut sink = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut silent, &mut sink).await
+        },
+    )
+    .await;
+    assert!(closed.is_ok(), "the silent connection was kept open");
+    let mut client = running.orders()?;
+    within(client.get_order(orders::GetOrderRequest { id: "next".into() })).await??;
     running.stop().await
 }
 
