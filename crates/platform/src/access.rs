@@ -124,6 +124,29 @@ impl MethodAccess {
     }
 }
 
+/// Decodes an encoded `FileDescriptorSet`; FAILED_PRECONDITION when it
+/// does not decode.
+pub(crate) fn decode_descriptor_set(bytes: &[u8]) -> Result<DescriptorPool, Error> {
+    DescriptorPool::decode(bytes).map_err(|err| {
+        Error::new(
+            ErrorKind::FailedPrecondition,
+            format!("the descriptor set does not decode: {err}"),
+        )
+    })
+}
+
+/// A table of the contract, built by `build` on first use and kept in
+/// `cell` for the life of the process; its error (an incomplete contract)
+/// is kept too and returned on every call.
+pub(crate) fn built_once<T: Send + Sync>(
+    cell: &'static OnceLock<Result<T, String>>,
+    build: impl FnOnce() -> Result<T, Error>,
+) -> Result<&'static T, Error> {
+    cell.get_or_init(|| build().map_err(|err| err.message().to_owned()))
+        .as_ref()
+        .map_err(|message| Error::new(ErrorKind::FailedPrecondition, message.clone()))
+}
+
 /// The access rule of every RPC of a contract, by gRPC path. Cheap to
 /// clone: clones share the table and the descriptor pool.
 #[derive(Clone, Debug)]
@@ -144,12 +167,7 @@ impl AccessTable {
     /// `ACCESS_LEVEL_UNSPECIFIED`, or a service level no service may use),
     /// so that an incomplete contract never reaches a server.
     pub fn from_descriptor_set(bytes: &[u8]) -> Result<Self, Error> {
-        let pool = DescriptorPool::decode(bytes).map_err(|err| {
-            Error::new(
-                ErrorKind::FailedPrecondition,
-                format!("the descriptor set does not decode: {err}"),
-            )
-        })?;
+        let pool = decode_descriptor_set(bytes)?;
         // Absent when no file imports access.proto: then no method has a
         // level, and each is named below.
         let extension = pool.get_extension_by_name(ACCESS_EXTENSION);
@@ -197,13 +215,9 @@ impl AccessTable {
     /// (the contract's tests make sure it is not).
     pub fn contract() -> Result<&'static AccessTable, Error> {
         static CONTRACT: OnceLock<Result<AccessTable, String>> = OnceLock::new();
-        CONTRACT
-            .get_or_init(|| {
-                Self::from_descriptor_set(agora_proto::FILE_DESCRIPTOR_SET)
-                    .map_err(|err| err.message().to_owned())
-            })
-            .as_ref()
-            .map_err(|message| Error::new(ErrorKind::FailedPrecondition, message.clone()))
+        built_once(&CONTRACT, || {
+            Self::from_descriptor_set(agora_proto::FILE_DESCRIPTOR_SET)
+        })
     }
 
     /// The rule of the RPC at `path` (`/package.Service/Method`); `None`

@@ -196,13 +196,7 @@ impl LimitsTable {
     /// decode, or when a field declares a limit that means nothing for it
     /// (`max_bytes` on a number, `max_items` on a singular field).
     pub fn from_descriptor_set(bytes: &[u8]) -> Result<Self, Error> {
-        let pool = DescriptorPool::decode(bytes).map_err(|err| {
-            Error::new(
-                ErrorKind::FailedPrecondition,
-                format!("the descriptor set does not decode: {err}"),
-            )
-        })?;
-        Self::from_pool(&pool)
+        Self::from_pool(&crate::access::decode_descriptor_set(bytes)?)
     }
 
     /// As [`LimitsTable::from_descriptor_set`], from decoded descriptors.
@@ -262,16 +256,13 @@ impl LimitsTable {
     }
 
     /// The table of the Agora contract ([`agora_proto::FILE_DESCRIPTOR_SET`]),
-    /// built once per process.
+    /// built once per process from the descriptors the contract's
+    /// [`AccessTable`](crate::access::AccessTable) already decoded.
     pub fn contract() -> Result<&'static LimitsTable, Error> {
         static CONTRACT: OnceLock<Result<LimitsTable, String>> = OnceLock::new();
-        CONTRACT
-            .get_or_init(|| {
-                Self::from_descriptor_set(agora_proto::FILE_DESCRIPTOR_SET)
-                    .map_err(|err| err.message().to_owned())
-            })
-            .as_ref()
-            .map_err(|message| Error::new(ErrorKind::FailedPrecondition, message.clone()))
+        crate::access::built_once(&CONTRACT, || {
+            Self::from_pool(crate::access::AccessTable::contract()?.pool())
+        })
     }
 
     /// The limits `field` has: declared with `(agora.common.v1.limits)` in
