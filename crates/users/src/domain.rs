@@ -73,17 +73,8 @@ impl Password {
         let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
         let params = Params::default();
         let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
-        let mut salt_bytes = [0u8; 64];
-        let salt_bytes = salt.as_salt().decode_b64(&mut salt_bytes)?;
         let output_len = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
-        let output = Output::init_with(output_len, |out| {
-            Ok(argon2.hash_password_into_with_memory(
-                self.0.as_bytes(),
-                salt_bytes,
-                out,
-                &mut memory.0,
-            )?)
-        })?;
+        let output = compute_in(&argon2, &self.0, salt.as_salt(), output_len, memory)?;
         Ok(PasswordHash {
             algorithm: Algorithm::Argon2id.ident(),
             version: Some(Version::V0x13.into()),
@@ -166,20 +157,32 @@ pub fn verify_password_in(password: &str, phc_hash: &str, memory: &mut HashMemor
             return Ok(verify_password(password, phc_hash));
         }
         let argon2 = Argon2::new(algorithm, version, params);
-        let mut salt_bytes = [0u8; 64];
-        let salt_bytes = salt.decode_b64(&mut salt_bytes)?;
-        let output = Output::init_with(expected.len(), |out| {
-            Ok(argon2.hash_password_into_with_memory(
-                password.as_bytes(),
-                salt_bytes,
-                out,
-                &mut memory.0,
-            )?)
-        })?;
+        let output = compute_in(&argon2, password, salt, expected.len(), memory)?;
         // `Output`'s equality is constant-time.
         Ok(output == expected)
     })();
     computed.unwrap_or(false)
+}
+
+/// The argon2 output of `password` with `salt`, `output_len` bytes long,
+/// computed in `memory`: the one computation behind hashing and verifying.
+fn compute_in(
+    argon2: &Argon2<'_>,
+    password: &str,
+    salt: argon2::password_hash::Salt<'_>,
+    output_len: usize,
+    memory: &mut HashMemory,
+) -> Result<Output, argon2::password_hash::Error> {
+    let mut salt_bytes = [0u8; 64];
+    let salt_bytes = salt.decode_b64(&mut salt_bytes)?;
+    Output::init_with(output_len, |out| {
+        Ok(argon2.hash_password_into_with_memory(
+            password.as_bytes(),
+            salt_bytes,
+            out,
+            &mut memory.0,
+        )?)
+    })
 }
 
 #[cfg(test)]
