@@ -215,6 +215,20 @@ const GET_BY_REQUEST: &str = select_orders!(
 );
 
 impl SqlOrderStore {
+    /// The rows of `sql` (made for `ids.len()` placeholders) with `ids`
+    /// bound: at most [`MAX_IDS_PER_READ`] ids, none read for none.
+    async fn rows_by_ids(&self, ids: &[String], sql: fn(usize) -> String) -> Result<Vec<AnyRow>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        check_batch(ids)?;
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql(ids.len())));
+        for id in ids {
+            query = query.bind(id);
+        }
+        Ok(query.fetch_all(self.db.pool()).await?)
+    }
+
     /// The outbox the store records its events in (the saga writes through
     /// it too, so that a saga step and its order change commit together).
     pub fn outbox(&self) -> &Outbox {
@@ -299,28 +313,12 @@ impl OrderStore for SqlOrderStore {
     }
 
     async fn get_many(&self, ids: &[String]) -> Result<Vec<Order>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        check_batch(ids)?;
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(get_many_sql(ids.len())));
-        for id in ids {
-            query = query.bind(id);
-        }
-        let rows = query.fetch_all(self.db.pool()).await?;
+        let rows = self.rows_by_ids(ids, get_many_sql).await?;
         orders_from_rows(&rows)
     }
 
     async fn stamps(&self, ids: &[String]) -> Result<Vec<OrderStamp>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        check_batch(ids)?;
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(stamps_sql(ids.len())));
-        for id in ids {
-            query = query.bind(id);
-        }
-        let rows = query.fetch_all(self.db.pool()).await?;
+        let rows = self.rows_by_ids(ids, stamps_sql).await?;
         rows.iter()
             .map(|row| {
                 Ok(OrderStamp {
